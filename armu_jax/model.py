@@ -1,0 +1,191 @@
+"""A Flax (linen) port of Hugging Face's Llama/Mistral decoder, with HF parameter names.
+
+Parameter paths mirror HF's keys (`model/layers_7/mlp/down_proj/kernel` is
+`model.layers.7.mlp.down_proj.weight` transposed), RoPE is HF's `rotate_half` form, and
+attention follows HF's SDPA semantics on padded batches: a query whose keys are all masked
+(a left-pad position) gets a zero attention output.
+
+Besides the full forward, two partial forwards serve the unlearning step:
+`hidden_upto` (layers 0..l, nothing after) and `run_layers` (layers a..b from a given
+residual stream).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from armu_jax.model_config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig, dtype=jnp.float32) -> jnp.ndarray:
+    """HF's inverse frequencies, including the linear and Llama-3 scalings."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=dtype) / cfg.head_dim))
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_scaling[0]
+    if cfg.rope_type == "llama3":
+        factor, low_freq_factor, high_freq_factor, old_context = cfg.rope_scaling
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, H, hd]; cos/sin: [B, T, hd]."""
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _dense(features, name, dtype, param_dtype):
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.initializers.normal(0.02))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed):
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        kv, hd = cfg.num_key_value_heads, cfg.head_dim
+        groups = cfg.num_attention_heads // kv
+        q = _dense(cfg.num_attention_heads * hd, "q_proj", self.dtype, self.param_dtype)(x)
+        k = _dense(kv * hd, "k_proj", self.dtype, self.param_dtype)(x)
+        v = _dense(kv * hd, "v_proj", self.dtype, self.param_dtype)(x)
+        q = apply_rope(q.reshape(batch, length, cfg.num_attention_heads, hd), cos, sin)
+        k = apply_rope(k.reshape(batch, length, kv, hd), cos, sin)
+        v = v.reshape(batch, length, kv, hd)
+        # Grouped-query attention without repeating K/V: query heads are [kv, groups].
+        q = q.reshape(batch, length, kv, groups, hd)
+        score_dtype = jnp.promote_types(self.dtype, jnp.float32)  # softmax in at least float32
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=score_dtype) / math.sqrt(hd)
+        mask = allowed[:, None, None, :, :]
+        scores = jnp.where(mask, scores, jnp.finfo(score_dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        # HF SDPA semantics: a query with no visible key (left padding) attends to nothing.
+        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_attention_heads * hd)
+        return _dense(cfg.hidden_size, "o_proj", self.dtype, self.param_dtype)(out)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        gate = _dense(self.cfg.intermediate_size, "gate_proj", self.dtype, self.param_dtype)(x)
+        up = _dense(self.cfg.intermediate_size, "up_proj", self.dtype, self.param_dtype)(x)
+        return _dense(self.cfg.hidden_size, "down_proj", self.dtype, self.param_dtype)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h, cos, sin, allowed):
+        norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+        h = h + Attention(self.cfg, self.dtype, self.param_dtype, name="self_attn")(
+            norm("input_layernorm")(h), cos, sin, allowed)
+        return h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
+
+
+class LlamaModel(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embed_tokens = nn.Embed(self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, embedding_init=nn.initializers.normal(0.02))
+        self.layers = [DecoderLayer(self.cfg, self.dtype, self.param_dtype, name=f"layers_{i}")
+                       for i in range(self.cfg.num_hidden_layers)]
+        self.norm = RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def run_layers(self, h, attention_mask, positions, start: int, end: int):
+        """Layers start..end (inclusive) applied to the residual stream h: [B, T, D]."""
+        length = h.shape[1]
+        if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
+            raise ValueError(f"sequence length {length} exceeds the model's sliding window "
+                             f"{self.cfg.sliding_window}; use a max length <= {self.cfg.sliding_window}")
+        rope_dtype = jnp.promote_types(self.dtype, jnp.float32)  # as HF: angles in at least float32
+        freqs = positions.astype(rope_dtype)[..., None] * rope_inv_freq(self.cfg, rope_dtype)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
+        for layer in self.layers[start:end + 1]:
+            h = layer(h, cos, sin, allowed)
+        return h
+
+    def __call__(self, input_ids, attention_mask, positions, upto: int | None = None):
+        last = self.cfg.num_hidden_layers - 1 if upto is None else upto
+        h = self.run_layers(self.embed_tokens(input_ids), attention_mask, positions, 0, last)
+        return h if upto is not None else self.norm(h)
+
+
+def _defaults(input_ids, attention_mask, positions):
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, dtype=jnp.int32)
+    if positions is None:  # as HF without position_ids: 0..T-1 on every row, padded or not
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    return attention_mask, positions
+
+
+class LlamaForCausalLM(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.model = LlamaModel(self.cfg, self.dtype, self.param_dtype)
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head = _dense(self.cfg.vocab_size, "lm_head", self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Logits [B, T, V] in float32."""
+        attention_mask, positions = _defaults(input_ids, attention_mask, positions)
+        h = self.model(input_ids, attention_mask, positions)
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def hidden_upto(self, input_ids, attention_mask=None, positions=None, *, layer: int):
+        """Residual-stream output of decoder layer `layer` (HF's hidden_states[layer + 1]); later layers are not run."""
+        attention_mask, positions = _defaults(input_ids, attention_mask, positions)
+        return self.model(input_ids, attention_mask, positions, upto=layer)
+
+    def run_layers(self, h, attention_mask, positions, *, start: int, end: int):
+        """Layers start..end (inclusive) from the residual stream h entering layer `start`."""
+        return self.model.run_layers(h, attention_mask, positions, start, end)
