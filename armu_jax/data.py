@@ -1,0 +1,167 @@
+"""Corpora and batches, exactly as the reference reads, chunks and tokenizes them.
+
+Reference behaviour: keep texts with len(text) > min_len, chunk them sequentially into
+batches of batch_size, tokenize each chunk with pad = eos, left padding, right truncation at
+the topic's max length, padded to the chunk's longest row (T). Step idx uses topic
+idx % n_topics and chunk idx // n_topics of that topic, for forget and retain alike.
+
+To keep one compiled step per shape, a batch is further left-padded to a multiple of
+`pad_multiple` (L >= T) and rows up to batch_size. The extra positions are masked out of
+attention and carry zero loss weight, and real tokens keep positions 0..T-1 of the
+reference window, so the step computes what the reference computes on [B, T].
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from armu_jax.errors import UserError
+
+DEMO_TOPICS = {"bio": "Biology and health sciences", "cyber": "Technology"}
+EXCLUDED_FROM_RETAIN = ("Uncategorized",)
+
+
+def is_held_out(title: str) -> bool:
+    """The demo split: an article is held out for evaluation when sha1(title) % 5 == 0."""
+    return int(hashlib.sha1(title.encode()).hexdigest(), 16) % 5 == 0
+
+
+def wiki_articles() -> list[dict]:
+    from armu_jax.embedded import wiki_summaries_path
+    return list(json.loads(wiki_summaries_path().read_text()).values())
+
+
+def demo_topic_articles(name: str, held_out: bool) -> list[dict]:
+    """Articles of a demo topic (bio, cyber, retain, or a Wikipedia topic name) on one side of the split."""
+    articles = [a for a in wiki_articles() if a.get("extract") and is_held_out(a["title"]) == held_out]
+    if name == "retain":
+        excluded = set(DEMO_TOPICS.values()) | set(EXCLUDED_FROM_RETAIN)
+        return [a for a in articles if a["topic"] not in excluded]
+    topic = DEMO_TOPICS.get(name, name)
+    chosen = [a for a in articles if a["topic"] == topic]
+    if not chosen:
+        raise UserError(f"unknown demo corpus 'demo:{name}'; use demo:bio, demo:cyber or demo:retain")
+    return chosen
+
+
+def read_corpus(spec: str, min_len: int = 0) -> list[str]:
+    """The texts of a corpus spec, filtered by len(text) > min_len, in file order."""
+    if spec.startswith("demo:"):
+        texts = [a["extract"] for a in demo_topic_articles(spec[len("demo:"):], held_out=False)]
+    elif spec.startswith("hf:"):
+        texts = _read_hf_dataset(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"corpus file {spec} does not exist; pass a .jsonl/.txt path, hf:NAME:CONFIG:SPLIT "
+                            "or demo:bio|cyber|retain")
+        if path.suffix == ".jsonl":
+            texts = [_jsonl_text(line) for line in path.open(encoding="utf-8")]
+        elif path.suffix == ".txt":
+            texts = path.read_text(encoding="utf-8").splitlines()
+        else:
+            raise UserError(f"corpus {spec}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
+    kept = [t for t in texts if len(t) > min_len]
+    if not kept:
+        raise UserError(f"corpus {spec} has no text longer than min_len={min_len} characters; "
+                        "lower --min_len or check the file")
+    return kept
+
+
+def _jsonl_text(line: str) -> str:
+    """As the reference reads WMDP corpora: an object's `text`, else the raw line (newline included)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    return record["text"] if isinstance(record, dict) and "text" in record else line
+
+
+def _read_hf_dataset(spec: str) -> list[str]:
+    parts = spec.split(":")
+    if len(parts) != 4:
+        raise UserError(f"corpus {spec}: expected hf:NAME:CONFIG:SPLIT, e.g. hf:wikitext:wikitext-2-raw-v1:test")
+    _, name, config, split = parts
+    try:
+        import datasets
+        rows = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises many types when offline or missing
+        raise UserError(f"corpus {spec}: could not load from the local Hugging Face cache "
+                        f"({type(err).__name__}); download it once where there is network") from None
+    return [str(t) for t in rows["text"]]
+
+
+def chunk(texts: list[str], batch_size: int) -> list[list[str]]:
+    return [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One topic's forget and retain batch for a step (numpy, [B, L])."""
+    topic: int
+    forget: dict
+    retain: dict
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int, batch_size: int, pad_multiple: int,
+             loss_mask: str) -> dict:
+    """Reference tokenization, then padded to [batch_size, L] with L a multiple of pad_multiple."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    rows, window = ids.shape
+    length = -(-window // pad_multiple) * pad_multiple
+    out_ids = np.full((batch_size, length), tokenizer.pad_token_id, dtype=np.int32)
+    out_mask = np.zeros((batch_size, length), dtype=np.int32)
+    out_ids[:rows, length - window:] = ids
+    out_mask[:rows, length - window:] = mask
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32) - (length - window), (batch_size, length))
+    if loss_mask == "tokens":
+        weight = out_mask.astype(np.float32)
+    else:  # reference: every position of the [rows, T] window, pads included
+        weight = np.zeros((batch_size, length), dtype=np.float32)
+        weight[:rows, length - window:] = 1.0
+    return {"input_ids": out_ids, "attention_mask": out_mask, "positions": np.array(positions), "weight": weight}
+
+
+class UnlearningData:
+    """Forget/retain chunks per topic and the reference's step -> (topic, chunk) schedule."""
+
+    def __init__(self, tokenizer, forget: list[list[str]], retain: list[list[str]], batch_size: int,
+                 forget_max_len: list[int], retain_max_len: int, pad_multiple: int, loss_mask: str):
+        self.tokenizer = tokenizer
+        self.forget = [chunk(t, batch_size) for t in forget]
+        self.retain = [chunk(t, batch_size) for t in retain]
+        self.batch_size = batch_size
+        self.forget_max_len = forget_max_len
+        self.retain_max_len = retain_max_len
+        self.pad_multiple = pad_multiple
+        self.loss_mask = loss_mask
+
+    @property
+    def n_topics(self) -> int:
+        return len(self.forget)
+
+    def num_steps(self, max_num_batches: int) -> int:
+        """As the reference: min(max_num_batches, shortest forget or retain chunk list)."""
+        return min([max_num_batches] + [len(c) for c in self.forget] + [len(c) for c in self.retain])
+
+    def batch(self, step: int) -> Batch:
+        topic, index = step % self.n_topics, step // self.n_topics
+        make = lambda texts, max_len: tokenize(self.tokenizer, texts, max_len, self.batch_size,
+                                               self.pad_multiple, self.loss_mask)
+        return Batch(topic, make(self.forget[topic][index], self.forget_max_len[topic]),
+                     make(self.retain[topic][index], self.retain_max_len))
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer set up as the reference: pad = eos, left padding."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "right"
+    return tokenizer

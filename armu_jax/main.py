@@ -1,0 +1,35 @@
+"""python -m armu_jax.main --flagfile=configs/demo.flags [--flag=value ...]"""
+from __future__ import annotations
+
+import os
+
+from absl import app, logging
+
+from armu_jax.config import define_flags, from_flags
+from armu_jax.errors import UserError
+
+define_flags()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # multi-host (TPU pods, multi-node GPU)
+        import jax
+        jax.distributed.initialize()
+    try:
+        cfg = from_flags()
+        if cfg.mode == "eval":
+            from armu_jax.evaluate import evaluate_cli
+            evaluate_cli(cfg)
+        else:
+            from armu_jax.train import run
+            out = run(cfg)
+            print(f"armu_jax: run written to {out}")
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
