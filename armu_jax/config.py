@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from absl import flags
 
@@ -34,7 +35,7 @@ def define_flags() -> None:
     flags.DEFINE_list("forget_max_len", ["512", "768"], "Max tokens per forget topic (one value: all).")
     flags.DEFINE_integer("retain_max_len", 512, "Max tokens of retain texts.")
     flags.DEFINE_integer("min_len", 0, "Keep texts with more than this many characters.")
-    flags.DEFINE_integer("pad_multiple", 64, "Pad batches to a multiple of this length (one compile per shape).")
+    flags.DEFINE_integer("pad_multiple", 128, "Pad batches to a multiple of this length (one compile per shape).")
     flags.DEFINE_integer("seed", 42, "Seed of the control vectors.")
     flags.DEFINE_enum("loss_mask", "none", ["none", "tokens"], "none: reference (pads in MSE); tokens: real only.")
     flags.DEFINE_enum("optimizer", "hf_adamw", ["hf_adamw", "adamw"], "hf_adamw: reference arithmetic.")
@@ -121,36 +122,56 @@ def _numbers(name: str, values, kind, n_topics: int) -> tuple:
 
 def from_flags() -> RunConfig:
     """The parsed flags as a validated RunConfig (checks that need the model happen later)."""
-    n = len(FLAGS.forget_corpora)
+    return build({name: FLAGS[name].value for name in _flag_names()})
+
+
+def config_with(**overrides) -> RunConfig:
+    """The flag defaults with overrides (Python values; lists for list flags), for library use and tests."""
+    define_flags()
+    values = {name: FLAGS[name].default for name in _flag_names()}
+    for key, value in overrides.items():
+        if key not in values:
+            raise UserError(f"unknown setting {key!r}")
+        values[key] = [str(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return build(values)
+
+
+def _flag_names() -> list[str]:
+    return [f.name for f in FLAGS.get_flags_for_module(__name__)]
+
+
+def build(values: dict) -> RunConfig:
+    v = SimpleNamespace(**values)
+    n = len(v.forget_corpora)
     if n == 0:
         raise UserError("--forget_corpora is empty; name at least one forget corpus")
-    if len(FLAGS.retain_corpora) == 1:
-        retain = tuple(FLAGS.retain_corpora) * n
-    elif len(FLAGS.retain_corpora) == n:
-        retain = tuple(FLAGS.retain_corpora)
+    if len(v.retain_corpora) == 1:
+        retain = tuple(v.retain_corpora) * n
+    elif len(v.retain_corpora) == n:
+        retain = tuple(v.retain_corpora)
     else:
-        raise UserError(f"--retain_corpora has {len(FLAGS.retain_corpora)} entries for {n} forget topics; "
+        raise UserError(f"--retain_corpora has {len(v.retain_corpora)} entries for {n} forget topics; "
                         "give one per topic or one for all")
-    layer = FLAGS.layer_id
-    update_layers = (tuple(_numbers("update_layer_ids", FLAGS.update_layer_ids, int, len(FLAGS.update_layer_ids)))
-                     if FLAGS.update_layer_ids else tuple(i for i in (layer - 2, layer - 1, layer) if i >= 0))
+    layer = v.layer_id
+    update_layers = (tuple(_numbers("update_layer_ids", v.update_layer_ids, int, len(v.update_layer_ids)))
+                     if v.update_layer_ids else tuple(i for i in (layer - 2, layer - 1, layer) if i >= 0))
     cfg = RunConfig(
-        mode=FLAGS.mode, method=FLAGS.method, model=FLAGS.model, layer_id=layer,
-        update_layer_ids=update_layers, update_params=tuple(FLAGS.update_params),
-        forget_corpora=tuple(FLAGS.forget_corpora), retain_corpora=retain,
-        alpha=_numbers("alpha", FLAGS.alpha, float, n),
-        steering_coeffs=_numbers("steering_coeffs", FLAGS.steering_coeffs, float, n),
-        beta=FLAGS.beta, adaptive_coeff=FLAGS.adaptive_coeff, norm_skip_first=FLAGS.norm_skip_first,
-        lr=FLAGS.lr, batch_size=FLAGS.batch_size, max_num_batches=FLAGS.max_num_batches,
-        forget_max_len=_numbers("forget_max_len", FLAGS.forget_max_len, int, n),
-        retain_max_len=FLAGS.retain_max_len, min_len=FLAGS.min_len, pad_multiple=FLAGS.pad_multiple,
-        seed=FLAGS.seed, loss_mask=FLAGS.loss_mask, optimizer=FLAGS.optimizer, dtype=FLAGS.dtype,
-        export_dtype=FLAGS.export_dtype or FLAGS.dtype, mesh=FLAGS.mesh, output_dir=FLAGS.output_dir,
-        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        resume=FLAGS.resume, overwrite=FLAGS.overwrite, control_vectors=FLAGS.control_vectors,
-        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, eval_tasks=tuple(FLAGS.eval_tasks),
-        eval_limit=FLAGS.eval_limit, export=FLAGS.export,
-        profile_start_step=FLAGS.profile_start_step, profile_num_steps=FLAGS.profile_num_steps,
+        mode=v.mode, method=v.method, model=v.model, layer_id=layer,
+        update_layer_ids=update_layers, update_params=tuple(v.update_params),
+        forget_corpora=tuple(v.forget_corpora), retain_corpora=retain,
+        alpha=_numbers("alpha", v.alpha, float, n),
+        steering_coeffs=_numbers("steering_coeffs", v.steering_coeffs, float, n),
+        beta=v.beta, adaptive_coeff=v.adaptive_coeff, norm_skip_first=v.norm_skip_first,
+        lr=v.lr, batch_size=v.batch_size, max_num_batches=v.max_num_batches,
+        forget_max_len=_numbers("forget_max_len", v.forget_max_len, int, n),
+        retain_max_len=v.retain_max_len, min_len=v.min_len, pad_multiple=v.pad_multiple,
+        seed=v.seed, loss_mask=v.loss_mask, optimizer=v.optimizer, dtype=v.dtype,
+        export_dtype=v.export_dtype or v.dtype, mesh=v.mesh, output_dir=v.output_dir,
+        checkpoint_every=v.checkpoint_every, keep_checkpoints=v.keep_checkpoints,
+        resume=v.resume, overwrite=v.overwrite, control_vectors=v.control_vectors,
+        log_every=v.log_every, eval_every=v.eval_every, eval_tasks=tuple(v.eval_tasks),
+        eval_limit=v.eval_limit, export=v.export,
+        profile_start_step=v.profile_start_step, profile_num_steps=v.profile_num_steps,
     )
     validate(cfg)
     return cfg

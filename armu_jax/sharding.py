@@ -1,7 +1,7 @@
 """The device mesh and the one table that says how every parameter is sharded.
 
 `--mesh` names axes and sizes, e.g. `data:1`, `fsdp:-1`, `data:2,fsdp:4` (at most one -1,
-which takes the remaining devices). Batches are split over data x fsdp; parameters are
+which takes the remaining devices; a mesh smaller than the host uses its first devices). Batches are split over data x fsdp; parameters are
 split over fsdp along the dimension the table names. A parameter that matches no rule is
 an error, never silently replicated.
 """
@@ -44,14 +44,15 @@ def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
         if n_devices % known:
             raise UserError(f"--mesh {spec!r}: {n_devices} devices do not divide by {known}")
         sizes[unknown[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
+    if math.prod(sizes.values()) > n_devices:
         raise UserError(f"--mesh {spec!r} needs {math.prod(sizes.values())} devices, this run has {n_devices}")
     return {axis: sizes.get(axis, 1) for axis in AXES}
 
 
 def make_mesh(spec: str) -> Mesh:
     sizes = parse_mesh(spec, jax.device_count())
-    devices = np.asarray(jax.devices()).reshape(tuple(sizes.values()))
+    count = math.prod(sizes.values())  # a mesh smaller than the host uses its first devices
+    devices = np.asarray(jax.devices()[:count]).reshape(tuple(sizes.values()))
     return Mesh(devices, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 

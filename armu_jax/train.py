@@ -166,7 +166,7 @@ def run(cfg: RunConfig, evaluate_fn=None) -> Path:
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=f"{cfg.method} l={cfg.layer_id}",
                disable=not is_main)
     profiling = cfg.profile_start_step >= 0 and is_main
-    with mesh, metrics_file.open("a") as log:
+    with jax.set_mesh(mesh), metrics_file.open("a") as log:
         for step in bar:
             if profiling and step == cfg.profile_start_step:
                 jax.profiler.start_trace(str(out / "profile"))

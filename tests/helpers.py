@@ -6,9 +6,9 @@ import transformers
 
 
 def tiny_hf_model(tmp: Path, arch: str = "llama", kv_heads: int = 2, tied: bool = False, rope=None,
-                  layers: int = 3, seed: int = 0) -> Path:
+                  layers: int = 3, seed: int = 0, vocab: int = 131) -> Path:
     torch.manual_seed(seed)
-    common = dict(vocab_size=131, hidden_size=60, intermediate_size=97, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=60, intermediate_size=97, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=kv_heads, head_dim=10, rms_norm_eps=1e-5,
                   tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                   max_position_embeddings=256)

@@ -1,0 +1,104 @@
+"""An independent PyTorch version of the reference RMU / Adaptive RMU loop (the test oracle).
+
+Written from the reference's description, not from armu_jax: two full HF models (frozen and
+updated), a forward hook on layer l, torch's mse_loss over the padded batch, the
+transformers.AdamW (2024) arithmetic, step idx -> topic idx % n, batch idx // n.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+
+def forward_with_cache(model, inputs, module, no_grad):
+    cache = []
+
+    def hook(_module, _inputs, output):
+        cache.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(hook)
+    with torch.set_grad_enabled(not no_grad):
+        model(**inputs)
+    handle.remove()
+    return cache[0]
+
+
+class HFAdamW:
+    """transformers.AdamW (correct_bias=True) as of 2024."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        self.params, self.lr, self.betas, self.eps, self.wd = list(params), lr, betas, eps, weight_decay
+        self.state = [{"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                      for p in self.params]
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = self.betas
+        for p, st in zip(self.params, self.state):
+            st["step"] += 1
+            st["exp_avg"].mul_(b1).add_(p.grad, alpha=1.0 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
+            denom = st["exp_avg_sq"].sqrt().add_(self.eps)
+            step_size = self.lr * math.sqrt(1.0 - b2 ** st["step"]) / (1.0 - b1 ** st["step"])
+            p.addcdiv_(st["exp_avg"], denom, value=-step_size)
+            if self.wd > 0.0:
+                p.add_(p, alpha=-self.lr * self.wd)
+
+
+def run_reference(model_dir, forget_texts, retain_texts, control_vectors, *, method, layer_id, steps, lr,
+                  alphas, steering_coeffs=None, beta=5.0, adaptive_coeff="first_batch", batch_size=4,
+                  forget_max_len=(512, 768), retain_max_len=512):
+    """Returns (per-step dicts of loss/forget_loss/retain_loss/coeff, {layer: final down_proj weight})."""
+    torch.manual_seed(0)
+    frozen = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    updated = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    layers = [layer_id - 2, layer_id - 1, layer_id]
+    for p in updated.parameters():
+        p.requires_grad_(False)
+    trained = [updated.model.layers[i].mlp.down_proj.weight for i in layers]
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = HFAdamW(trained, lr=lr)
+    frozen_module, updated_module = frozen.model.layers[layer_id], updated.model.layers[layer_id]
+    forget = [[t[i:i + batch_size] for i in range(0, len(t), batch_size)] for t in forget_texts]
+    retain = [[t[i:i + batch_size] for i in range(0, len(t), batch_size)] for t in retain_texts]
+    n = len(forget)
+    coeffs = {}
+    history = []
+    for idx in range(steps):
+        topic, b = idx % n, idx // n
+        u = torch.tensor(control_vectors[topic]).view(1, 1, -1)
+        forget_inputs = tokenizer(forget[topic][b], return_tensors="pt", padding=True, truncation=True,
+                                  max_length=forget_max_len[topic])
+        h_forget = forward_with_cache(updated, forget_inputs, updated_module, no_grad=False)
+        if method == "rmu":
+            coeff = steering_coeffs[topic]
+        elif adaptive_coeff == "per_batch":
+            frozen_forget = forward_with_cache(frozen, forget_inputs, frozen_module, no_grad=True)
+            coeff = beta * torch.mean(frozen_forget.norm(dim=-1).mean(dim=1), dim=0).item()
+        else:
+            if topic not in coeffs:
+                coeffs[topic] = beta * torch.mean(h_forget.detach().norm(dim=-1).mean(dim=1), dim=0).item()
+            coeff = coeffs[topic]
+        with warnings.catch_warnings():  # the reference broadcasts the [1, 1, D] target on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            forget_loss = F.mse_loss(h_forget, u * coeff)
+        retain_inputs = tokenizer(retain[topic][b], return_tensors="pt", padding=True, truncation=True,
+                                  max_length=retain_max_len)
+        h_retain = forward_with_cache(updated, retain_inputs, updated_module, no_grad=False)
+        h_retain_frozen = forward_with_cache(frozen, retain_inputs, frozen_module, no_grad=True)
+        retain_loss = F.mse_loss(h_retain, h_retain_frozen) * alphas[topic]
+        loss = forget_loss + retain_loss
+        for p in trained:
+            p.grad = None
+        loss.backward()
+        optimizer.step()
+        history.append({"loss": loss.item(), "forget_loss": forget_loss.item(),
+                        "retain_loss": retain_loss.item(), "coeff": float(coeff)})
+    return history, {i: p.detach().numpy().copy() for i, p in zip(layers, trained)}
