@@ -1,0 +1,70 @@
+"""The command line: every shipped flagfile parses; bad input gets one line, exit 2, nothing written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from absl import flags
+
+from armu_jax.config import define_flags, from_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("flagfile", sorted((ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
+def test_shipped_flagfiles_parse(flagfile):
+    define_flags()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["main", f"--flagfile={flagfile}", "--output_dir=/tmp/unused"])
+    cfg = from_flags()
+    assert cfg.n_topics == 2 and len(cfg.alpha) == 2 and cfg.update_layer_ids == (5, 6, 7)
+    assert cfg.layer_id == 7 and cfg.batch_size == 4
+    flags.FLAGS.unparse_flags()
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "armu_jax.main", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def _bad_cases(tmp: Path):
+    empty = tmp / "empty.txt"
+    empty.write_text("short\nx\n")
+    wrong = tmp / "wrong.npy"
+    np.save(wrong, np.ones((3, 576), np.float32) / 24.0)
+    return {
+        "missing corpus": (["--forget_corpora=nope.jsonl,demo:cyber"], "corpus file nope.jsonl does not exist"),
+        "empty after min_len": ([f"--forget_corpora={empty},demo:cyber", "--min_len=10"],
+                                "no text longer than min_len=10"),
+        "layer outside model": (["--layer_id=30", "--update_layer_ids=28"], "outside the model's 30 layers"),
+        "update above layer": (["--update_layer_ids=6,8"], "include layers above --layer_id=7"),
+        "alpha count": (["--alpha=1,2,3"], "--alpha has 3 values but there are 2 forget topics"),
+        "coefficient count": (["--method=rmu", "--steering_coeffs=1,2,3"], "--steering_coeffs has 3 values"),
+        "beta": (["--beta=0"], "--beta=0.0: must be > 0"),
+        "batch size": (["--batch_size=0"], "--batch_size=0: must be at least 1"),
+        "control vectors shape": ([f"--control_vectors={wrong}"], "has shape (3, 576), expected (2, 576)"),
+        "bad mesh": (["--mesh=data:16"], "needs 16 devices, this run has 8"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(Path("/tmp")).keys()))
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    args, message = _bad_cases(tmp_path)[case]
+    out = tmp_path / "run"
+    result = _main(f"--output_dir={out}", *args)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_existing_output_dir_is_refused_and_kept(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = _main(f"--output_dir={out}", "--max_num_batches=1")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
+    assert "exists and is not empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
