@@ -1,0 +1,154 @@
+"""JAX step vs the PyTorch reference loop on SmolLM2, demo corpora, layer 7, batch 4, same batches.
+
+Step times alternate JAX / torch in one process (median seconds each, after a warm-up pass that
+compiles every batch shape); peak memory is each side's peak RSS above its own baseline after
+loading imports, corpora and tokenizer, measured in a child process per side so that one does
+not hide the other.
+Usage: python bench/step_time.py [--steps 8] [--max_len 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_sides(steps: int, max_len: int):
+    import jax
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from armu_jax import sharding
+    from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
+    from armu_jax.embedded import smollm2_dir
+    from armu_jax.hf_io import load_hf
+    from armu_jax.model import LlamaForCausalLM
+    from armu_jax.optimizer import make_optimizer
+    from armu_jax.step import StepSpec, init_state, make_step, trainable_paths, truncate_params
+    from reference_rmu import HFAdamW, forward_with_cache
+
+    layer, lr, alpha, beta = 7, 5e-5, 1200.0, 5.0
+    model_dir = smollm2_dir()
+    forget = [read_corpus("demo:bio"), read_corpus("demo:cyber")]
+    retain = [read_corpus("demo:retain")] * 2
+    vectors = np.random.default_rng(0).random((2, 576)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tokenizer = load_tokenizer(model_dir)
+
+    def jax_side():
+        cfg, params = load_hf(model_dir)
+        data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none")
+        paths = trainable_paths(params, (5, 6, 7), ("mlp.down_proj",))
+        frozen = truncate_params(params, layer)
+        del params
+        optimizer = make_optimizer("hf_adamw", lr)
+        state = init_state(frozen, paths, optimizer, 2)
+        spec = StepSpec(LlamaForCausalLM(cfg), layer, 5, "adaptive_rmu", "first_batch", beta, (6.5, 6.5),
+                        (alpha, alpha))
+        step_fn = jax.jit(make_step(spec, optimizer, vectors), donate_argnums=0)
+        holder = {"state": state}
+
+        def step(i):
+            b = data.batch(i)
+            holder["state"], metrics = step_fn(holder["state"], frozen,
+                                               {"topic": np.int32(b.topic), "forget": b.forget, "retain": b.retain})
+            return float(metrics["loss"])
+        return step
+
+    def torch_side():
+        frozen = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        updated = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        for p in list(frozen.parameters()) + list(updated.parameters()):
+            p.requires_grad_(False)
+        trained = [updated.model.layers[i].mlp.down_proj.weight for i in (5, 6, 7)]
+        for p in trained:
+            p.requires_grad_(True)
+        opt = HFAdamW(trained, lr=lr)
+        chunks = lambda texts: [texts[i:i + 4] for i in range(0, len(texts), 4)]
+        f_chunks, r_chunks = [chunks(t) for t in forget], [chunks(t) for t in retain]
+        coeffs = {}
+
+        def step(i):
+            topic, b = i % 2, i // 2
+            u = torch.tensor(vectors[topic]).view(1, 1, -1)
+            fin = tokenizer(f_chunks[topic][b], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_len)
+            h_f = forward_with_cache(updated, fin, updated.model.layers[layer], no_grad=False)
+            if topic not in coeffs:
+                coeffs[topic] = beta * torch.mean(h_f.detach().norm(dim=-1).mean(dim=1), dim=0).item()
+            rin = tokenizer(r_chunks[topic][b], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_len)
+            h_r = forward_with_cache(updated, rin, updated.model.layers[layer], no_grad=False)
+            h_rf = forward_with_cache(frozen, rin, frozen.model.layers[layer], no_grad=True)
+            loss = F.mse_loss(h_f, u.expand_as(h_f) * coeffs[topic]) + alpha * F.mse_loss(h_r, h_rf)
+            for p in trained:
+                p.grad = None
+            loss.backward()
+            opt.step()
+            return loss.item()
+        return step
+
+    return jax_side, torch_side
+
+
+def child(side: str, steps: int, max_len: int) -> None:
+    """One side alone: its peak RSS above the baseline of imports, corpora and tokenizer."""
+    jax_side, torch_side = make_sides(steps, max_len)
+    base = peak_rss_mb()
+    step = (jax_side if side == "jax" else torch_side)()
+    for i in range(steps):
+        step(i)
+    print(json.dumps({"side": side, "peak_mb_above_base": peak_rss_mb() - base, "peak_mb": peak_rss_mb()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max_len", type=int, default=512)
+    parser.add_argument("--child", choices=["jax", "torch"])
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.steps, args.max_len)
+
+    jax_side, torch_side = make_sides(args.steps, args.max_len)
+    jax_step, torch_step = jax_side(), torch_side()
+    for i in range(args.steps):  # warm-up: compiles every JAX shape, warms torch's allocator
+        jax_step(i)
+    times = {"jax": [], "torch": []}
+    for i in range(args.steps):
+        for name, fn in (("jax", jax_step), ("torch", torch_step)):
+            t0 = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    memory = {}
+    for side in ("jax", "torch"):
+        out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
+                              "--max_len", str(args.max_len)], capture_output=True, text=True, check=True)
+        memory[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"SmolLM2-135M, layer 7, batch 4, max_len {args.max_len}, {args.steps} steps, float32, CPU")
+    print(f"median step: jax {med['jax']:.3f} s, torch reference {med['torch']:.3f} s, "
+          f"speed-up {med['torch'] / med['jax']:.2f}x")
+    print(f"peak RSS: jax {memory['jax']['peak_mb']:.0f} MB, torch {memory['torch']['peak_mb']:.0f} MB, "
+          f"ratio {memory['jax']['peak_mb'] / memory['torch']['peak_mb']:.2f}")
+    above = {k: v["peak_mb_above_base"] for k, v in memory.items()}
+    print(f"peak above the shared baseline (imports, corpora, tokenizer): jax {above['jax']:.0f} MB, "
+          f"torch {above['torch']:.0f} MB, ratio {above['jax'] / above['torch']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
