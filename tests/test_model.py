@@ -76,13 +76,14 @@ def test_smollm2_matches_transformers(smollm2_dir):
     assert diff <= 2e-4
 
     layer7 = model.apply(params, ids, mask, layer=7, method=LlamaForCausalLM.hidden_upto)
-    assert np.abs(np.asarray(layer7) - hidden[8]).max() <= 1e-4
+    # The residual stream reaches ~840 at layer 7: float32 agreement is relative to that scale.
+    assert np.abs(np.asarray(layer7) - hidden[8]).max() <= 2e-6 * np.abs(hidden[8]).max()
 
     # Layers 0..4, then 5..7 from that residual stream, equals the direct layer-7 output.
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     prefix = model.apply(params, ids, mask, layer=4, method=LlamaForCausalLM.hidden_upto)
     resumed = model.apply(params, prefix, mask, positions, start=5, end=7, method=LlamaForCausalLM.run_layers)
-    assert np.abs(np.asarray(resumed) - np.asarray(layer7)).max() <= 1e-5
+    assert np.abs(np.asarray(resumed) - np.asarray(layer7)).max() <= 1e-6 * np.abs(hidden[8]).max()
 
     # capture_intermediates filtered to one layer gives the same tensor.
     _, state = model.apply(params, ids, mask, capture_intermediates=lambda mdl, method: (
