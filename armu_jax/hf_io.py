@@ -163,6 +163,3 @@ def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.Pat
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-def to_numpy(params: dict) -> dict:
-    return jax.tree_util.tree_map(np.asarray, params)
