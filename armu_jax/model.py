@@ -61,15 +61,40 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _dense(features, name, dtype, param_dtype):
+def blocked_dot_general(block: int):
+    """A dot_general summing the contraction in blocks of about `block`, then adding the partials.
+
+    XLA's CPU float32 dot accumulates a long contraction with an error that grows with its
+    length (9e-5 on a 576-long dot of unit normals, where torch gets 4e-5); summing 64-long
+    partials brings it to 2e-5. It costs several times the time, so it is for checks, not runs.
+    """
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
+        (lhs_contract, rhs_contract), batch = dimension_numbers
+        if lhs_contract != (lhs.ndim - 1,) or rhs_contract != (0,) or batch != ((), ()):
+            return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                       preferred_element_type=preferred_element_type)
+        size = lhs.shape[-1]
+        parts = max(1, size // block)
+        while size % parts:
+            parts -= 1
+        lhs = lhs.reshape(lhs.shape[:-1] + (parts, size // parts))
+        rhs = rhs.reshape((parts, size // parts) + rhs.shape[1:])
+        return jnp.einsum("...ck,ckn->c...n", lhs, rhs, precision=precision,
+                          preferred_element_type=preferred_element_type).sum(0)
+    return dot_general
+
+
+def _dense(features, name, dtype, param_dtype, dot_block=0):
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.initializers.normal(0.02))
+                    kernel_init=nn.initializers.normal(0.02),
+                    dot_general=blocked_dot_general(dot_block) if dot_block else None)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    dot_block: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed):
@@ -77,9 +102,9 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         kv, hd = cfg.num_key_value_heads, cfg.head_dim
         groups = cfg.num_attention_heads // kv
-        q = _dense(cfg.num_attention_heads * hd, "q_proj", self.dtype, self.param_dtype)(x)
-        k = _dense(kv * hd, "k_proj", self.dtype, self.param_dtype)(x)
-        v = _dense(kv * hd, "v_proj", self.dtype, self.param_dtype)(x)
+        q = _dense(cfg.num_attention_heads * hd, "q_proj", self.dtype, self.param_dtype, self.dot_block)(x)
+        k = _dense(kv * hd, "k_proj", self.dtype, self.param_dtype, self.dot_block)(x)
+        v = _dense(kv * hd, "v_proj", self.dtype, self.param_dtype, self.dot_block)(x)
         q = apply_rope(q.reshape(batch, length, cfg.num_attention_heads, hd), cos, sin)
         k = apply_rope(k.reshape(batch, length, kv, hd), cos, sin)
         v = v.reshape(batch, length, kv, hd)
@@ -93,43 +118,46 @@ class Attention(nn.Module):
         # HF SDPA semantics: a query with no visible key (left padding) attends to nothing.
         probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_attention_heads * hd)
-        return _dense(cfg.hidden_size, "o_proj", self.dtype, self.param_dtype)(out)
+        return _dense(cfg.hidden_size, "o_proj", self.dtype, self.param_dtype, self.dot_block)(out)
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    dot_block: int = 0
 
     @nn.compact
     def __call__(self, x):
-        gate = _dense(self.cfg.intermediate_size, "gate_proj", self.dtype, self.param_dtype)(x)
-        up = _dense(self.cfg.intermediate_size, "up_proj", self.dtype, self.param_dtype)(x)
-        return _dense(self.cfg.hidden_size, "down_proj", self.dtype, self.param_dtype)(nn.silu(gate) * up)
+        gate = _dense(self.cfg.intermediate_size, "gate_proj", self.dtype, self.param_dtype, self.dot_block)(x)
+        up = _dense(self.cfg.intermediate_size, "up_proj", self.dtype, self.param_dtype, self.dot_block)(x)
+        return _dense(self.cfg.hidden_size, "down_proj", self.dtype, self.param_dtype, self.dot_block)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    dot_block: int = 0
 
     @nn.compact
     def __call__(self, h, cos, sin, allowed):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        h = h + Attention(self.cfg, self.dtype, self.param_dtype, name="self_attn")(
+        h = h + Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")(
             norm("input_layernorm")(h), cos, sin, allowed)
-        return h + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
+        return h + MLP(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="mlp")(norm("post_attention_layernorm")(h))
 
 
 class LlamaModel(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dot_block: int = 0
 
     def setup(self):
         self.embed_tokens = nn.Embed(self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.dtype,
                                      param_dtype=self.param_dtype, embedding_init=nn.initializers.normal(0.02))
-        self.layers = [DecoderLayer(self.cfg, self.dtype, self.param_dtype, name=f"layers_{i}")
+        self.layers = [DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.dot_block, name=f"layers_{i}")
                        for i in range(self.cfg.num_hidden_layers)]
         self.norm = RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
@@ -167,11 +195,12 @@ class LlamaForCausalLM(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dot_block: int = 0  # > 0: blocked float32 accumulation in the dense layers (accurate, slow)
 
     def setup(self):
-        self.model = LlamaModel(self.cfg, self.dtype, self.param_dtype)
+        self.model = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.dot_block)
         if not self.cfg.tie_word_embeddings:
-            self.lm_head = _dense(self.cfg.vocab_size, "lm_head", self.dtype, self.param_dtype)
+            self.lm_head = _dense(self.cfg.vocab_size, "lm_head", self.dtype, self.param_dtype, self.dot_block)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
         """Logits [B, T, V] in float32."""
