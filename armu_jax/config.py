@@ -15,7 +15,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     if "method" in FLAGS:
         return
-    flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: unlearn; eval: score --model and exit.")
+    flags.DEFINE_enum("mode", "train", ["train", "eval", "lm_eval"],
+                      "train: unlearn; eval: native JAX evaluation of --model; lm_eval: lm-eval's hf backend on --model.")
     flags.DEFINE_enum("method", "adaptive_rmu", ["rmu", "adaptive_rmu"], "Unlearning method.")
     flags.DEFINE_string("model", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     flags.DEFINE_integer("layer_id", 7, "Unlearn layer l: its residual-stream output is steered.")
@@ -49,9 +50,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "Delete a non-empty --output_dir and start afresh.")
     flags.DEFINE_string("control_vectors", None, ".npy [n_topics, hidden] of unit rows, used instead of drawing.")
     flags.DEFINE_integer("log_every", 1, "Print/log metrics every N steps.")
-    flags.DEFINE_integer("eval_every", 0, "Evaluate the demo tasks every N steps (0: never).")
-    flags.DEFINE_list("eval_tasks", ["demo"], "Native evaluation: demo, or local task YAML/jsonl/csv paths.")
+    flags.DEFINE_integer("eval_every", 0, "Evaluate --eval_tasks every N steps during a run (0: never).")
+    flags.DEFINE_list("eval_tasks", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], wmdp_bio:FILE, "
+                      "wmdp_cyber:FILE, FILE.jsonl (WMDP format); with --mode=lm_eval also lm-eval task names.")
     flags.DEFINE_integer("eval_limit", 0, "Items per evaluation task (0: all).")
+    flags.DEFINE_integer("eval_batch_size", 16, "Sequences per evaluation batch.")
     flags.DEFINE_bool("export", True, "Write the final HF export to <output_dir>/hf.")
     flags.DEFINE_integer("profile_start_step", -1, "Start an XLA profiler trace at this step (-1: off).")
     flags.DEFINE_integer("profile_num_steps", 3, "Steps in the profiler trace.")
@@ -95,6 +98,7 @@ class RunConfig:
     eval_every: int
     eval_tasks: tuple[str, ...]
     eval_limit: int
+    eval_batch_size: int
     export: bool
     profile_start_step: int
     profile_num_steps: int
@@ -170,7 +174,7 @@ def build(values: dict) -> RunConfig:
         checkpoint_every=v.checkpoint_every, keep_checkpoints=v.keep_checkpoints,
         resume=v.resume, overwrite=v.overwrite, control_vectors=v.control_vectors,
         log_every=v.log_every, eval_every=v.eval_every, eval_tasks=tuple(v.eval_tasks),
-        eval_limit=v.eval_limit, export=v.export,
+        eval_limit=v.eval_limit, eval_batch_size=v.eval_batch_size, export=v.export,
         profile_start_step=v.profile_start_step, profile_num_steps=v.profile_num_steps,
     )
     validate(cfg)
@@ -187,6 +191,8 @@ def validate(cfg: RunConfig, num_layers: int | None = None) -> None:
         raise UserError(f"--max_num_batches={cfg.max_num_batches}: must be at least 1")
     if cfg.pad_multiple < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 0:
         raise UserError("--pad_multiple and --log_every must be >= 1, --checkpoint_every >= 0")
+    if cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.eval_batch_size < 1:
+        raise UserError("--eval_every and --eval_limit must be >= 0, --eval_batch_size >= 1")
     if cfg.lr <= 0:
         raise UserError(f"--lr={cfg.lr}: must be > 0")
     if cfg.resume and cfg.overwrite:

@@ -1,17 +1,19 @@
-"""Native evaluation on the Flax model: lm-eval-style multiple choice and held-out NLL per token.
+"""Native evaluation on the Flax model: lm-eval's multiple-choice scoring and held-out NLL, in JAX.
 
-Multiple choice follows lm-eval's `multiple_choice` output type: each choice is scored by the
-summed log-likelihood of its continuation tokens after the context (continuation tokens are
-those of context+continuation past the context's tokens); acc takes the argmax, acc_norm the
-argmax of log-likelihood per character of the continuation.
+Multiple choice computes what lm-eval's `hf` backend and `multiple_choice` output type compute:
+a request (context, continuation) is split as HFLM._encode_pair does (trailing whitespace of the
+context moves to the continuation; continuation tokens are those of context+continuation past
+the context's tokens; no special tokens), truncated from the left to the model's max length,
+and scored by the summed log-probability of the continuation tokens. acc takes the argmax,
+acc_norm the argmax of log-likelihood per character of the choice (without the delimiter).
 
-The demo tasks are built from held-out Wikipedia articles (see data.is_held_out): for each
-article, "<title> is" followed by one of four descriptions from articles of the same topic.
+Speed: requests are sorted by length and batched with few padded shapes (powers of two), and
+the LM head and log-softmax run only at the scored positions, not over the whole sequence.
 """
 from __future__ import annotations
 
 import json
-import random
+import time
 from functools import partial
 from pathlib import Path
 
@@ -20,143 +22,187 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax.data import demo_topic_articles
 from armu_jax.errors import UserError
 from armu_jax.model import LlamaForCausalLM
-
-DEMO_EVAL_TOPICS = ("bio", "cyber", "retain")
-
-
-def _bucket(length: int) -> int:
-    """Lengths padded to powers of two (>= 16): few shapes, so few compilations of the full model."""
-    return max(16, 1 << (length - 1).bit_length())
+from armu_jax.tasks import Task, load_tasks
 
 
-def demo_mc_items(topic: str, seed: int = 0, limit: int = 0) -> list[dict]:
-    """4-way 'which description fits this title' items from held-out articles of a demo topic."""
-    articles = [a for a in demo_topic_articles(topic, held_out=True) if a.get("description")]
-    descriptions = sorted({a["description"] for a in articles})
-    rng = random.Random(f"{seed}:{topic}")
-    items = []
-    for article in articles:
-        others = [d for d in descriptions if d != article["description"]]
-        choices = rng.sample(others, 3) + [article["description"]]
-        rng.shuffle(choices)
-        items.append({"context": f"{article['title']} is", "choices": [" " + c for c in choices],
-                      "answer": choices.index(article["description"]), "title": article["title"]})
-    return items[:limit] if limit else items
-
-
-def demo_nll_texts(topic: str, limit: int = 0) -> list[str]:
-    texts = [a["extract"] for a in demo_topic_articles(topic, held_out=True)]
-    return texts[:limit] if limit else texts
+def _bucket(length: int, least: int) -> int:
+    """Lengths padded to powers of two (>= least): few shapes, so few compilations."""
+    return max(least, 1 << (max(length, 1) - 1).bit_length())
 
 
 @partial(jax.jit, static_argnums=0)
-def _token_logprobs(model, params, ids, mask):
-    """log p(ids[:, t+1] | ids[:, :t+1]) for each t, [B, L-1]."""
-    logits = model.apply(params, ids, mask)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+def _scored_logprobs(model, params, ids, mask, at, targets):
+    """log p(targets[b, c] | ids[b, :at[b, c] + 1]): [B, C] in float32."""
+    logits = model.apply(params, ids, mask, at, method=LlamaForCausalLM.logits_at)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 class Scorer:
-    """Batched, jitted scoring of (context, continuation) pairs with right padding."""
+    """Batched, jitted log-likelihoods of token sequences on one model."""
 
-    def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_len: int = 256):
+    def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_length: int = 2048):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.batch_size, self.max_len = batch_size, max_len
+        self.batch_size, self.max_length = batch_size, max_length
 
-    def _encode(self, context: str, continuation: str) -> tuple[list[int], int]:
-        ctx = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        whole = self.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-        n_cont = len(whole) - len(ctx)
-        if len(whole) > self.max_len:  # keep the continuation, trim the context from the left
-            whole = whole[-self.max_len:]
-        return whole, n_cont
+    # -- lm-eval's request encoding (HFLM._encode_pair and _loglikelihood_tokens' truncation)
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
-        encoded = [self._encode(c, x) for c, x in pairs]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-        out = np.zeros(len(encoded), np.float64)
-        pad = self.tokenizer.pad_token_id
-        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False):
-            index = order[start:start + self.batch_size]
-            length = _bucket(max(len(encoded[i][0]) for i in index))
-            ids = np.full((self.batch_size, length), pad, np.int32)
-            mask = np.zeros((self.batch_size, length), np.int32)
-            for row, i in enumerate(index):
-                tokens = encoded[i][0]
-                ids[row, :len(tokens)] = tokens
-                mask[row, :len(tokens)] = 1
-            logp = np.asarray(_token_logprobs(self.model, self.params, ids, mask))
-            for row, i in enumerate(index):
-                tokens, n_cont = encoded[i]
-                out[i] = logp[row, len(tokens) - 1 - n_cont:len(tokens) - 1].sum()
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            prefix = self.tokenizer.bos_token_id
+            prefix = self.tokenizer.eos_token_id if prefix is None else prefix
+            return [prefix], self._tokens(continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, ctx = self._tokens(context + continuation), self._tokens(context)
+        return ctx, whole[len(ctx):]
+
+    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
+        """Model input and how many of its last positions are scored (lm-eval's left truncation)."""
+        inp = (context + continuation)[-(self.max_length + 1):][:-1]
+        return inp, len(continuation)
+
+    # -- scoring
+    def _score_rows(self, rows: list[tuple[list[int], list[int], list[int]]], desc: str) -> list[np.ndarray]:
+        """rows: (input tokens, positions scored, target tokens); per row the target log-probs."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        out: list[np.ndarray | None] = [None] * len(rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bs = self.batch_size
+        for start in tqdm(range(0, len(order), bs), desc=desc, leave=False, unit="batch"):
+            index = order[start:start + bs]
+            length = _bucket(max(len(rows[i][0]) for i in index), 16)
+            width = _bucket(max(len(rows[i][1]) for i in index), 1)
+            ids = np.full((bs, length), pad, np.int32)
+            mask = np.zeros((bs, length), np.int32)
+            at = np.zeros((bs, width), np.int32)
+            targets = np.zeros((bs, width), np.int32)
+            for r, i in enumerate(index):
+                tokens, positions, target = rows[i]
+                ids[r, :len(tokens)], mask[r, :len(tokens)] = tokens, 1
+                at[r, :len(positions)], targets[r, :len(target)] = positions, target
+            logp = np.asarray(_scored_logprobs(self.model, self.params, ids, mask, at, targets), np.float64)
+            for r, i in enumerate(index):
+                out[i] = logp[r, :len(rows[i][1])]
         return out
 
-    def multiple_choice(self, items: list[dict], desc: str = "multiple choice") -> dict:
-        pairs = [(it["context"], choice) for it in items for choice in it["choices"]]
-        ll = self.loglikelihoods(pairs, desc)
+    def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
+        """Summed log-probability of each continuation given its context, as lm-eval's loglikelihood."""
+        rows = []
+        for context, continuation in pairs:
+            ctx, cont = self._encode_pair(context, continuation)
+            inp, n = self._row(ctx, cont)
+            rows.append((inp, list(range(len(inp) - n, len(inp))), cont))
+        return np.array([float(lp.sum()) for lp in self._score_rows(rows, desc)], np.float64)
+
+    def multiple_choice(self, task: Task) -> dict:
+        """acc (and acc_norm) of a task, with each doc's log-likelihoods and predictions."""
+        ll = self.loglikelihoods(task.requests(), desc=task.name)
         acc = acc_norm = 0
         cursor = 0
-        for it in items:
-            n = len(it["choices"])
-            scores = ll[cursor:cursor + n]
-            cursor += n
-            lengths = np.array([len(c) for c in it["choices"]], np.float64)
-            acc += int(np.argmax(scores) == it["answer"])
-            acc_norm += int(np.argmax(scores / lengths) == it["answer"])
-        return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
+        preds = []
+        for doc in task.docs:
+            choices = task.choices(doc)
+            scores = ll[cursor:cursor + len(choices)]
+            cursor += len(choices)
+            pred = int(np.argmax(scores))
+            pred_norm = int(np.argmax(scores / np.array([float(len(c)) for c in choices])))
+            acc += pred == doc["answer"]
+            acc_norm += pred_norm == doc["answer"]
+            preds.append({"pred": pred, "pred_norm": pred_norm, "loglikelihoods": scores.tolist()})
+        n = len(task.docs)
+        result = {"acc": acc / n, "n": n, "docs": preds}
+        if "acc_norm" in task.metrics:
+            result["acc_norm"] = acc_norm / n
+        return result
 
     def nll_per_token(self, texts: list[str], max_tokens: int = 128, desc: str = "nll") -> float:
-        """Mean negative log-likelihood per predicted token of the texts (each truncated to max_tokens)."""
-        total = count = 0.0
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-        encoded = [e for e in encoded if len(e) >= 2]
-        pad = self.tokenizer.pad_token_id
-        for start in tqdm(range(0, len(encoded), self.batch_size), desc=desc, leave=False):
-            chunk = encoded[start:start + self.batch_size]
-            length = _bucket(max(len(e) for e in chunk))
-            ids = np.full((self.batch_size, length), pad, np.int32)
-            mask = np.zeros((self.batch_size, length), np.int32)
-            for row, e in enumerate(chunk):
-                ids[row, :len(e)] = e
-                mask[row, :len(e)] = 1
-            logp = np.asarray(_token_logprobs(self.model, self.params, ids, mask))
-            valid = mask[:, 1:].astype(bool)
-            total += -logp[valid].sum()
-            count += valid.sum()
-        return float(total / count)
+        """Mean negative log-likelihood per predicted token of the texts (each cut to max_tokens)."""
+        encoded = [self._tokens(t)[:max_tokens] for t in texts]
+        rows = [(e[:-1], list(range(len(e) - 1)), e[1:]) for e in encoded if len(e) >= 2]
+        if not rows:
+            raise UserError("no held-out text of at least 2 tokens to compute NLL on")
+        logps = self._score_rows(rows, desc)
+        return float(-sum(lp.sum() for lp in logps) / sum(len(lp) for lp in logps))
 
 
-def evaluate_demo(scorer: Scorer, limit: int = 0, nll_limit: int = 0) -> dict:
-    """Per demo topic: acc, acc_norm on the description questions and held-out NLL per token."""
+def evaluate_tasks(scorer: Scorer, tasks: list[Task], limit: int = 0, nll: bool = True,
+                   keep_docs: bool = False) -> dict:
+    """{task: {acc, acc_norm?, n, nll?}} for each task (nll for tasks with held-out texts)."""
     results = {}
-    for topic in DEMO_EVAL_TOPICS:
-        mc = scorer.multiple_choice(demo_mc_items(topic, limit=limit), desc=f"{topic} questions")
-        mc["nll"] = scorer.nll_per_token(demo_nll_texts(topic, nll_limit or limit), desc=f"{topic} nll")
-        results[topic] = mc
+    for task in tasks:
+        task = task.limited(limit)
+        res = scorer.multiple_choice(task)
+        if not keep_docs:
+            res.pop("docs")
+        if nll and task.nll_texts:
+            res["nll"] = scorer.nll_per_token(task.nll_texts, desc=f"{task.name} nll")
+        results[task.name] = res
     return results
 
 
-def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16) -> Scorer:
+def max_length_of(model_dir: Path) -> int:
+    """lm-eval HFLM's max_length: the config's max_position_embeddings (else 2048)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16, params=None) -> Scorer:
     from armu_jax.data import load_tokenizer
     from armu_jax.hf_io import load_hf
-    cfg, params = load_hf(model_dir, dtype)
+    from armu_jax.model_config import ModelConfig
+    if params is None:
+        cfg, params = load_hf(model_dir, dtype)
+    else:
+        cfg = ModelConfig.from_dir(model_dir)
     return Scorer(LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype), params, load_tokenizer(model_dir),
-                  batch_size)
+                  batch_size, max_length_of(model_dir))
+
+
+class InRunEvaluator:
+    """--eval_every: the native evaluator on the current weights, as flat metrics for the run log."""
+
+    def __init__(self, model_dir: Path, full_params, dtype, tasks: list[Task], batch_size: int = 16):
+        self.tasks = tasks
+        self.full = full_params
+        self.scorer = scorer_for(model_dir, dtype, batch_size, params=full_params)
+
+    def __call__(self, trainable: dict) -> dict:
+        from armu_jax.step import merge
+        self.scorer.params = merge(self.full, trainable)
+        record = {}
+        for name, res in evaluate_tasks(self.scorer, self.tasks).items():
+            for key in ("acc", "acc_norm", "nll"):
+                if key in res:
+                    record[f"eval/{name}/{key}"] = res[key]
+        return record
+
+
+def format_table(results: dict) -> str:
+    lines = ["| task | n | acc | acc_norm | NLL/token |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        norm = f"{100 * r['acc_norm']:.1f}" if "acc_norm" in r else "-"
+        nll = f"{r['nll']:.3f}" if "nll" in r else "-"
+        lines.append(f"| {name} | {r['n']} | {100 * r['acc']:.1f} | {norm} | {nll} |")
+    return "\n".join(lines)
 
 
 def evaluate_cli(cfg) -> None:
-    """--mode=eval: score --model on the demo tasks and print JSON."""
+    """--mode=eval: the native evaluator on --model over --eval_tasks; JSON to --output_dir/eval.json."""
     from armu_jax.embedded import resolve_model
-    if list(cfg.eval_tasks) != ["demo"]:
-        raise UserError(f"--eval_tasks={','.join(cfg.eval_tasks)}: the native evaluator supports 'demo' here")
-    results = evaluate_demo(scorer_for(resolve_model(cfg.model)), limit=cfg.eval_limit)
-    print(json.dumps(results, indent=2))
+    model_dir = resolve_model(cfg.model)
+    tasks = load_tasks(cfg.eval_tasks)  # bad task files fail here, before the model is loaded
+    began = time.time()
+    results = evaluate_tasks(scorer_for(model_dir, batch_size=cfg.eval_batch_size), tasks, limit=cfg.eval_limit)
+    print(format_table(results))
+    print(f"native evaluation: {time.time() - began:.1f} s")
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(results, indent=2))
-
+        (out / "eval.json").write_text(json.dumps({"model": str(model_dir), "results": results}, indent=2))
+        print(f"wrote {out / 'eval.json'}")

@@ -32,6 +32,9 @@ def main(argv):
         if cfg.mode == "eval":
             from armu_jax.evaluate import evaluate_cli
             evaluate_cli(cfg)
+        elif cfg.mode == "lm_eval":
+            from armu_jax.harness import lm_eval_cli
+            lm_eval_cli(cfg)
         else:
             from armu_jax.train import run
             out = run(cfg)

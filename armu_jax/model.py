@@ -202,13 +202,21 @@ class LlamaForCausalLM(nn.Module):
         if not self.cfg.tie_word_embeddings:
             self.lm_head = _dense(self.cfg.vocab_size, "lm_head", self.dtype, self.param_dtype, self.dot_block)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None):
-        """Logits [B, T, V] in float32."""
-        attention_mask, positions = _defaults(input_ids, attention_mask, positions)
-        h = self.model(input_ids, attention_mask, positions)
+    def _head(self, h):
         if self.cfg.tie_word_embeddings:
             return self.model.embed_tokens.attend(h).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Logits [B, T, V] in float32."""
+        attention_mask, positions = _defaults(input_ids, attention_mask, positions)
+        return self._head(self.model(input_ids, attention_mask, positions))
+
+    def logits_at(self, input_ids, attention_mask, at):
+        """Logits [B, C, V] at positions at: [B, C] only (the LM head is not run elsewhere)."""
+        attention_mask, positions = _defaults(input_ids, attention_mask, None)
+        h = self.model(input_ids, attention_mask, positions)
+        return self._head(jnp.take_along_axis(h, at[..., None], axis=1))
 
     def hidden_upto(self, input_ids, attention_mask=None, positions=None, *, layer: int):
         """Residual-stream output of decoder layer `layer` (HF's hidden_states[layer + 1]); later layers are not run."""

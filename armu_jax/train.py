@@ -93,7 +93,7 @@ def _device_batch(batch, shardings):
     return jax.device_put(tree, shardings)
 
 
-def run(cfg: RunConfig, evaluate_fn=None) -> Path:
+def run(cfg: RunConfig) -> Path:
     """Run the unlearning job described by cfg; returns the run directory."""
     model_dir = resolve_model(cfg.model)
     model_cfg = ModelConfig.from_dir(model_dir)
@@ -117,6 +117,10 @@ def run(cfg: RunConfig, evaluate_fn=None) -> Path:
     data = UnlearningData(tokenizer, forget, retain, cfg.batch_size, list(cfg.forget_max_len),
                           cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask)
     num_steps = data.num_steps(cfg.max_num_batches)
+    eval_tasks = None
+    if cfg.eval_every:  # bad evaluation files fail here, before the run directory is written
+        from armu_jax.tasks import load_tasks
+        eval_tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
 
     # Everything is valid: now the run directory is written.
     is_main = jax.process_index() == 0
@@ -131,6 +135,11 @@ def run(cfg: RunConfig, evaluate_fn=None) -> Path:
 
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
     frozen = truncate_params(params, cfg.layer_id)
+    evaluator = None
+    if cfg.eval_every:  # keeps the whole model (the step itself needs only layers 0..l)
+        from armu_jax.evaluate import InRunEvaluator
+        evaluator = InRunEvaluator(model_dir, jax.device_put(params, sharding.param_shardings(params, mesh)),
+                                   dtype, eval_tasks, cfg.eval_batch_size)
     del params
     params_sh = sharding.param_shardings(frozen, mesh)
     frozen = jax.device_put(frozen, params_sh)
@@ -176,8 +185,10 @@ def run(cfg: RunConfig, evaluate_fn=None) -> Path:
                 jax.profiler.stop_trace()
             record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
                       "seconds": round(time.time() - began, 3)}
-            if evaluate_fn and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                record.update(evaluate_fn(merge(frozen, state["trainable"]), step + 1))
+            if evaluator and ((step + 1) % cfg.eval_every == 0 or step + 1 == num_steps):
+                record.update(evaluator(state["trainable"]))
+                bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items()
+                                                          if k.startswith("eval/")))
             if is_main:
                 log.write(json.dumps(record) + "\n")
                 log.flush()

@@ -1,14 +1,20 @@
-"""The native evaluator: NLL against transformers; the demo tasks are deterministic and held out."""
+"""The native evaluator: the same answers as lm-eval's hf backend, NLL as transformers, held-out demo data."""
+import json
+
 import numpy as np
+import pytest
 import torch
 import transformers
 
 from armu_jax.data import is_held_out, read_corpus
-from armu_jax.evaluate import demo_mc_items, demo_nll_texts, scorer_for
+from armu_jax.errors import UserError
+from armu_jax.evaluate import evaluate_tasks, scorer_for
+from armu_jax.harness import per_doc_predictions, run_lm_eval
+from armu_jax.tasks import demo_task, load_tasks, mmlu_task
 
 
 def test_nll_matches_transformers(smollm2_dir):
-    texts = demo_nll_texts("bio", limit=5)
+    texts = demo_task("bio").nll_texts[:5]
     scorer = scorer_for(smollm2_dir, batch_size=4)
     ours = scorer.nll_per_token(texts, max_tokens=48)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
@@ -19,16 +25,93 @@ def test_nll_matches_transformers(smollm2_dir):
             logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
         total -= logp.gather(1, ids[0, 1:, None]).sum().item()
         count += ids.shape[1] - 1
+    print(f"held-out NLL: ours {ours:.6f}, transformers {total / count:.6f}")
     assert abs(ours - total / count) <= 1e-4
 
 
-def test_demo_items_are_deterministic_and_held_out():
+def test_demo_tasks_are_deterministic_and_held_out():
     for topic in ("bio", "cyber", "retain"):
-        a, b = demo_mc_items(topic), demo_mc_items(topic)
-        assert a == b and len(a) > 50
-        assert all(is_held_out(item["title"]) for item in a)
-        assert all(len(item["choices"]) == 4 and len(set(item["choices"])) == 4 for item in a)
-        answers = np.bincount([item["answer"] for item in a], minlength=4) / len(a)
+        a, b = demo_task(topic), demo_task(topic)
+        assert a.docs == b.docs and a.requests() == b.requests() and len(a.docs) > 50
+        assert all(is_held_out(doc["title"]) for doc in a.docs)
+        assert all(len(doc["choices"]) == 4 and len(set(doc["choices"])) == 4 for doc in a.docs)
+        answers = np.bincount([doc["answer"] for doc in a.docs], minlength=4) / len(a.docs)
         assert answers.min() > 0.15  # the correct answer's position is spread over A-D
-    train = set(read_corpus("demo:bio"))
-    assert not train & set(demo_nll_texts("bio"))
+        train = set(read_corpus(f"demo:{topic}"))
+        assert not train & set(a.nll_texts)
+    assert demo_task("bio", seed=1).docs != demo_task("bio").docs
+
+
+def test_mmlu_is_interleaved_over_subjects():
+    task = mmlu_task()
+    assert len(task.docs) == 14042
+    first = task.docs[:57]
+    assert len({d["subject"] for d in first}) == 57
+    assert first[0]["description"] == ("The following are multiple choice questions (with answers) about "
+                                       "abstract algebra.\n\n")
+
+
+def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
+    """Same items, same model (float32): every chosen answer (acc and acc_norm) is lm-eval's."""
+    wmdp = tmp_path / "bio.jsonl"  # a WMDP-format file (from MMLU biology questions) for the wrapper task
+    docs = [d for d in mmlu_task().docs if d["subject"] == "college_biology"][:12]
+    wmdp.write_text("".join(json.dumps({k: d[k] for k in ("question", "choices", "answer")}) + "\n" for d in docs))
+    specs = ["demo", "mmlu", f"wmdp_bio:{wmdp}"]
+    limits = {"demo_bio": 20, "demo_cyber": 20, "demo_retain": 20, "mmlu": 100, "wmdp_bio": 12}
+    tasks = [t.limited(limits[t.name]) for t in load_tasks(specs)]
+    scorer = scorer_for(smollm2_dir, batch_size=8)
+    native = {t.name: scorer.multiple_choice(t) for t in tasks}
+
+    theirs = {}
+    for spec, task in (("demo", None), ("mmlu", "mmlu_local"), (f"wmdp_bio:{wmdp}", "wmdp_bio_local")):
+        limit = 20 if spec == "demo" else limits[spec.split(":")[0]]
+        results = run_lm_eval(smollm2_dir, [spec], tmp_path / spec.split(":")[0], limit=limit, batch_size=8,
+                              log_samples=True)
+        for name in ([f"demo_{t}" for t in ("bio", "cyber", "retain")] if task is None else [task]):
+            theirs[name.replace("_local", "")] = (results["results"][name], per_doc_predictions(results, name))
+
+    for name, ours in native.items():
+        metrics, docs = theirs[name]
+        assert len(docs) == ours["n"] == limits[name]
+        lls_ours = np.array([d["loglikelihoods"] for d in ours["docs"]])
+        lls_theirs = np.array([d["loglikelihoods"] for d in docs])
+        print(f"{name}: acc {ours['acc']:.3f} (lm-eval {metrics['acc,none']:.3f}), "
+              f"max |loglikelihood diff| {np.abs(lls_ours - lls_theirs).max():.1e}")
+        assert np.abs(lls_ours - lls_theirs).max() <= 2e-3
+        assert [d["pred"] for d in ours["docs"]] == list(lls_theirs.argmax(1))
+        assert [d["acc"] for d in docs] == [float(d["pred"] == t["answer"]) for d, t in
+                                            zip(ours["docs"], next(x for x in tasks if x.name == name).docs)]
+        assert ours["acc"] == metrics["acc,none"]
+        if "acc_norm" in ours:
+            assert [d["acc_norm"] for d in docs] == [
+                float(d["pred_norm"] == t["answer"]) for d, t in
+                zip(ours["docs"], next(x for x in tasks if x.name == name).docs)]
+            assert ours["acc_norm"] == metrics["acc_norm,none"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "q", "choices": ["a", "b", "c", "d"]}\n', "expected an object with 'question', 'choices'"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 0}\n', "'choices' must be a list of 4 strings"),
+    ('{"question": "q", "choices": ["a", "b", "c", "d"], "answer": "B"}\n', "'answer' must be an integer"),
+    ('not json\n', "not valid JSON"),
+    ('\n', "no questions in the file"),
+])
+def test_malformed_wmdp_file_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "bio.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_tasks([f"wmdp_bio:{path}"])
+
+
+def test_bad_evaluation_sources_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_tasks([f"wmdp_cyber:{tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(UserError, match="needs a local file"):
+        load_tasks(["wmdp_bio"])
+    with pytest.raises(UserError, match="no <subject>_test.csv files"):
+        load_tasks([f"mmlu:{tmp_path}"])
+    (tmp_path / "anatomy_test.csv").write_text("question,A,B,C,D\n")
+    with pytest.raises(UserError, match="expected 6 columns"):
+        load_tasks([f"mmlu:{tmp_path}"])
+    with pytest.raises(UserError, match="unknown evaluation task"):
+        load_tasks(["hellaswagg"])

@@ -1,0 +1,114 @@
+"""The lm-eval path: lm-eval-harness's Python API with its `hf` backend on a HF checkpoint, offline.
+
+Our tasks (demo_*, mmlu from local CSVs, wmdp_*:FILE, *.jsonl) run through the YAMLs shipped in
+configs/tasks/, written with their docs into <output_dir>/lm_eval_tasks/ (reusable with
+`lm_eval --include_path`). Any other task name (or `lm_eval:NAME`) is lm-eval's built-in task,
+which needs its dataset in the local HF cache: nothing is downloaded, a missing dataset is one
+clear error. lm-eval's results JSON is saved as <output_dir>/lm_eval_results.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from armu_jax.errors import UserError
+from armu_jax.tasks import load_tasks, write_lm_eval_tasks
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def split_specs(specs) -> tuple[list[str], list[str]]:
+    """(our task specs, lm-eval built-in task names)."""
+    ours, builtin = [], []
+    for spec in specs:
+        name, _, arg = spec.partition(":")
+        if name == "lm_eval" and arg:
+            builtin.append(arg)
+        elif (spec == "demo" or name.startswith("demo_") or name == "mmlu" or spec.endswith(".jsonl")
+              or (name.startswith("wmdp_") and arg)):
+            ours.append(spec)
+        else:
+            builtin.append(spec)
+    return ours, builtin
+
+
+def _check_builtin(names: list[str], task_manager) -> None:
+    from lm_eval.tasks import get_task_dict
+    for name in names:
+        if name not in task_manager.all_tasks:
+            raise UserError(f"lm-eval has no task {name!r}; ours are demo, demo_bio|cyber|retain, mmlu[:DIR], "
+                            "wmdp_bio:FILE, wmdp_cyber:FILE, *.jsonl")
+        try:
+            get_task_dict([name], task_manager)
+        except Exception as err:  # datasets raises several kinds when offline and uncached
+            raise UserError(f"lm-eval task {name}: its dataset is not in the local HF cache and nothing is "
+                            f"downloaded ({type(err).__name__}); use a local file, e.g. "
+                            f"--eval_tasks={name}:/path/to/{name}.jsonl") from None
+
+
+def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_size: int = 16,
+                dtype: str = "float32", log_samples: bool = False) -> dict:
+    """Run lm-eval (hf backend) on model_dir; returns lm-eval's results dict (also saved as JSON)."""
+    os.environ.update(OFFLINE)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
+    ours, builtin = split_specs(specs)
+    tasks = load_tasks(ours)
+    output_dir = Path(output_dir)
+    task_dir = output_dir / "lm_eval_tasks"
+    names = write_lm_eval_tasks(tasks, task_dir)
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    task_manager = TaskManager(include_path=str(task_dir))
+    _check_builtin(builtin, task_manager)
+    began = time.time()
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": False},
+        tasks=names + builtin, task_manager=task_manager, limit=limit or None, batch_size=batch_size,
+        device="cpu", log_samples=log_samples)
+    results["armu_jax"] = {"seconds": time.time() - began, "model": str(model_dir), "tasks": names + builtin}
+    from lm_eval.utils import handle_non_serializable
+    target = output_dir / "lm_eval_results.json"
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    tmp.replace(target)
+    return results
+
+
+def summary(results: dict) -> dict:
+    """{task: {acc, acc_norm?}} from lm-eval's results."""
+    out = {}
+    for task, metrics in results["results"].items():
+        row = {}
+        for key in ("acc", "acc_norm"):
+            if f"{key},none" in metrics:
+                row[key] = metrics[f"{key},none"]
+        out[task] = row
+    return out
+
+
+def per_doc_predictions(results: dict, task: str) -> list[dict]:
+    """From log_samples: per doc (in doc_id order) the loglikelihoods and argmax, as lm-eval scored them."""
+    docs = []
+    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        lls = [float(r[0]) for r in sample["filtered_resps"]]
+        docs.append({"doc_id": sample["doc_id"], "loglikelihoods": lls, "acc": sample.get("acc"),
+                     "acc_norm": sample.get("acc_norm")})
+    return docs
+
+
+def lm_eval_cli(cfg) -> None:
+    """--mode=lm_eval: lm-eval's hf backend on --model over --eval_tasks, results in --output_dir."""
+    from armu_jax.embedded import resolve_model
+    if not cfg.output_dir:
+        raise UserError("--mode=lm_eval needs --output_dir for lm-eval's results JSON and task files")
+    results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, Path(cfg.output_dir), cfg.eval_limit,
+                          cfg.eval_batch_size)
+    for task, row in summary(results).items():
+        print(task, " ".join(f"{k}={v:.4f}" for k, v in row.items()))
+    print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {Path(cfg.output_dir) / 'lm_eval_results.json'}")
