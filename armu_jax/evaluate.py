@@ -197,6 +197,8 @@ def evaluate_cli(cfg) -> None:
     from armu_jax.embedded import resolve_model
     model_dir = resolve_model(cfg.model)
     tasks = load_tasks(cfg.eval_tasks)  # bad task files fail here, before the model is loaded
+    if cfg.output_dir and (Path(cfg.output_dir) / "eval.json").exists():
+        raise UserError(f"{Path(cfg.output_dir) / 'eval.json'} exists; choose a new --output_dir")
     began = time.time()
     results = evaluate_tasks(scorer_for(model_dir, batch_size=cfg.eval_batch_size), tasks, limit=cfg.eval_limit)
     print(format_table(results))

@@ -58,13 +58,16 @@ def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_
     ours, builtin = split_specs(specs)
     tasks = load_tasks(ours)
     output_dir = Path(output_dir)
-    task_dir = output_dir / "lm_eval_tasks"
-    names = write_lm_eval_tasks(tasks, task_dir)
-
+    target = output_dir / "lm_eval_results.json"
+    if target.exists():
+        raise UserError(f"{target} exists; choose a new --output_dir (results are never overwritten)")
     import lm_eval
     from lm_eval.tasks import TaskManager
+    if builtin:
+        _check_builtin(builtin, TaskManager())
+    task_dir = output_dir / "lm_eval_tasks"
+    names = write_lm_eval_tasks(tasks, task_dir)
     task_manager = TaskManager(include_path=str(task_dir))
-    _check_builtin(builtin, task_manager)
     began = time.time()
     results = lm_eval.simple_evaluate(
         model="hf",
@@ -73,7 +76,6 @@ def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_
         device="cpu", log_samples=log_samples)
     results["armu_jax"] = {"seconds": time.time() - began, "model": str(model_dir), "tasks": names + builtin}
     from lm_eval.utils import handle_non_serializable
-    target = output_dir / "lm_eval_results.json"
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     tmp.replace(target)

@@ -16,7 +16,8 @@ from pathlib import Path
 from absl import flags
 
 from armu_jax.config import config_with, define_flags
-from armu_jax.evaluate import DEMO_EVAL_TOPICS, evaluate_demo, scorer_for
+from armu_jax.evaluate import evaluate_tasks, scorer_for
+from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
 from armu_jax.embedded import smollm2_dir
 from armu_jax.main import enable_compilation_cache
 from armu_jax.train import run
@@ -37,7 +38,8 @@ def demo_settings() -> dict:
 
 
 def evaluate(model_dir: Path) -> dict:
-    return evaluate_demo(scorer_for(model_dir), limit=EVAL_LIMIT)
+    results = evaluate_tasks(scorer_for(model_dir), load_tasks(["demo"]), limit=EVAL_LIMIT)
+    return {name[len("demo_"):]: r for name, r in results.items()}
 
 
 def report(out: Path, results: dict, curves: dict) -> str:

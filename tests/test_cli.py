@@ -1,4 +1,5 @@
 """The command line: every shipped flagfile parses; bad input gets one line, exit 2, nothing written."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ def test_shipped_flagfiles_parse(flagfile):
 
 
 def _main(*args):
+    env = {**os.environ, "HF_HOME": "/tmp/armu-empty-hf-home"}  # no cached lm-eval datasets
     return subprocess.run([sys.executable, "-m", "armu_jax.main", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=300, env=env)
 
 
 def _bad_cases(tmp: Path):
@@ -45,6 +47,10 @@ def _bad_cases(tmp: Path):
         "batch size": (["--batch_size=0"], "--batch_size=0: must be at least 1"),
         "control vectors shape": ([f"--control_vectors={wrong}"], "has shape (3, 576), expected (2, 576)"),
         "bad mesh": (["--mesh=data:16"], "needs 16 devices, this run has 8"),
+        "missing eval file": (["--eval_every=5", f"--eval_tasks=wmdp_bio:{tmp / 'nope.jsonl'}"], "does not exist"),
+        "native eval of a bad file": (["--mode=eval", f"--eval_tasks={empty}.jsonl"], "does not exist"),
+        "lm-eval without a cached dataset": (["--mode=lm_eval", "--eval_tasks=wmdp_bio"],
+                                             "not in the local HF cache"),
     }
 
 

@@ -74,3 +74,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, smollm2_dir):
     steps = [m["step"] for m in _metrics(killed)]
     assert steps == list(range(10))
     assert [m["loss"] for m in _metrics(killed)] == [m["loss"] for m in _metrics(straight)]
+
+
+def test_eval_every_logs_the_native_scores(tmp_path, smollm2_dir):
+    """--eval_every: scores in metrics.jsonl at steps 3 and 6, the last equal to --mode=eval of the export."""
+    from armu_jax.evaluate import evaluate_tasks, scorer_for
+    from armu_jax.tasks import load_tasks
+    model_dir = _tiny(tmp_path, smollm2_dir)
+    out = tmp_path / "run"
+    run(config_with(**_settings(model_dir, max_num_batches=6, eval_every=3, eval_tasks=["demo_bio"],
+                                eval_limit=8, output_dir=str(out))))
+    rows = [m for m in _metrics(out) if "eval/demo_bio/acc" in m]
+    assert [m["step"] for m in rows] == [2, 5]
+    final = evaluate_tasks(scorer_for(out / "hf"), load_tasks(["demo_bio"]), limit=8)["demo_bio"]
+    assert rows[-1]["eval/demo_bio/acc"] == final["acc"] and rows[-1]["eval/demo_bio/acc_norm"] == final["acc_norm"]
+    assert abs(rows[-1]["eval/demo_bio/nll"] - final["nll"]) <= 1e-5 * final["nll"]
+    assert rows[0]["eval/demo_bio/nll"] != rows[-1]["eval/demo_bio/nll"]  # the weights moved in between
