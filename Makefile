@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/step_time.py
+	$(PY) bench/eval_speed.py
 
 clean:
 	rm -rf .venv runs

@@ -2,12 +2,15 @@
 (configs/demo.flags) and RMU, evaluate both, and write a report (markdown table + PNG).
 
 RMU's steering coefficient: c = 6.5 was tuned for Zephyr-7B, whose layer-7 activations are far
-smaller than SmolLM2's (mean token norm ~136 here). We use the coefficient Adaptive RMU derives
-(beta * the mean token norm on the first forget batch, averaged over topics), so both methods
-steer with the same magnitude and differ only in how it is set.
+smaller than SmolLM2's. We use the coefficient Adaptive RMU derives on the same data (beta times
+the mean token norm of the first forget batch, averaged over topics), so both methods steer with
+the same magnitude and differ only in how it is set: one constant vs one per topic.
+
+Usage: python -m launch.demo [--lm_eval] [--limit N] [--output_dir DIR]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -16,14 +19,16 @@ from pathlib import Path
 from absl import flags
 
 from armu_jax.config import config_with, define_flags
-from armu_jax.evaluate import evaluate_tasks, scorer_for
-from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
 from armu_jax.embedded import smollm2_dir
+from armu_jax.errors import UserError
+from armu_jax.evaluate import evaluate_tasks, scorer_for
+from armu_jax.hf_io import load_hf
 from armu_jax.main import enable_compilation_cache
+from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
 from armu_jax.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_LIMIT = 40
+MODELS = ("original", "rmu", "adaptive_rmu")
 
 
 def demo_settings() -> dict:
@@ -37,68 +42,115 @@ def demo_settings() -> dict:
     return settings
 
 
-def evaluate(model_dir: Path) -> dict:
-    results = evaluate_tasks(scorer_for(model_dir), load_tasks(["demo"]), limit=EVAL_LIMIT)
-    return {name[len("demo_"):]: r for name, r in results.items()}
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def report(out: Path, results: dict, curves: dict) -> str:
-    lines = ["| topic | model | acc | acc_norm | NLL/token |", "|---|---|---|---|---|"]
+def report_table(results: dict) -> str:
+    head = "| topic | " + " | ".join(f"{m} acc | {m} acc_norm | {m} NLL" for m in results) + " |"
+    lines = [head, "|---" * (1 + 3 * len(results)) + "|"]
     for topic in DEMO_EVAL_TOPICS:
-        for name, res in results.items():
-            r = res[topic]
-            lines.append(f"| {topic} | {name} | {100 * r['acc']:.1f} | {100 * r['acc_norm']:.1f} | {r['nll']:.3f} |")
-    table = "\n".join(lines)
-    (out / "report.md").write_text(f"# armu_jax demo\n\n{EVAL_LIMIT} held-out items per topic "
-                                   f"(4-way, chance 25%).\n\n{table}\n")
+        cells = []
+        for res in results.values():
+            r = res[f"demo_{topic}"]
+            cells += [f"{100 * r['acc']:.1f}", f"{100 * r['acc_norm']:.1f}", f"{r['nll']:.3f}"]
+        lines.append(f"| {topic} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, results: dict, curves: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     width = 0.8 / len(results)
     for k, (name, res) in enumerate(results.items()):
         xs = [i + k * width for i in range(len(DEMO_EVAL_TOPICS))]
-        axes[0].bar(xs, [100 * res[t]["acc"] for t in DEMO_EVAL_TOPICS], width, label=name)
-        axes[1].bar(xs, [res[t]["nll"] for t in DEMO_EVAL_TOPICS], width, label=name)
-    for ax, title in ((axes[0], "description questions, acc (%)"), (axes[1], "held-out NLL per token")):
+        axes[0].bar(xs, [100 * res[f"demo_{t}"]["acc"] for t in DEMO_EVAL_TOPICS], width, label=name)
+        axes[1].bar(xs, [res[f"demo_{t}"]["nll"] for t in DEMO_EVAL_TOPICS], width, label=name)
+    for ax, title in ((axes[0], "held-out description questions: acc (%)"), (axes[1], "held-out NLL per token")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DEMO_EVAL_TOPICS))], DEMO_EVAL_TOPICS)
         ax.set_title(title)
-        ax.legend()
-    axes[0].axhline(25, color="gray", linestyle="--", linewidth=1)
+    axes[0].axhline(25, color="gray", linestyle="--", linewidth=1, label="chance")
+    axes[0].set_ylim(0, 100)
+    axes[0].legend(loc="upper left", fontsize=8, ncol=2)
+    axes[1].legend(loc="lower right", fontsize=8)
     for name, metrics in curves.items():
         axes[2].plot([m["step"] for m in metrics], [m["forget_loss"] for m in metrics], label=f"{name} forget")
-        axes[2].plot([m["step"] for m in metrics], [m["retain_loss"] for m in metrics], "--", label=f"{name} retain")
+        axes[2].plot([m["step"] for m in metrics], [m["retain_loss"] for m in metrics], "--",
+                     label=f"{name} retain")
     axes[2].set_yscale("log")
-    axes[2].set_title("losses")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("losses (forget: MSE to c*u; retain: alpha*MSE to frozen)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=110)
-    return table
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on SmolLM2-135M")
+    parser.add_argument("--limit", type=int, default=40, help="held-out questions per topic (0: all)")
+    parser.add_argument("--lm_eval", action="store_true", help="also score the exports with lm-eval (hf backend)")
+    parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<time>)")
+    args = parser.parse_args(argv)
+    began = time.time()
     enable_compilation_cache()
-    out = ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
+    out = Path(args.output_dir) if args.output_dir else ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new --output_dir")
     settings = demo_settings()
     print(f"armu_jax demo: writing to {out}")
-    results = {"original": evaluate(smollm2_dir())}
+    tasks = load_tasks(["demo"])
+
+    print("[1/4] evaluating the original model")
+    scorer = scorer_for(smollm2_dir())  # one scorer: later models swap params, shapes stay compiled
+    results = {"original": evaluate_tasks(scorer, tasks, limit=args.limit)}
+
+    print("[2/4] Adaptive RMU (configs/demo.flags)")
     adaptive = run(config_with(**settings, output_dir=str(out / "adaptive_rmu")))
-    metrics = {"adaptive_rmu": [json.loads(l) for l in (adaptive / "metrics.jsonl").read_text().splitlines()]}
+    curves = {"adaptive_rmu": _metrics(adaptive)}
     first = {}
-    for m in metrics["adaptive_rmu"]:
+    for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
     coeff = sum(first.values()) / len(first)
-    print(f"RMU steering coefficient c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
+    print(f"[3/4] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
     rmu = run(config_with(**{**settings, "method": "rmu", "steering_coeffs": [f"{coeff:.4f}"]},
                           output_dir=str(out / "rmu")))
-    metrics["rmu"] = [json.loads(l) for l in (rmu / "metrics.jsonl").read_text().splitlines()]
-    results["rmu"] = evaluate(rmu / "hf")
-    results["adaptive_rmu"] = evaluate(adaptive / "hf")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(report(out, results, metrics))
+    curves["rmu"] = _metrics(rmu)
+
+    print("[4/4] evaluating the unlearned models")
+    for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
+        scorer.params = load_hf(run_dir / "hf")[1]
+        results[name] = evaluate_tasks(scorer, tasks, limit=args.limit)
+
+    lm_eval_scores = {}
+    if args.lm_eval:
+        from armu_jax.harness import run_lm_eval, summary
+        for name, model_dir in (("original", smollm2_dir()), ("rmu", rmu / "hf"), ("adaptive_rmu", adaptive / "hf")):
+            print(f"lm-eval (hf backend) on {name}")
+            lm_eval_scores[name] = summary(run_lm_eval(model_dir, ["demo"], out / "lm_eval" / name,
+                                                       limit=args.limit))
+
+    table = report_table(results)
+    seconds = time.time() - began
+    text = [f"# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
+            f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
+            f"(chance 25%) and held-out NLL per token. RMU c = {coeff:.1f}.\n", table, ""]
+    if lm_eval_scores:
+        text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
+        text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
+                 for m, rows in lm_eval_scores.items() for t, r in rows.items()]
+    text.append(f"\nTotal time: {seconds / 60:.1f} min.")
+    (out / "report.md").write_text("\n".join(text) + "\n")
+    (out / "results.json").write_text(json.dumps({"native": results, "lm_eval": lm_eval_scores,
+                                                  "rmu_coeff": coeff, "seconds": seconds}, indent=2))
+    plot(out / "report.png", results, curves)
+    print("\n".join(text))
     print(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from armu_jax.errors import run_cli
+    run_cli(main)
