@@ -132,8 +132,9 @@ class Scorer:
 
 
 def evaluate_tasks(scorer: Scorer, tasks: list[Task], limit: int = 0, nll: bool = True,
-                   keep_docs: bool = False) -> dict:
-    """{task: {acc, acc_norm?, n, nll?}} for each task (nll for tasks with held-out texts)."""
+                   keep_docs: bool = False, nll_tokens: int = 128) -> dict:
+    """{task: {acc, acc_norm?, n, nll?}} for each task (nll, over each text's first nll_tokens
+    tokens, for tasks with held-out texts)."""
     results = {}
     for task in tasks:
         task = task.limited(limit)
@@ -141,7 +142,7 @@ def evaluate_tasks(scorer: Scorer, tasks: list[Task], limit: int = 0, nll: bool 
         if not keep_docs:
             res.pop("docs")
         if nll and task.nll_texts:
-            res["nll"] = scorer.nll_per_token(task.nll_texts, desc=f"{task.name} nll")
+            res["nll"] = scorer.nll_per_token(task.nll_texts, nll_tokens, desc=f"{task.name} nll")
         results[task.name] = res
     return results
 

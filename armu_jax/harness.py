@@ -68,12 +68,14 @@ def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_
     task_dir = output_dir / "lm_eval_tasks"
     names = write_lm_eval_tasks(tasks, task_dir)
     task_manager = TaskManager(include_path=str(task_dir))
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     began = time.time()
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "dtype": dtype, "trust_remote_code": False},
         tasks=names + builtin, task_manager=task_manager, limit=limit or None, batch_size=batch_size,
-        device="cpu", log_samples=log_samples)
+        device=device, log_samples=log_samples)
     results["armu_jax"] = {"seconds": time.time() - began, "model": str(model_dir), "tasks": names + builtin}
     from lm_eval.utils import handle_non_serializable
     tmp = target.with_suffix(".json.tmp")

@@ -28,7 +28,7 @@ from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
 from armu_jax.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("original", "rmu", "adaptive_rmu")
+NLL_TOKENS = 64  # held-out NLL over each extract's first 64 tokens
 
 
 def demo_settings() -> dict:
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     print("[1/4] evaluating the original model")
     scorer = scorer_for(smollm2_dir())  # one scorer: later models swap params, shapes stay compiled
-    results = {"original": evaluate_tasks(scorer, tasks, limit=args.limit)}
+    results = {"original": evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)}
 
     print("[2/4] Adaptive RMU (configs/demo.flags)")
     adaptive = run(config_with(**settings, output_dir=str(out / "adaptive_rmu")))
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     print("[4/4] evaluating the unlearned models")
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
         scorer.params = load_hf(run_dir / "hf")[1]
-        results[name] = evaluate_tasks(scorer, tasks, limit=args.limit)
+        results[name] = evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)
 
     lm_eval_scores = {}
     if args.lm_eval:
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     seconds = time.time() - began
     text = [f"# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
             f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
-            f"(chance 25%) and held-out NLL per token. RMU c = {coeff:.1f}.\n", table, ""]
+            f"(chance 25%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, ""]
     if lm_eval_scores:
         text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
         text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
