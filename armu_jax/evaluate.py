@@ -8,7 +8,8 @@ and scored by the summed log-probability of the continuation tokens. acc takes t
 acc_norm the argmax of log-likelihood per character of the choice (without the delimiter).
 
 Speed: requests are sorted by length and batched with few padded shapes (powers of two), and
-the LM head and log-softmax run only at the scored positions, not over the whole sequence.
+the LM head and log-softmax run only at the scored positions, not over the whole sequence;
+requests that differ only in a one-token continuation (A/B/C/D) share one forward.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ def _bucket(length: int, least: int) -> int:
 
 @partial(jax.jit, static_argnums=0)
 def _scored_logprobs(model, params, ids, mask, at, targets):
-    """log p(targets[b, c] | ids[b, :at[b, c] + 1]): [B, C] in float32."""
+    """log p(targets[b, k, c] | ids[b, :at[b, c] + 1]): [B, K, C] in float32 (K target sets per row)."""
     logits = model.apply(params, ids, mask, at, method=LlamaForCausalLM.logits_at)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, C, V]
+    return jnp.take_along_axis(logp[:, None], targets[..., None], axis=-1)[..., 0]
 
 
 class Scorer:
@@ -69,26 +70,36 @@ class Scorer:
 
     # -- scoring
     def _score_rows(self, rows: list[tuple[list[int], list[int], list[int]]], desc: str) -> list[np.ndarray]:
-        """rows: (input tokens, positions scored, target tokens); per row the target log-probs."""
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        """rows: (input tokens, positions scored, target tokens); per row the target log-probs.
+
+        Rows with the same input and positions (e.g. one MMLU question's four one-letter answers)
+        share one forward: each is a target set of that sequence.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, (tokens, positions, _) in enumerate(rows):
+            groups.setdefault((tuple(tokens), tuple(positions)), []).append(i)
+        keys = sorted(groups, key=lambda key: -len(key[0]))
         out: list[np.ndarray | None] = [None] * len(rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         bs = self.batch_size
-        for start in tqdm(range(0, len(order), bs), desc=desc, leave=False, unit="batch"):
-            index = order[start:start + bs]
-            length = _bucket(max(len(rows[i][0]) for i in index), 16)
-            width = _bucket(max(len(rows[i][1]) for i in index), 1)
+        for start in tqdm(range(0, len(keys), bs), desc=desc, leave=False, unit="batch"):
+            chunk = keys[start:start + bs]
+            length = _bucket(max(len(tokens) for tokens, _ in chunk), 16)
+            width = _bucket(max(len(positions) for _, positions in chunk), 1)
+            sets = _bucket(max(len(groups[key]) for key in chunk), 1)
             ids = np.full((bs, length), pad, np.int32)
             mask = np.zeros((bs, length), np.int32)
             at = np.zeros((bs, width), np.int32)
-            targets = np.zeros((bs, width), np.int32)
-            for r, i in enumerate(index):
-                tokens, positions, target = rows[i]
+            targets = np.zeros((bs, sets, width), np.int32)
+            for r, (tokens, positions) in enumerate(chunk):
                 ids[r, :len(tokens)], mask[r, :len(tokens)] = tokens, 1
-                at[r, :len(positions)], targets[r, :len(target)] = positions, target
+                at[r, :len(positions)] = positions
+                for k, i in enumerate(groups[(tokens, positions)]):
+                    targets[r, k, :len(rows[i][2])] = rows[i][2]
             logp = np.asarray(_scored_logprobs(self.model, self.params, ids, mask, at, targets), np.float64)
-            for r, i in enumerate(index):
-                out[i] = logp[r, :len(rows[i][1])]
+            for r, key in enumerate(chunk):
+                for k, i in enumerate(groups[key]):
+                    out[i] = logp[r, k, :len(key[1])]
         return out
 
     def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
