@@ -29,7 +29,7 @@ def define_flags() -> None:
     flags.DEFINE_float("beta", 5.0, "Adaptive RMU scale: coeff = beta * ||h_l^frozen||.")
     flags.DEFINE_enum("adaptive_coeff", "first_batch", ["per_batch", "first_batch"],
                       "per_batch: paper (frozen norm of every forget batch); first_batch: public code.")
-    flags.DEFINE_bool("norm_skip_first", False, "Exclude each row's first position from the adaptive norm.")
+    flags.DEFINE_bool("norm_skip_first", False, "Exclude each row's first real token (the attention sink) from the adaptive norm.")
     flags.DEFINE_float("lr", 5e-5, "Learning rate.")
     flags.DEFINE_integer("batch_size", 4, "Texts per forget/retain batch.")
     flags.DEFINE_integer("max_num_batches", 150, "Number of update steps (capped by the data).")
@@ -38,7 +38,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("min_len", 0, "Keep texts with more than this many characters.")
     flags.DEFINE_integer("pad_multiple", 128, "Pad batches to a multiple of this length (one compile per shape).")
     flags.DEFINE_integer("seed", 42, "Seed of the control vectors.")
-    flags.DEFINE_enum("loss_mask", "none", ["none", "tokens"], "none: reference (pads in MSE); tokens: real only.")
+    flags.DEFINE_enum("loss_mask", "none", ["none", "tokens", "tokens_after_first"],
+                      "none: reference (pads in the MSE); tokens: real tokens only; tokens_after_first: "
+                      "real tokens except each row's first (the attention sink).")
     flags.DEFINE_enum("optimizer", "hf_adamw", ["hf_adamw", "adamw"], "hf_adamw: reference arithmetic.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
     flags.DEFINE_string("export_dtype", None, "dtype of the HF export (default: --dtype).")

@@ -119,8 +119,10 @@ def tokenize(tokenizer, texts: list[str], max_len: int, batch_size: int, pad_mul
     out_ids[:rows, length - window:] = ids
     out_mask[:rows, length - window:] = mask
     positions = np.broadcast_to(np.arange(length, dtype=np.int32) - (length - window), (batch_size, length))
-    if loss_mask == "tokens":
+    if loss_mask in ("tokens", "tokens_after_first"):
         weight = out_mask.astype(np.float32)
+        if loss_mask == "tokens_after_first":  # also drop each row's first token (the attention sink)
+            weight[np.arange(rows), np.argmax(out_mask[:rows], axis=1)] = 0.0
     else:  # reference: every position of the [rows, T] window, pads included
         weight = np.zeros((batch_size, length), dtype=np.float32)
         weight[:rows, length - window:] = 1.0

@@ -31,7 +31,7 @@ class StepSpec:
     beta: float
     steering_coeffs: tuple[float, ...]
     alphas: tuple[float, ...]
-    norm_skip_first: bool = False  # exclude position 0 of each row from the adaptive norm
+    norm_skip_first: bool = False  # exclude each row's first real token from the adaptive norm
 
 
 def trainable_paths(params, layers, names) -> list[str]:
@@ -85,8 +85,13 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation, control_v
         return model.apply(params, h, b["attention_mask"], b["positions"], start=lo, end=hi,
                            method=LlamaForCausalLM.run_layers)
 
-    def norm_weight(w):
-        return w.at[:, 0].set(0.0) if spec.norm_skip_first else w
+    def norm_weight(w, mask):
+        """The weight of the adaptive norm: with norm_skip_first, each row's first real token
+        (the attention sink, whose norm is ~6x the others' on SmolLM2) is left out."""
+        if not spec.norm_skip_first:
+            return w
+        first = jnp.argmax(mask, axis=1)
+        return w * (jnp.arange(w.shape[1])[None, :] != first[:, None])
 
     def step(state, frozen_params, batch):
         topic = batch["topic"]
@@ -101,9 +106,9 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation, control_v
             if spec.method == "rmu":
                 coeff = steering[topic]
             elif spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
-                coeff = spec.beta * mean_token_norm(frozen_f, norm_weight(f["weight"]))
+                coeff = spec.beta * mean_token_norm(frozen_f, norm_weight(f["weight"], f["attention_mask"]))
             else:  # public code: from the updated model on the topic's first batch, then fixed
-                fresh = spec.beta * mean_token_norm(jax.lax.stop_gradient(h_f), norm_weight(f["weight"]))
+                fresh = spec.beta * mean_token_norm(jax.lax.stop_gradient(h_f), norm_weight(f["weight"], f["attention_mask"]))
                 coeff = jnp.where(state["coeff_ready"][topic], state["coeffs"][topic], fresh)
             loss, (forget, retain) = rmu_loss(h_f, h_r, frozen_r, control_vectors[topic], coeff, alphas[topic],
                                               f["weight"], r["weight"])

@@ -27,6 +27,26 @@ def forward_with_cache(model, inputs, module, no_grad):
     return cache[0]
 
 
+def after_first_weight(inputs):
+    """[B, T]: 1 on real tokens except each row's first (left padding: the first 1 of the mask)."""
+    mask = inputs["attention_mask"].float()
+    w = mask.clone()
+    w[torch.arange(mask.shape[0]), mask.argmax(dim=1)] = 0.0
+    return w
+
+
+def mean_norm(h, inputs, after_first):
+    if not after_first:
+        return torch.mean(h.norm(dim=-1).mean(dim=1), dim=0).item()
+    w = after_first_weight(inputs)
+    return torch.mean((h.norm(dim=-1) * w).sum(1) / w.sum(1)).item()
+
+
+def masked_mse(a, b, inputs):
+    w = after_first_weight(inputs)
+    return (((a - b) ** 2).sum(-1) * w).sum() / (w.sum() * a.shape[-1])
+
+
 class HFAdamW:
     """transformers.AdamW (correct_bias=True) as of 2024."""
 
@@ -51,8 +71,9 @@ class HFAdamW:
 
 def run_reference(model_dir, forget_texts, retain_texts, control_vectors, *, method, layer_id, steps, lr,
                   alphas, steering_coeffs=None, beta=5.0, adaptive_coeff="first_batch", batch_size=4,
-                  forget_max_len=(512, 768), retain_max_len=512):
-    """Returns (per-step dicts of loss/forget_loss/retain_loss/coeff, {layer: final down_proj weight})."""
+                  forget_max_len=(512, 768), retain_max_len=512, after_first=False):
+    """after_first: our variant --loss_mask=tokens_after_first --norm_skip_first (means over real
+    tokens except each row's first, in the losses and the adaptive norm). Returns (per-step dicts of loss/forget_loss/retain_loss/coeff, {layer: final down_proj weight})."""
     torch.manual_seed(0)
     frozen = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     updated = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -81,19 +102,23 @@ def run_reference(model_dir, forget_texts, retain_texts, control_vectors, *, met
             coeff = steering_coeffs[topic]
         elif adaptive_coeff == "per_batch":
             frozen_forget = forward_with_cache(frozen, forget_inputs, frozen_module, no_grad=True)
-            coeff = beta * torch.mean(frozen_forget.norm(dim=-1).mean(dim=1), dim=0).item()
+            coeff = beta * mean_norm(frozen_forget, forget_inputs, after_first)
         else:
             if topic not in coeffs:
-                coeffs[topic] = beta * torch.mean(h_forget.detach().norm(dim=-1).mean(dim=1), dim=0).item()
+                coeffs[topic] = beta * mean_norm(h_forget.detach(), forget_inputs, after_first)
             coeff = coeffs[topic]
-        with warnings.catch_warnings():  # the reference broadcasts the [1, 1, D] target on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            forget_loss = F.mse_loss(h_forget, u * coeff)
+        if after_first:
+            forget_loss = masked_mse(h_forget, u * coeff, forget_inputs)
+        else:
+            with warnings.catch_warnings():  # the reference broadcasts the [1, 1, D] target on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                forget_loss = F.mse_loss(h_forget, u * coeff)
         retain_inputs = tokenizer(retain[topic][b], return_tensors="pt", padding=True, truncation=True,
                                   max_length=retain_max_len)
         h_retain = forward_with_cache(updated, retain_inputs, updated_module, no_grad=False)
         h_retain_frozen = forward_with_cache(frozen, retain_inputs, frozen_module, no_grad=True)
-        retain_loss = F.mse_loss(h_retain, h_retain_frozen) * alphas[topic]
+        retain_loss = (masked_mse(h_retain, h_retain_frozen, retain_inputs) if after_first
+                       else F.mse_loss(h_retain, h_retain_frozen)) * alphas[topic]
         loss = forget_loss + retain_loss
         for p in trained:
             p.grad = None

@@ -31,7 +31,8 @@ def _corpus_files(tmp_path):
     return [str(tmp_path / "bio.jsonl"), str(tmp_path / "cyber.jsonl")], str(tmp_path / "retain.txt")
 
 
-def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, steering, max_len):
+def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, steering, max_len,
+             after_first=False):
     forget, retain = _corpus_files(tmp_path)
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     rng = np.random.default_rng(1)
@@ -43,13 +44,14 @@ def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, s
                       forget_corpora=forget, retain_corpora=[retain], alpha=[alpha], steering_coeffs=[steering],
                       lr=lr, max_num_batches=STEPS, forget_max_len=max_len, retain_max_len=max_len[0],
                       control_vectors=str(tmp_path / "u.npy"), output_dir=str(out), checkpoint_every=0,
-                      pad_multiple=64)
+                      pad_multiple=64, loss_mask="tokens_after_first" if after_first else "none",
+                      norm_skip_first=after_first)
     run(cfg)
     ours = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     want, weights = run_reference(
         model_dir, [read_corpus(f) for f in forget], [read_corpus(retain)] * 2, vectors, method=method,
         layer_id=layer_id, steps=STEPS, lr=lr, alphas=[alpha] * 2, steering_coeffs=[steering] * 2,
-        adaptive_coeff=adaptive_coeff, forget_max_len=max_len, retain_max_len=max_len[0])
+        adaptive_coeff=adaptive_coeff, forget_max_len=max_len, retain_max_len=max_len[0], after_first=after_first)
     assert len(ours) == STEPS
     worst = 0.0
     for got, ref in zip(ours, want):
@@ -83,3 +85,10 @@ def test_tiny_model_matches_reference(tmp_path, smollm2_dir, method, adaptive_co
 def test_smollm2_matches_reference(tmp_path, smollm2_dir, method, adaptive_coeff):
     _compare(tmp_path, smollm2_dir, method, adaptive_coeff, layer_id=3, lr=1e-3, alpha=100.0, steering=60.0,
              max_len=[64, 48])
+
+
+def test_tiny_model_after_first_variant_matches_reference(tmp_path, smollm2_dir):
+    """--loss_mask=tokens_after_first --norm_skip_first: losses and norm over real tokens but the sink."""
+    model_dir = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
+    _compare(tmp_path, model_dir, "adaptive_rmu", "per_batch", layer_id=3, lr=1e-3, alpha=50.0, steering=6.5,
+             max_len=[48, 40], after_first=True)
