@@ -7,7 +7,7 @@ the context's tokens; no special tokens), truncated from the left to the model's
 and scored by the summed log-probability of the continuation tokens. acc takes the argmax,
 acc_norm the argmax of log-likelihood per character of the choice (without the delimiter).
 
-Speed: requests are sorted by length and batched with few padded shapes (powers of two), and
+Speed: requests are sorted by length and batched with few padded shapes (2^k and 1.5 * 2^k), and
 the LM head and log-softmax run only at the scored positions, not over the whole sequence;
 requests that differ only in a one-token continuation (A/B/C/D) share one forward.
 """
@@ -29,8 +29,9 @@ from armu_jax.tasks import Task, load_tasks
 
 
 def _bucket(length: int, least: int) -> int:
-    """Lengths padded to powers of two (>= least): few shapes, so few compilations."""
-    return max(least, 1 << (max(length, 1) - 1).bit_length())
+    """Lengths padded to 2^k or 1.5 * 2^k (>= least): few shapes (few compilations), <= 1.5x waste."""
+    size = max(least, 1 << (max(length, 1) - 1).bit_length())
+    return size * 3 // 4 if size >= 4 and size * 3 // 4 >= max(length, least) else size
 
 
 @partial(jax.jit, static_argnums=0)
@@ -85,7 +86,7 @@ class Scorer:
         for start in tqdm(range(0, len(keys), bs), desc=desc, leave=False, unit="batch"):
             chunk = keys[start:start + bs]
             length = _bucket(max(len(tokens) for tokens, _ in chunk), 16)
-            width = _bucket(max(len(positions) for _, positions in chunk), 1)
+            width = _bucket(max(len(positions) for _, positions in chunk), 8)
             sets = _bucket(max(len(groups[key]) for key in chunk), 1)
             ids = np.full((bs, length), pad, np.int32)
             mask = np.zeros((bs, length), np.int32)
