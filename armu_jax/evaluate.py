@@ -7,7 +7,7 @@ the context's tokens; no special tokens), truncated from the left to the model's
 and scored by the summed log-probability of the continuation tokens. acc takes the argmax,
 acc_norm the argmax of log-likelihood per character of the choice (without the delimiter).
 
-Speed: requests are sorted by length and batched with few padded shapes (2^k and 1.5 * 2^k), and
+Speed: requests are sorted by length and batched with few padded shapes (see _bucket), and
 the LM head and log-softmax run only at the scored positions, not over the whole sequence;
 requests that differ only in a one-token continuation (A/B/C/D) share one forward.
 """
@@ -29,9 +29,13 @@ from armu_jax.tasks import Task, load_tasks
 
 
 def _bucket(length: int, least: int) -> int:
-    """Lengths padded to 2^k or 1.5 * 2^k (>= least): few shapes (few compilations), <= 1.5x waste."""
-    size = max(least, 1 << (max(length, 1) - 1).bit_length())
-    return size * 3 // 4 if size >= 4 and size * 3 // 4 >= max(length, least) else size
+    """Padded lengths: multiples of 16 up to 128, then 2^k or 1.5 * 2^k (and >= least): few shapes
+    (few compilations) and little padding."""
+    length = max(length, least, 1)
+    if 16 <= length <= 128:
+        return -(-length // 16) * 16
+    size = 1 << (length - 1).bit_length()
+    return size * 3 // 4 if size >= 4 and size * 3 // 4 >= length else size
 
 
 @partial(jax.jit, static_argnums=0)
