@@ -64,23 +64,29 @@ def plot(path: Path, results: dict, curves: dict) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     width = 0.8 / len(results)
+    colors = {name: f"C{k}" for k, name in enumerate(results)}
     for k, (name, res) in enumerate(results.items()):
         xs = [i + k * width for i in range(len(DEMO_EVAL_TOPICS))]
-        axes[0].bar(xs, [100 * res[f"demo_{t}"]["acc"] for t in DEMO_EVAL_TOPICS], width, label=name)
-        axes[1].bar(xs, [res[f"demo_{t}"]["nll"] for t in DEMO_EVAL_TOPICS], width, label=name)
+        axes[0].bar(xs, [100 * res[f"demo_{t}"]["acc"] for t in DEMO_EVAL_TOPICS], width, label=name,
+                    color=colors[name])
+        axes[1].bar(xs, [res[f"demo_{t}"]["nll"] for t in DEMO_EVAL_TOPICS], width, label=name, color=colors[name])
     for ax, title in ((axes[0], "held-out description questions: acc (%)"), (axes[1], "held-out NLL per token")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DEMO_EVAL_TOPICS))], DEMO_EVAL_TOPICS)
         ax.set_title(title)
     axes[0].axhline(25, color="gray", linestyle="--", linewidth=1, label="chance")
     axes[0].set_ylim(0, 100)
     axes[0].legend(loc="upper left", fontsize=8, ncol=2)
-    axes[1].legend(loc="lower right", fontsize=8)
+    top = max(res[f"demo_{t}"]["nll"] for res in results.values() for t in DEMO_EVAL_TOPICS)
+    axes[1].set_ylim(0, top * 1.3)
+    axes[1].legend(loc="upper right", fontsize=8, ncol=3)
     for name, metrics in curves.items():
-        axes[2].plot([m["step"] for m in metrics], [m["forget_loss"] for m in metrics], label=f"{name} forget")
-        axes[2].plot([m["step"] for m in metrics], [m["retain_loss"] for m in metrics], "--",
-                     label=f"{name} retain")
+        later = [m for m in metrics if m["step"] > 0]  # step 0's retain loss is 0: the models are equal
+        axes[2].plot([m["step"] for m in later], [m["forget_loss"] for m in later], color=colors[name],
+                     linewidth=1, label=f"{name} forget")
+        axes[2].plot([m["step"] for m in later], [m["retain_loss"] for m in later], "--", color=colors[name],
+                     linewidth=1, label=f"{name} retain")
     axes[2].set_yscale("log")
-    axes[2].set_xlabel("step")
+    axes[2].set_xlabel("step (topics alternate)")
     axes[2].set_title("losses (forget: MSE to c*u; retain: alpha*MSE to frozen)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
