@@ -12,6 +12,7 @@ Task specs (--eval_tasks):
   mmlu[:DIR]            MMLU test CSVs in the original layout (<subject>_test.csv, or DIR/test/);
                         default: the embedded copy of all 57 subjects
   wmdp_bio:FILE         WMDP-format jsonl (question, choices, answer); also wmdp_cyber:FILE
+  wmdp_bio, wmdp_cyber  lm-eval's source, cais/wmdp, if it is in the local HF datasets cache
   FILE.jsonl            any WMDP-format jsonl, as a task named after the file
 
 Demo tasks: per held-out article of a topic, "<title> is" followed by one of four
@@ -127,6 +128,23 @@ def wmdp_task(path: str | Path, name: str | None = None, subject: str | None = N
     return Task(name, docs, "letters", metrics=("acc",))
 
 
+def wmdp_from_hf_cache(name: str) -> Task:
+    """lm-eval's built-in source, cais/wmdp, when it is in the local HF datasets cache (offline)."""
+    import os
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+        rows = datasets.load_dataset("cais/wmdp", name.replace("_", "-"), split="test")
+    except Exception as err:  # offline and uncached: datasets raises several kinds
+        raise UserError(f"{name}: cais/wmdp is not in the local HF datasets cache and nothing is downloaded "
+                        f"({type(err).__name__}); give a local file: --eval_tasks={name}:/path/to/"
+                        f"{name[5:]}.jsonl (WMDP format)") from None
+    docs = [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"]),
+             "description": _subject_description(WMDP_SUBJECTS[name])} for r in rows]
+    return Task(name, docs, "letters", metrics=("acc",))
+
+
 def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     """MMLU test CSVs (question, A, B, C, D, answer letter; no header), interleaved across subjects."""
     if directory is None:
@@ -166,11 +184,7 @@ def load_tasks(specs) -> list[Task]:
         elif name == "mmlu":
             tasks.append(mmlu_task(arg or None))
         elif name in WMDP_SUBJECTS:
-            if not arg:
-                raise UserError(f"{name} needs a local file: --eval_tasks={name}:/path/to/{name[5:]}.jsonl "
-                                "(WMDP format); lm-eval's built-in task runs with --mode=lm_eval when "
-                                "cais/wmdp is in the local HF cache")
-            tasks.append(wmdp_task(arg, name))
+            tasks.append(wmdp_task(arg, name) if arg else wmdp_from_hf_cache(name))
         elif spec.endswith(".jsonl"):
             tasks.append(wmdp_task(spec))
         else:
