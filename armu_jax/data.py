@@ -12,6 +12,7 @@ reference window, so the step computes what the reference computes on [B, T].
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -30,9 +31,15 @@ def is_held_out(title: str) -> bool:
     return int(hashlib.sha1(title.encode()).hexdigest(), 16) % 5 == 0
 
 
-def wiki_articles() -> list[dict]:
+def wiki_articles() -> tuple[dict, ...]:
+    """The embedded Wikipedia summaries, parsed once per process (per cache path)."""
     from armu_jax.embedded import wiki_summaries_path
-    return list(json.loads(wiki_summaries_path().read_text()).values())
+    return _parse_articles(str(wiki_summaries_path()))
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_articles(path: str) -> tuple[dict, ...]:
+    return tuple(json.loads(Path(path).read_text()).values())
 
 
 def demo_topic_articles(name: str, held_out: bool) -> list[dict]:

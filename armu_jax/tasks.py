@@ -75,7 +75,8 @@ class Task:
 def demo_task(topic: str, seed: int = 0) -> Task:
     """The 4-way description question for every held-out article of a demo topic (deterministic)."""
     from armu_jax.data import demo_topic_articles
-    articles = [a for a in demo_topic_articles(topic, held_out=True) if a.get("description")]
+    held_out = demo_topic_articles(topic, held_out=True)
+    articles = [a for a in held_out if a.get("description")]
     descriptions = sorted({a["description"] for a in articles})
     rng = random.Random(f"{seed}:{topic}")
     docs = []
@@ -84,8 +85,7 @@ def demo_task(topic: str, seed: int = 0) -> Task:
         choices = rng.sample(others, 3) + [article["description"]]
         rng.shuffle(choices)
         docs.append({"title": article["title"], "choices": choices, "answer": choices.index(article["description"])})
-    texts = [a["extract"] for a in demo_topic_articles(topic, held_out=True)]
-    return Task(f"demo_{topic}", docs, "demo", nll_texts=texts)
+    return Task(f"demo_{topic}", docs, "demo", nll_texts=[a["extract"] for a in held_out])
 
 
 # ----------------------------------------------------------------------------- local files
@@ -221,9 +221,8 @@ def write_lm_eval_tasks(tasks: list[Task], target: Path) -> list[str]:
     for task in tasks:
         name = lm_eval_task_name(task)
         if name == "armu_mc_local":  # a generic jsonl: its own YAML, named after the task
-            template = (TASKS_DIR / "_letters_template_yaml").name
             (target / f"{task.name}.yaml").write_text(
-                f"include: {template}\ntask: {task.name}\ndataset_kwargs:\n  data_files:\n"
+                f"include: _letters_template_yaml\ntask: {task.name}\ndataset_kwargs:\n  data_files:\n"
                 f"    test: {data / (task.name + '.jsonl')}\n")
             name = task.name
         with (data / f"{name}.jsonl").open("w", encoding="utf-8") as f:

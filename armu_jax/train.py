@@ -134,12 +134,12 @@ def run(cfg: RunConfig) -> Path:
         vectors = np.load(out / "control_vectors.npy", allow_pickle=False)
 
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    frozen = truncate_params(params, cfg.layer_id)
     evaluator = None
-    if cfg.eval_every:  # keeps the whole model (the step itself needs only layers 0..l)
+    if cfg.eval_every:  # keeps the whole model; the step's layers 0..l are the same arrays
         from armu_jax.evaluate import InRunEvaluator
-        evaluator = InRunEvaluator(model_dir, jax.device_put(params, sharding.param_shardings(params, mesh)),
-                                   dtype, eval_tasks, cfg.eval_batch_size)
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+        evaluator = InRunEvaluator(model_dir, params, dtype, eval_tasks, cfg.eval_batch_size)
+    frozen = truncate_params(params, cfg.layer_id)
     del params
     params_sh = sharding.param_shardings(frozen, mesh)
     frozen = jax.device_put(frozen, params_sh)
