@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from armu_jax.errors import UserError
+from armu_jax.runtime import load_cached_dataset
 
 DEMO_TOPICS = {"bio": "Biology and health sciences", "cyber": "Technology"}
 EXCLUDED_FROM_RETAIN = ("Uncategorized",)
@@ -66,12 +67,10 @@ def read_corpus(spec: str, min_len: int = 0) -> list[str]:
         if not path.is_file():
             raise UserError(f"corpus file {spec} does not exist; pass a .jsonl/.txt path, hf:NAME:CONFIG:SPLIT "
                             "or demo:bio|cyber|retain")
-        if path.suffix == ".jsonl":
-            texts = [_jsonl_text(line) for line in path.open(encoding="utf-8")]
-        elif path.suffix == ".txt":
-            texts = path.read_text(encoding="utf-8").splitlines()
-        else:
+        if path.suffix not in (".jsonl", ".txt"):
             raise UserError(f"corpus {spec}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
+        texts = [_jsonl_text(line, path, number) if path.suffix == ".jsonl" else line.rstrip("\n")
+                 for number, line in _lines(path)]
     kept = [t for t in texts if len(t) > min_len]
     if not kept:
         raise UserError(f"corpus {spec} has no text longer than min_len={min_len} characters; "
@@ -79,13 +78,32 @@ def read_corpus(spec: str, min_len: int = 0) -> list[str]:
     return kept
 
 
-def _jsonl_text(line: str) -> str:
-    """As the reference reads WMDP corpora: an object's `text`, else the raw line (newline included)."""
+def _lines(path: Path):
+    """(line number, line) of a text file: UTF-8 (else an error naming the line), one text per \n-ended
+    line, CRLF read as LF (so a file saved on Windows gives the same texts), the \n kept."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid UTF-8 (byte {err.start + 1} of the line); "
+                                "re-encode the file as UTF-8") from None
+            yield number, line[:-2] + "\n" if line.endswith("\r\n") else line
+
+
+def _jsonl_text(line: str, path: Path, number: int) -> str:
+    """As the reference reads WMDP corpora: an object's `text` (bio), else the raw line with its newline
+    (the cyber corpus). An object without a string `text` is an error: it is a record, not a text."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return line
-    return record["text"] if isinstance(record, dict) and "text" in record else line
+    if isinstance(record, dict):
+        if not isinstance(record.get("text"), str):
+            raise UserError(f"{path}:{number}: a JSON object without a string 'text' field (keys: "
+                            f"{', '.join(list(record)[:5]) or 'none'}); give each record a 'text'")
+        return record["text"]
+    return line
 
 
 def _read_hf_dataset(spec: str) -> list[str]:
@@ -93,12 +111,7 @@ def _read_hf_dataset(spec: str) -> list[str]:
     if len(parts) != 4:
         raise UserError(f"corpus {spec}: expected hf:NAME:CONFIG:SPLIT, e.g. hf:wikitext:wikitext-2-raw-v1:test")
     _, name, config, split = parts
-    try:
-        import datasets
-        rows = datasets.load_dataset(name, config or None, split=split)
-    except Exception as err:  # datasets raises many types when offline or missing
-        raise UserError(f"corpus {spec}: could not load from the local Hugging Face cache "
-                        f"({type(err).__name__}); download it once where there is network") from None
+    rows = load_cached_dataset(name, config, split, f"corpus {spec}", "download it once where there is network")
     return [str(t) for t in rows["text"]]
 
 

@@ -1,18 +1,33 @@
-"""One error type for bad input, printed as one line with a non-zero exit by every command."""
+"""The two kinds of failure a user sees, each one line on stderr:
+
+- UserError: bad input (flags, files, directories), found before anything is written; exit 2.
+- RunFailure: the run itself failed (non-finite loss, disk full, unwritable directory); what was
+  written before (the last good checkpoint, an earlier export) is intact; exit 1.
+"""
 from __future__ import annotations
 
 import sys
+
+USAGE_EXIT = 2
+FAILURE_EXIT = 1
 
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
 
 
+class RunFailure(Exception):
+    """A failure during a run: the message says what failed, at which step, and what is kept."""
+
+
 def run_cli(fn) -> None:
-    """Run a command's main; a UserError becomes one line on stderr and exit status 2."""
+    """Run a command's main and exit: 0, or one `error: ...` line with exit 2 (UserError) or 1 (RunFailure)."""
     try:
         code = fn()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_EXIT)
+    except RunFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(FAILURE_EXIT)
     sys.exit(code or 0)

@@ -23,8 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from armu_jax import sharding
 from armu_jax.errors import UserError
+from armu_jax.hf_io import parse_dtype
 from armu_jax.model import LlamaForCausalLM
+from armu_jax.params import merge
 from armu_jax.tasks import Task, load_tasks
 
 
@@ -49,9 +52,12 @@ def _scored_logprobs(model, params, ids, mask, at, targets):
 class Scorer:
     """Batched, jitted log-likelihoods of token sequences on one model."""
 
-    def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_length: int = 2048):
+    def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_length: int = 2048,
+                 mesh=None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
+        # On a mesh the rows of a batch are split over data x fsdp (params are laid out by the caller).
+        self.rows = sharding.batch_sharding(mesh, batch_size) if mesh is not None else None
 
     # -- lm-eval's request encoding (HFLM._encode_pair and _loglikelihood_tokens' truncation)
     def _tokens(self, text: str) -> list[int]:
@@ -101,6 +107,8 @@ class Scorer:
                 at[r, :len(positions)] = positions
                 for k, i in enumerate(groups[(tokens, positions)]):
                     targets[r, k, :len(rows[i][2])] = rows[i][2]
+            if self.rows is not None:
+                ids, mask, at, targets = jax.device_put((ids, mask, at, targets), self.rows)
             logp = np.asarray(_scored_logprobs(self.model, self.params, ids, mask, at, targets), np.float64)
             for r, key in enumerate(chunk):
                 for k, i in enumerate(groups[key]):
@@ -148,15 +156,14 @@ class Scorer:
 
 
 def evaluate_tasks(scorer: Scorer, tasks: list[Task], limit: int = 0, nll: bool = True,
-                   keep_docs: bool = False, nll_tokens: int = 128) -> dict:
+                   nll_tokens: int = 128) -> dict:
     """{task: {acc, acc_norm?, n, nll?}} for each task (nll, over each text's first nll_tokens
     tokens, for tasks with held-out texts)."""
     results = {}
     for task in tasks:
         task = task.limited(limit)
         res = scorer.multiple_choice(task)
-        if not keep_docs:
-            res.pop("docs")
+        res.pop("docs")
         if nll and task.nll_texts:
             res["nll"] = scorer.nll_per_token(task.nll_texts, nll_tokens, desc=f"{task.name} nll")
         results[task.name] = res
@@ -169,7 +176,9 @@ def max_length_of(model_dir: Path) -> int:
     return int(config.get("max_position_embeddings") or 2048)
 
 
-def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16, params=None) -> Scorer:
+def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16, params=None, mesh=None) -> Scorer:
+    """A Scorer of the HF model in model_dir (or of given params of its shape), in dtype; with a mesh,
+    the params are sharded by the sharding table and each batch's rows over data x fsdp."""
     from armu_jax.data import load_tokenizer
     from armu_jax.hf_io import load_hf
     from armu_jax.model_config import ModelConfig
@@ -177,20 +186,21 @@ def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16, params=
         cfg, params = load_hf(model_dir, dtype)
     else:
         cfg = ModelConfig.from_dir(model_dir)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
     return Scorer(LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype), params, load_tokenizer(model_dir),
-                  batch_size, max_length_of(model_dir))
+                  batch_size, max_length_of(model_dir), mesh)
 
 
 class InRunEvaluator:
     """--eval_every: the native evaluator on the current weights, as flat metrics for the run log."""
 
-    def __init__(self, model_dir: Path, full_params, dtype, tasks: list[Task], batch_size: int = 16):
+    def __init__(self, model_dir: Path, full_params, dtype, tasks: list[Task], batch_size: int = 16, mesh=None):
         self.tasks = tasks
-        self.full = full_params
-        self.scorer = scorer_for(model_dir, dtype, batch_size, params=full_params)
+        self.scorer = scorer_for(model_dir, dtype, batch_size, params=full_params, mesh=mesh)
+        self.full = self.scorer.params
 
     def __call__(self, trainable: dict) -> dict:
-        from armu_jax.step import merge
         self.scorer.params = merge(self.full, trainable)
         record = {}
         for name, res in evaluate_tasks(self.scorer, self.tasks).items():
@@ -217,7 +227,8 @@ def evaluate_cli(cfg) -> None:
     if cfg.output_dir and (Path(cfg.output_dir) / "eval.json").exists():
         raise UserError(f"{Path(cfg.output_dir) / 'eval.json'} exists; choose a new --output_dir")
     began = time.time()
-    results = evaluate_tasks(scorer_for(model_dir, batch_size=cfg.eval_batch_size), tasks, limit=cfg.eval_limit)
+    scorer = scorer_for(model_dir, parse_dtype(cfg.dtype), cfg.eval_batch_size, mesh=sharding.make_mesh(cfg.mesh))
+    results = evaluate_tasks(scorer, tasks, limit=cfg.eval_limit)
     print(format_table(results))
     print(f"native evaluation: {time.time() - began:.1f} s")
     if cfg.output_dir:

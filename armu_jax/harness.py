@@ -1,45 +1,27 @@
 """The lm-eval path: lm-eval-harness's Python API with its `hf` backend on a HF checkpoint, offline.
 
-Our tasks (demo_*, mmlu from local CSVs, wmdp_*:FILE, *.jsonl) run through the YAMLs shipped in
-configs/tasks/, written with their docs into <output_dir>/lm_eval_tasks/ (reusable with
-`lm_eval --include_path`). Any other task name (or `lm_eval:NAME`) is lm-eval's built-in task,
+Our tasks (demo_*, mmlu from local CSVs, wmdp_*:FILE, *.jsonl) run through task YAMLs generated
+from the same prompts the native evaluator uses, written with their docs into
+<output_dir>/lm_eval_tasks/ (reusable with `lm_eval --include_path`). Any other task name (or `lm_eval:NAME`) is lm-eval's built-in task,
 which needs its dataset in the local HF cache: nothing is downloaded, a missing dataset is one
 clear error. lm-eval's results JSON is saved as <output_dir>/lm_eval_results.json.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from armu_jax.config import SETTINGS
 from armu_jax.errors import UserError
-from armu_jax.tasks import load_tasks, write_lm_eval_tasks
-
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def split_specs(specs) -> tuple[list[str], list[str]]:
-    """(our task specs, lm-eval built-in task names)."""
-    ours, builtin = [], []
-    for spec in specs:
-        name, _, arg = spec.partition(":")
-        if name == "lm_eval" and arg:
-            builtin.append(arg)
-        elif (spec == "demo" or name.startswith("demo_") or name == "mmlu" or spec.endswith(".jsonl")
-              or (name.startswith("wmdp_") and arg)):
-            ours.append(spec)
-        else:
-            builtin.append(spec)
-    return ours, builtin
-
+from armu_jax.runtime import go_offline
+from armu_jax.tasks import TASK_GRAMMAR, resolve_tasks, write_lm_eval_tasks
 
 def _check_builtin(names: list[str], task_manager) -> None:
     from lm_eval.tasks import get_task_dict
     for name in names:
         if name not in task_manager.all_tasks:
-            raise UserError(f"lm-eval has no task {name!r}; ours are demo, demo_bio|cyber|retain, mmlu[:DIR], "
-                            "wmdp_bio:FILE, wmdp_cyber:FILE, *.jsonl")
+            raise UserError(f"lm-eval has no task {name!r}; ours are {TASK_GRAMMAR}")
         try:
             get_task_dict([name], task_manager)
         except Exception as err:  # datasets raises several kinds when offline and uncached
@@ -51,12 +33,11 @@ def _check_builtin(names: list[str], task_manager) -> None:
 def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_size: int = 16,
                 dtype: str = "float32", log_samples: bool = False) -> dict:
     """Run lm-eval (hf backend) on model_dir; returns lm-eval's results dict (also saved as JSON)."""
-    os.environ.update(OFFLINE)
+    go_offline()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
-    ours, builtin = split_specs(specs)
-    tasks = load_tasks(ours)
+    tasks, builtin = resolve_tasks(specs, builtin_ok=True)
     output_dir = Path(output_dir)
     target = output_dir / "lm_eval_results.json"
     if target.exists():
@@ -111,8 +92,11 @@ def lm_eval_cli(cfg) -> None:
     from armu_jax.embedded import resolve_model
     if not cfg.output_dir:
         raise UserError("--mode=lm_eval needs --output_dir for lm-eval's results JSON and task files")
+    if cfg.mesh != SETTINGS["mesh"]["default"]:
+        raise UserError(f"--mesh={cfg.mesh} applies to the JAX evaluator (--mode=eval); lm-eval's hf backend "
+                        "places the torch model itself (on CUDA when torch has it)")
     results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, Path(cfg.output_dir), cfg.eval_limit,
-                          cfg.eval_batch_size)
+                          cfg.eval_batch_size, dtype=cfg.dtype)
     for task, row in summary(results).items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in row.items()))
     print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {Path(cfg.output_dir) / 'lm_eval_results.json'}")

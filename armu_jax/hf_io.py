@@ -7,60 +7,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from armu_jax.errors import UserError
+from armu_jax.errors import RunFailure, UserError
 from armu_jax.model_config import ModelConfig
+from armu_jax.params import expected_paths, flatten, hf_key_to_path, needed_upto, path_to_hf_key, unflatten
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 
 def parse_dtype(name: str):
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def hf_key_to_path(key: str) -> tuple[tuple[str, ...], bool]:
-    """HF key -> (Flax param path, whether to transpose)."""
-    if key == "model.embed_tokens.weight":
-        return ("model", "embed_tokens", "embedding"), False
-    if key == "model.norm.weight":
-        return ("model", "norm", "weight"), False
-    if key == "lm_head.weight":
-        return ("lm_head", "kernel"), True
-    match = _LAYER_KEY.fullmatch(key)
-    if match:
-        layer, rest = match.groups()
-        parts = rest.split(".")
-        if parts[-1].endswith("layernorm"):
-            return ("model", f"layers_{layer}", *parts, "weight"), False
-        return ("model", f"layers_{layer}", *parts, "kernel"), True
-    raise UserError(f"unexpected tensor {key!r} in the checkpoint; not a Llama/Mistral parameter")
-
-
-def path_to_hf_key(path: tuple[str, ...]) -> tuple[str, bool]:
-    if path == ("model", "embed_tokens", "embedding"):
-        return "model.embed_tokens.weight", False
-    if path == ("model", "norm", "weight"):
-        return "model.norm.weight", False
-    if path == ("lm_head", "kernel"):
-        return "lm_head.weight", True
-    layer = path[1].removeprefix("layers_")
-    return f"model.layers.{layer}.{'.'.join(path[2:-1])}.weight", path[-1] == "kernel"
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -79,18 +46,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
 
 
-def _nest(flat: dict[tuple[str, ...], jnp.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
-def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
-    """A local HF directory -> (ModelConfig, Flax params in `dtype`)."""
+def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | None = None
+            ) -> tuple[ModelConfig, dict]:
+    """A local HF directory -> (ModelConfig, Flax params in `dtype`). With upto_layer, only what
+    layers 0..upto_layer need is read (params.truncate's subset): later layers are never loaded."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
@@ -102,34 +61,19 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfi
                 if key.endswith("rotary_emb.inv_freq"):
                     continue
                 path, transpose = hf_key_to_path(key)
+                if upto_layer is not None and not needed_upto(path, upto_layer):
+                    continue
                 value = f.get_tensor(key).astype(dtype)
                 flat[path] = value.T if transpose else value
     if cfg.tie_word_embeddings:
         flat.pop(("lm_head", "kernel"), None)
-    expected = expected_paths(cfg)
+    expected = [p for p in expected_paths(cfg.num_hidden_layers, cfg.tie_word_embeddings)
+                if upto_layer is None or needed_upto(p, upto_layer)]
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise UserError(f"{model_dir} lacks {len(missing)} parameters, e.g. {path_to_hf_key(missing[0])[0]}")
-    return cfg, {"params": _nest(flat)}
+    return cfg, unflatten(flat)
 
-
-def expected_paths(cfg: ModelConfig) -> list[tuple[str, ...]]:
-    paths = [("model", "embed_tokens", "embedding"), ("model", "norm", "weight")]
-    for i in range(cfg.num_hidden_layers):
-        base = ("model", f"layers_{i}")
-        paths += [base + (n, "weight") for n in ("input_layernorm", "post_attention_layernorm")]
-        paths += [base + ("self_attn", p, "kernel") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        paths += [base + ("mlp", p, "kernel") for p in ("gate_proj", "up_proj", "down_proj")]
-    if not cfg.tie_word_embeddings:
-        paths.append(("lm_head", "kernel"))
-    return paths
-
-
-def flatten(params: dict) -> dict[tuple[str, ...], jnp.ndarray]:
-    flat = {}
-    for keypath, value in jax.tree_util.tree_leaves_with_path(params["params"]):
-        flat[tuple(k.key for k in keypath)] = value
-    return flat
 
 
 def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
@@ -144,8 +88,20 @@ def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.Pat
         key, transpose = path_to_hf_key(path)
         value = jnp.asarray(value).astype(jdtype)
         tensors[key] = jnp.asarray(value.T if transpose else value)
+    try:
+        _write_atomically(tensors, source_dir, out_dir, dtype)
+    except OSError as err:
+        raise RunFailure(f"export to {out_dir} failed: {err.strerror or err} ({err.filename or out_dir}); "
+                         "nothing was replaced, an earlier export there is intact") from None
+    return out_dir
+
+
+def _write_atomically(tensors: dict, source_dir: Path, out_dir: Path, dtype: str) -> None:
+    """Build the directory beside the target, then swap it in; an earlier export is replaced only
+    once the new one is complete, and restored if the swap fails."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
+    old = None
     try:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         config = json.loads((source_dir / "config.json").read_text())
@@ -153,13 +109,20 @@ def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.Pat
         config["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for item in source_dir.iterdir():
-            is_weights = item.name.startswith("model") and (item.suffix == ".safetensors" or item.name.endswith(".index.json"))
+            is_weights = item.name.startswith("model") and (item.suffix == ".safetensors"
+                                                            or item.name.endswith(".index.json"))
             if item.is_file() and item.name != "config.json" and not is_weights and item.suffix not in PICKLE_SUFFIXES:
                 shutil.copy2(item, tmp / item.name)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
         os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None and not out_dir.exists():
+            os.replace(old / out_dir.name, out_dir)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 

@@ -1,7 +1,6 @@
 """The model's shape, read from (and written back to) a Hugging Face config.json."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,6 @@ class ModelConfig:
     # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings); unused by "default".
     rope_scaling: tuple = ()
     sliding_window: int | None = None
-    architecture: str = "LlamaForCausalLM"
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_hf_dict(cls, hf: dict) -> "ModelConfig":
@@ -71,7 +66,6 @@ class ModelConfig:
             rope_type=rope_type,
             rope_scaling=scaling,
             sliding_window=hf.get("sliding_window") if archs[0] == "MistralForCausalLM" else None,
-            architecture=archs[0],
         )
 
     @classmethod

@@ -15,9 +15,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from armu_jax.errors import UserError
+from armu_jax.params import name_of, path_of_keys
 
-AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+AXES = ("data", "fsdp")  # batches are split over both; parameters over fsdp
+# Train-state leaves that are not parameter-shaped: the step counter and per-topic coefficients.
+REPLICATED_STATE = ("step", "coeffs", "coeff_ready")
 
 # (regex over the "/"-joined param path, the dimension sharded over fsdp or None).
 PARAM_RULES = (
@@ -67,27 +69,28 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     raise UserError(f"parameter {path} matches no sharding rule in armu_jax.sharding.PARAM_RULES")
 
 
-def _path_str(keypath) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
-
-
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a Flax params tree ({'params': {...}})."""
-    def one(keypath, leaf):
-        path = _path_str(keypath).removeprefix("params/")
-        return NamedSharding(mesh, param_spec(path, leaf.shape, mesh))
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: NamedSharding(mesh, param_spec(name_of(path_of_keys(kp)[1:]), leaf.shape, mesh)), params)
 
 
-def tree_shardings_by_path(tree, mesh: Mesh):
-    """Shardings for a tree whose dict keys include param paths (trainable leaves, optimizer moments)."""
+def state_shardings(state, mesh: Mesh, trainable_names):
+    """Shardings for the train state, from its structure: a leaf under a trainable parameter's name
+    (the trainable copy, optimizer moments) is sharded as that parameter; the step counter, the
+    per-topic coefficients and scalar optimizer counters are replicated; any other leaf is an error."""
+    names = set(trainable_names)
+
     def one(keypath, leaf):
-        for key in keypath:
-            name = getattr(key, "key", None)
-            if isinstance(name, str) and "/" in name:
-                return NamedSharding(mesh, param_spec(name, leaf.shape, mesh))
-        return NamedSharding(mesh, P())
-    return jax.tree_util.tree_map_with_path(one, tree)
+        path = path_of_keys(keypath)
+        param = next((k for k in path if k in names), None)
+        if param is not None:
+            return NamedSharding(mesh, param_spec(param, leaf.shape, mesh))
+        if path[0] in REPLICATED_STATE or (path[0] == "opt_state" and leaf.ndim == 0):
+            return NamedSharding(mesh, P())
+        raise UserError(f"train-state leaf {'/'.join(path)} (shape {leaf.shape}) has no sharding rule in "
+                        "armu_jax.sharding.state_shardings")
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
@@ -95,7 +98,7 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
     if batch_size % parallel:
         raise UserError(f"batch_size {batch_size} does not divide over the mesh's data x fsdp = {parallel} "
                         "devices; use a batch size that is a multiple of it or a smaller mesh")
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -14,10 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
+from armu_jax import sharding
+from armu_jax.hf_io import parse_dtype
 from armu_jax.model import LlamaForCausalLM
+from armu_jax.model_config import ModelConfig
 from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss
+from armu_jax.optimizer import make_optimizer
+from armu_jax.params import merge, take, trainable_names
 
 
 @dataclass(frozen=True)
@@ -34,32 +38,8 @@ class StepSpec:
     norm_skip_first: bool = False  # exclude each row's first real token from the adaptive norm
 
 
-def trainable_paths(params, layers, names) -> list[str]:
-    """The "/"-joined paths (without the 'params/' root) of the trainable leaves, e.g. mlp.down_proj of each layer."""
-    flat = traverse_util.flatten_dict(params["params"], sep="/")
-    wanted = []
-    for layer in layers:
-        for name in names:
-            path = f"model/layers_{layer}/{name.replace('.', '/')}/kernel"
-            if path not in flat:
-                raise KeyError(path)
-            wanted.append(path)
-    return wanted
-
-
-def take_trainable(params, paths) -> dict:
-    flat = traverse_util.flatten_dict(params["params"], sep="/")
-    return {p: flat[p] for p in paths}
-
-
-def merge(params, trainable: dict):
-    flat = traverse_util.flatten_dict(params["params"], sep="/")
-    flat.update(trainable)
-    return {"params": traverse_util.unflatten_dict(flat, sep="/")}
-
-
-def init_state(params, paths, optimizer: optax.GradientTransformation, n_topics: int) -> dict:
-    trainable = {p: jnp.array(v, copy=True) for p, v in take_trainable(params, paths).items()}
+def init_state(params, names, optimizer: optax.GradientTransformation, n_topics: int) -> dict:
+    trainable = {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}
     return {
         "step": jnp.zeros([], jnp.int32),
         "trainable": trainable,
@@ -125,7 +105,7 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation, control_v
             "coeff_ready": state["coeff_ready"].at[topic].set(True),
         }
         metrics = {
-            "loss": loss, "forget_loss": forget, "retain_loss": retain, "coeff": coeff, "topic": topic,
+            "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain, "coeff": coeff, "topic": topic,
             "forget_cosine": mean_cosine(h_f, frozen_f, f["weight"]),
             "retain_cosine": mean_cosine(h_r, frozen_r, r["weight"]),
             "forget_norm_updated": mean_token_norm(h_f, f["weight"]),
@@ -138,9 +118,70 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation, control_v
     return step
 
 
-def truncate_params(params, layer_id: int):
-    """Only what layers 0..layer_id need: the embedding and those layers (no final norm, no LM head)."""
-    model = params["params"]["model"]
-    kept = {"embed_tokens": model["embed_tokens"]}
-    kept.update({f"layers_{i}": model[f"layers_{i}"] for i in range(layer_id + 1)})
-    return {"params": {"model": kept}}
+@dataclass(frozen=True)
+class CompiledStep:
+    """The jitted step with everything needed to feed it, built once by build_step.
+
+    step(state, frozen, batch) -> (state, metrics), jitted with explicit shardings and the state
+    donated; init(frozen) -> the initial state, laid out with state_shardings.
+    """
+    step: object
+    init: object
+    mesh: jax.sharding.Mesh
+    params_shardings: object
+    state_shardings: object
+    batch_shardings: dict
+    abstract_state: object
+    trainable: tuple[str, ...]
+    batch_size: int
+
+    def device_batch(self, topic: int, forget: dict, retain: dict) -> dict:
+        tree = {"topic": np.int32(topic), "forget": forget, "retain": retain}
+        return jax.device_put(tree, self.batch_shardings)
+
+    def abstract_batch(self, forget_length: int, retain_length: int) -> dict:
+        """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles)."""
+        def side(length, sh):
+            shape = (self.batch_size, length)
+            return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+                    "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+                    "positions": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+                    "weight": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+        sh = self.batch_shardings
+        return {"topic": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["topic"]),
+                "forget": side(forget_length, sh["forget"]), "retain": side(retain_length, sh["retain"])}
+
+    def lower(self, frozen, forget_length: int, retain_length: int):
+        """The step lowered for abstract arguments (frozen may be ShapeDtypeStructs); .compile() it."""
+        abstract = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        with jax.set_mesh(self.mesh):
+            return self.step.lower(abstract(self.abstract_state, self.state_shardings),
+                                   abstract(frozen, self.params_shardings),
+                                   self.abstract_batch(forget_length, retain_length))
+
+
+def build_step(cfg, model_cfg: ModelConfig, frozen, mesh: jax.sharding.Mesh,
+               control_vectors: np.ndarray) -> CompiledStep:
+    """The one place a step is built: for train.run, the bench and the compile checks alike.
+
+    frozen: the params of layers 0..l (arrays or ShapeDtypeStructs; only shapes are read here).
+    """
+    dtype = parse_dtype(cfg.dtype)
+    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
+    names = tuple(trainable_names(frozen, cfg.update_layer_ids, cfg.update_params))
+    optimizer = make_optimizer(cfg.optimizer, cfg.lr)
+    init = lambda p: init_state(p, names, optimizer, cfg.n_topics)
+    abstract_state = jax.eval_shape(init, frozen)
+    params_sh = sharding.param_shardings(frozen, mesh)
+    state_sh = sharding.state_shardings(abstract_state, mesh, names)
+    rows = sharding.batch_sharding(mesh, cfg.batch_size)
+    repl = sharding.replicated(mesh)
+    batch_sh = {"topic": repl, "forget": rows, "retain": rows}
+    spec = StepSpec(model, cfg.layer_id, min(cfg.update_layer_ids), cfg.method, cfg.adaptive_coeff, cfg.beta,
+                    cfg.steering_coeffs, cfg.alpha, cfg.norm_skip_first)
+    step = jax.jit(make_step(spec, optimizer, control_vectors), in_shardings=(state_sh, params_sh, batch_sh),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+    return CompiledStep(step=step, init=jax.jit(init, out_shardings=state_sh), mesh=mesh,
+                        params_shardings=params_sh, state_shardings=state_sh, batch_shardings=batch_sh,
+                        abstract_state=abstract_state, trainable=names, batch_size=cfg.batch_size)

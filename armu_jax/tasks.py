@@ -3,8 +3,8 @@
 A task is a list of docs plus lm-eval's prompt recipe for them (description, doc_to_text,
 target delimiter " ", the choices). `Task.requests()` gives exactly the (context,
 continuation) pairs lm-eval's `multiple_choice` output type sends to a model, and
-`write_lm_eval_tasks()` writes the same docs as jsonl next to our task YAMLs
-(`configs/tasks/`) so lm-eval's `hf` backend scores the very same items.
+`write_lm_eval_tasks()` writes the same docs as jsonl with task YAMLs generated from the same
+PROMPTS, so lm-eval's `hf` backend scores the very same items with the very same prompts.
 
 Task specs (--eval_tasks):
   demo                  demo_bio, demo_cyber, demo_retain (held-out Wikipedia, see below)
@@ -13,6 +13,7 @@ Task specs (--eval_tasks):
                         default: the embedded copy of all 57 subjects
   wmdp_bio:FILE         WMDP-format jsonl (question, choices, answer); also wmdp_cyber:FILE
   wmdp_bio, wmdp_cyber  lm-eval's source, cais/wmdp, if it is in the local HF datasets cache
+  lm_eval:NAME          (--mode=lm_eval only) lm-eval's built-in task NAME; so is any other name
   FILE.jsonl            any WMDP-format jsonl, as a task named after the file
 
 Demo tasks: per held-out article of a topic, "<title> is" followed by one of four
@@ -23,17 +24,36 @@ subject, then the second, ...), so that a --eval_limit prefix spans all subjects
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from armu_jax.errors import UserError
+from armu_jax.runtime import load_cached_dataset
 
 DEMO_EVAL_TOPICS = ("bio", "cyber", "retain")
-MC_TEMPLATE = "{question}\nA. {c0}\nB. {c1}\nC. {c2}\nD. {c3}\nAnswer:"
 WMDP_SUBJECTS = {"wmdp_bio": "biology", "wmdp_cyber": "cybersecurity"}
 LETTERS = ("A", "B", "C", "D")
+# The prompts, once, in lm-eval's own template language: the native evaluator renders them with
+# jinja2 as lm-eval does, and the lm-eval task YAMLs are generated from them. "letters" is
+# lm-eval's wmdp/mmlu zero-shot recipe (lm_eval/tasks/wmdp/_default_template_yaml) with the
+# per-subject description carried by each doc.
+PROMPTS = {
+    "demo": {"description": "", "doc_to_text": "{{title}} is", "doc_to_choice": "choices"},
+    "letters": {"description": "{{description}}",
+                "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}"
+                               "\nD. {{choices[3]}}\nAnswer:",
+                "doc_to_choice": list(LETTERS)},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _template(source: str):
+    import jinja2
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(source)
 
 
 @dataclass
@@ -51,14 +71,13 @@ class Task:
     nll_texts: list[str] = field(default_factory=list)
 
     def context(self, doc: dict) -> str:
-        if self.style == "demo":
-            return f"{doc['title']} is"
-        c = doc["choices"]
-        return doc["description"] + MC_TEMPLATE.format(question=doc["question"].strip(),
-                                                       c0=c[0], c1=c[1], c2=c[2], c3=c[3])
+        """description + doc_to_text, rendered as lm-eval renders them (zero-shot)."""
+        prompt = PROMPTS[self.style]
+        return _template(prompt["description"]).render(**doc) + _template(prompt["doc_to_text"]).render(**doc)
 
     def choices(self, doc: dict) -> list[str]:
-        return list(doc["choices"]) if self.style == "demo" else list(LETTERS)
+        choice = PROMPTS[self.style]["doc_to_choice"]
+        return list(choice) if isinstance(choice, list) else list(doc[choice])  # a list, or a doc field
 
     def requests(self) -> list[tuple[str, str]]:
         """(context, " " + choice) for every doc and choice, in order."""
@@ -130,16 +149,8 @@ def wmdp_task(path: str | Path, name: str | None = None, subject: str | None = N
 
 def wmdp_from_hf_cache(name: str) -> Task:
     """lm-eval's built-in source, cais/wmdp, when it is in the local HF datasets cache (offline)."""
-    import os
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import datasets
-        rows = datasets.load_dataset("cais/wmdp", name.replace("_", "-"), split="test")
-    except Exception as err:  # offline and uncached: datasets raises several kinds
-        raise UserError(f"{name}: cais/wmdp is not in the local HF datasets cache and nothing is downloaded "
-                        f"({type(err).__name__}); give a local file: --eval_tasks={name}:/path/to/"
-                        f"{name[5:]}.jsonl (WMDP format)") from None
+    rows = load_cached_dataset("cais/wmdp", name.replace("_", "-"), "test", name,
+                               f"give a local file: --eval_tasks={name}:/path/to/{name[5:]}.jsonl (WMDP format)")
     docs = [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"]),
              "description": _subject_description(WMDP_SUBJECTS[name])} for r in rows]
     return Task(name, docs, "letters", metrics=("acc",))
@@ -172,9 +183,15 @@ def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     return Task(name, interleaved, "letters", metrics=("acc",))
 
 
-def load_tasks(specs) -> list[Task]:
-    """The tasks named by --eval_tasks specs (see the module docstring)."""
-    tasks = []
+TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, mmlu[:DIR], wmdp_bio[:FILE], wmdp_cyber[:FILE] "
+                "or a .jsonl path")
+
+
+def resolve_tasks(specs, builtin_ok: bool = False) -> tuple[list[Task], list[str]]:
+    """--eval_tasks specs -> (our tasks, lm-eval built-in task names). The one parser of the grammar
+    (module docstring). With builtin_ok (lm-eval), unknown names, `lm_eval:NAME` and wmdp_bio/wmdp_cyber
+    without a file are lm-eval's own tasks; otherwise an unknown name is an error."""
+    tasks, builtin = [], []
     for spec in specs:
         name, _, arg = spec.partition(":")
         if spec == "demo":
@@ -183,50 +200,59 @@ def load_tasks(specs) -> list[Task]:
             tasks.append(demo_task(name[len("demo_"):]))
         elif name == "mmlu":
             tasks.append(mmlu_task(arg or None))
-        elif name in WMDP_SUBJECTS:
-            tasks.append(wmdp_task(arg, name) if arg else wmdp_from_hf_cache(name))
+        elif name in WMDP_SUBJECTS and arg:
+            tasks.append(wmdp_task(arg, name))
         elif spec.endswith(".jsonl"):
             tasks.append(wmdp_task(spec))
+        elif builtin_ok:
+            builtin.append(arg if name == "lm_eval" and arg else spec)
+        elif name in WMDP_SUBJECTS:
+            tasks.append(wmdp_from_hf_cache(name))
         else:
-            raise UserError(f"unknown evaluation task {spec!r}; use demo, demo_bio, demo_cyber, demo_retain, "
-                            "mmlu[:DIR], wmdp_bio:FILE, wmdp_cyber:FILE or a .jsonl path")
-    return tasks
+            raise UserError(f"unknown evaluation task {spec!r}; use {TASK_GRAMMAR}")
+    return tasks, builtin
+
+
+def load_tasks(specs) -> list[Task]:
+    """The tasks named by --eval_tasks specs, for the native evaluator."""
+    return resolve_tasks(specs)[0]
 
 
 # ----------------------------------------------------------------------------- lm-eval task files
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
-DATA_PLACEHOLDER = "{ARMU_TASK_DATA}"
-
-
 def lm_eval_task_name(task: Task) -> str:
-    """Our YAML for a task: demo_* have their own; lettered tasks use the local WMDP/MMLU wrappers."""
-    if task.style == "demo":
-        return task.name
-    return f"{task.name}_local" if task.name in WMDP_SUBJECTS or task.name == "mmlu" else "armu_mc_local"
+    """The lm-eval name of our task: demo_* and generic files keep theirs; local WMDP/MMLU get a
+    _local suffix so they never shadow lm-eval's built-in tasks of the same name."""
+    return f"{task.name}_local" if task.name in WMDP_SUBJECTS or task.name == "mmlu" else task.name
+
+
+def lm_eval_yaml(task: Task, data_file: Path) -> dict:
+    """lm-eval's task config for our task, from the same PROMPTS the native evaluator renders."""
+    prompt = PROMPTS[task.style]
+    config = {"task": lm_eval_task_name(task), "dataset_path": "json",
+              "dataset_kwargs": {"data_files": {"test": str(data_file)}}, "test_split": "test",
+              "output_type": "multiple_choice", "doc_to_text": prompt["doc_to_text"],
+              "doc_to_choice": prompt["doc_to_choice"], "doc_to_target": "answer", "target_delimiter": " ",
+              "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in task.metrics],
+              "metadata": {"version": 1}}
+    if prompt["description"]:
+        config["description"] = prompt["description"]
+    return config
 
 
 def write_lm_eval_tasks(tasks: list[Task], target: Path) -> list[str]:
-    """Write our task YAMLs (data paths filled in) and each task's docs as jsonl under target.
-
-    Returns the lm-eval task names to run. The YAMLs in target work with the lm_eval CLI too:
-    `lm_eval --include_path target --tasks ...`.
-    """
+    """Write a YAML per task and its docs as jsonl under target; returns the lm-eval task names.
+    The directory works with the lm_eval CLI too: `lm_eval --include_path target --tasks ...`."""
+    import yaml
     data = target / "data"
     data.mkdir(parents=True, exist_ok=True)
-    for source in TASKS_DIR.iterdir():
-        if source.suffix == ".yaml" or source.name.endswith("_yaml"):
-            (target / source.name).write_text(source.read_text().replace(DATA_PLACEHOLDER, str(data)))
     names = []
     for task in tasks:
         name = lm_eval_task_name(task)
-        if name == "armu_mc_local":  # a generic jsonl: its own YAML, named after the task
-            (target / f"{task.name}.yaml").write_text(
-                f"include: _letters_template_yaml\ntask: {task.name}\ndataset_kwargs:\n  data_files:\n"
-                f"    test: {data / (task.name + '.jsonl')}\n")
-            name = task.name
         with (data / f"{name}.jsonl").open("w", encoding="utf-8") as f:
             for doc in task.docs:
                 f.write(json.dumps(doc) + "\n")
+        (target / f"{name}.yaml").write_text(yaml.safe_dump(lm_eval_yaml(task, data / f"{name}.jsonl"),
+                                                            sort_keys=False, allow_unicode=True))
         names.append(name)
     return names

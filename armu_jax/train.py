@@ -1,12 +1,13 @@
 """The unlearning run: validate everything, then feed batches to the jitted step, log, checkpoint, export.
 
-Run directory layout: flags.txt (a flagfile of the run), control_vectors.npy, metrics.jsonl,
-tb/ (TensorBoard), checkpoints/ (orbax), hf/ (the final Hugging Face export).
+Nothing is written until every input has been checked (run directory layout: armu_jax.rundir).
+A failure during the run (non-finite loss or gradient, a checkpoint or export that cannot be
+written) stops it with one line; the last good checkpoint and any earlier export stay intact.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import signal
 import time
 from pathlib import Path
@@ -15,17 +16,18 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import sharding
+from armu_jax import rundir, sharding
 from armu_jax.checkpoints import Checkpointer
 from armu_jax.config import RunConfig, validate
 from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
 from armu_jax.embedded import resolve_model
-from armu_jax.errors import UserError
+from armu_jax.errors import RunFailure, UserError
 from armu_jax.hf_io import export_hf, load_hf, parse_dtype
-from armu_jax.model import LlamaForCausalLM
 from armu_jax.model_config import ModelConfig
-from armu_jax.optimizer import make_optimizer
-from armu_jax.step import StepSpec, init_state, make_step, merge, trainable_paths, truncate_params
+from armu_jax.params import merge, truncate
+from armu_jax.step import build_step
+
+WATCHED = ("forget_loss", "retain_loss", "grad_norm")  # a non-finite one stops the run
 
 
 def draw_control_vectors(seed: int, n_topics: int, hidden: int) -> np.ndarray:
@@ -51,32 +53,6 @@ def load_control_vectors(path: str, n_topics: int, hidden: int) -> np.ndarray:
     return vectors.astype(np.float32)
 
 
-def check_output_dir(cfg: RunConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; pass a directory")
-    non_empty = out.is_dir() and any(out.iterdir())
-    if non_empty and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"--output_dir {out} exists and is not empty; pass --resume to continue it, "
-                        "--overwrite to start afresh, or choose a new directory")
-    if cfg.resume and not (out / "checkpoints").is_dir():
-        raise UserError(f"--resume: {out} has no checkpoints/ to resume from")
-    return out
-
-
-def _write_flagfile(out: Path, cfg: RunConfig) -> None:
-    lines = []
-    for key, value in vars(cfg).items():
-        if key in ("resume", "overwrite") or value is None:
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(str(v) for v in value)
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        lines.append(f"--{key}={value}")
-    (out / "flags.txt").write_text("\n".join(lines) + "\n")
-
-
 class Interrupt:
     """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
 
@@ -88,31 +64,29 @@ class Interrupt:
         self.requested = True
 
 
-def _device_batch(batch, shardings):
-    tree = {"topic": np.int32(batch.topic), "forget": batch.forget, "retain": batch.retain}
-    return jax.device_put(tree, shardings)
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def run(cfg: RunConfig) -> Path:
     """Run the unlearning job described by cfg; returns the run directory."""
     model_dir = resolve_model(cfg.model)
     model_cfg = ModelConfig.from_dir(model_dir)
-    validate(cfg, model_cfg.num_hidden_layers)
-    out = check_output_dir(cfg)
+    validate(cfg, model_cfg)
+    out = rundir.check(cfg)
     forget = [read_corpus(c, cfg.min_len) for c in cfg.forget_corpora]
     retain = [read_corpus(c, cfg.min_len) for c in cfg.retain_corpora]
     n = cfg.n_topics
     vectors = (load_control_vectors(cfg.control_vectors, n, model_cfg.hidden_size) if cfg.control_vectors
                else draw_control_vectors(cfg.seed, n, model_cfg.hidden_size))
     mesh = sharding.make_mesh(cfg.mesh)
-    batch_sh = sharding.batch_sharding(mesh, cfg.batch_size)
     dtype = parse_dtype(cfg.dtype)
-    _, params = load_hf(model_dir, dtype)
-    try:
-        paths = trainable_paths(params, cfg.update_layer_ids, cfg.update_params)
-    except KeyError as err:
-        raise UserError(f"--update_params: the model has no parameter {err.args[0]}; "
-                        "use names like mlp.down_proj, mlp.up_proj, self_attn.o_proj") from None
+    # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read.
+    _, params = load_hf(model_dir, dtype, upto_layer=None if cfg.eval_every else cfg.layer_id)
+    frozen = truncate(params, cfg.layer_id)
+    if cfg.resume:
+        vectors = np.load(out / "control_vectors.npy", allow_pickle=False)
+    compiled = build_step(cfg, model_cfg, frozen, mesh, vectors)
     tokenizer = load_tokenizer(model_dir)
     data = UnlearningData(tokenizer, forget, retain, cfg.batch_size, list(cfg.forget_max_len),
                           cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask)
@@ -122,51 +96,42 @@ def run(cfg: RunConfig) -> Path:
         from armu_jax.tasks import load_tasks
         eval_tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
 
-    # Everything is valid: now the run directory is written.
+    # Everything is valid: now the run directory is locked and written.
     is_main = jax.process_index() == 0
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main and not cfg.resume:
-        _write_flagfile(out, cfg)
-        np.save(out / "control_vectors.npy", vectors)
-    if cfg.resume:
-        vectors = np.load(out / "control_vectors.npy", allow_pickle=False)
+    lock = rundir.RunLock(out)
+    try:
+        if cfg.overwrite:
+            rundir.clear(out)
+        if is_main and not cfg.resume:
+            rundir.write_flagfile(out, cfg)
+            np.save(out / "control_vectors.npy", vectors)
+        evaluator = None
+        if cfg.eval_every:  # keeps the whole model; the step's layers 0..l are the same arrays
+            from armu_jax.evaluate import InRunEvaluator
+            evaluator = InRunEvaluator(model_dir, params, dtype, eval_tasks, cfg.eval_batch_size, mesh)
+            frozen = truncate(evaluator.full, cfg.layer_id)
+        del params
+        frozen = jax.device_put(frozen, compiled.params_shardings)
+        _loop(cfg, out, compiled, frozen, data, num_steps, evaluator, is_main)
+    finally:
+        lock.release()
+    return out
 
-    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    evaluator = None
-    if cfg.eval_every:  # keeps the whole model; the step's layers 0..l are the same arrays
-        from armu_jax.evaluate import InRunEvaluator
-        params = jax.device_put(params, sharding.param_shardings(params, mesh))
-        evaluator = InRunEvaluator(model_dir, params, dtype, eval_tasks, cfg.eval_batch_size)
-    frozen = truncate_params(params, cfg.layer_id)
-    del params
-    params_sh = sharding.param_shardings(frozen, mesh)
-    frozen = jax.device_put(frozen, params_sh)
-    optimizer = make_optimizer(cfg.optimizer, cfg.lr)
-    abstract = jax.eval_shape(lambda p: init_state(p, paths, optimizer, n), frozen)
-    state_sh = sharding.tree_shardings_by_path(abstract, mesh)
-    state = jax.jit(lambda p: init_state(p, paths, optimizer, n), out_shardings=state_sh)(frozen)
 
-    spec = StepSpec(model, cfg.layer_id, min(cfg.update_layer_ids), cfg.method, cfg.adaptive_coeff, cfg.beta,
-                    cfg.steering_coeffs, cfg.alpha, cfg.norm_skip_first)
-    repl = sharding.replicated(mesh)
-    batch_tree_sh = {"topic": repl, "forget": batch_sh, "retain": batch_sh}
-    step_fn = jax.jit(make_step(spec, optimizer, vectors), in_shardings=(state_sh, params_sh, batch_tree_sh),
-                      out_shardings=(state_sh, repl), donate_argnums=0)
-
+def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int, evaluator, is_main: bool):
+    state = compiled.init(frozen)
     checkpointer = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
     if cfg.resume and checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, state_sh)
+        state = checkpointer.restore(state, compiled.state_shardings)
         start = int(state["step"])
+    saved = start if cfg.resume else None
     metrics_file = out / "metrics.jsonl"
     kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] < start] \
         if metrics_file.exists() else []
-    if is_main:
-        metrics_file.write_text("".join(l + "\n" for l in kept))
     writer = None
     if is_main:
+        metrics_file.write_text("".join(l + "\n" for l in kept))
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
 
@@ -175,42 +140,70 @@ def run(cfg: RunConfig) -> Path:
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=f"{cfg.method} l={cfg.layer_id}",
                disable=not is_main)
     profiling = cfg.profile_start_step >= 0 and is_main
-    with jax.set_mesh(mesh), metrics_file.open("a") as log:
-        for step in bar:
-            if profiling and step == cfg.profile_start_step:
-                jax.profiler.start_trace(str(out / "profile"))
-            state, metrics = step_fn(state, frozen, _device_batch(data.batch(step), batch_tree_sh))
-            if profiling and step == cfg.profile_start_step + cfg.profile_num_steps - 1:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-            record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
-                      "seconds": round(time.time() - began, 3)}
-            if evaluator and ((step + 1) % cfg.eval_every == 0 or step + 1 == num_steps):
-                record.update(evaluator(state["trainable"]))
-                bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items()
-                                                          if k.startswith("eval/")))
-            if is_main:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                for key, value in record.items():
-                    if key != "step":
-                        writer.add_scalar(key, value, step)
-                if step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
-                                    retain=f"{record['retain_loss']:.4g}")
-            done = step + 1
-            if interrupt.requested or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) \
-                    or done == num_steps:
-                checkpointer.save(done, state)
-            if interrupt.requested:
-                checkpointer.close()
-                raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
-    checkpointer.close()
-    if writer:
-        writer.close()
+    try:
+        with jax.set_mesh(compiled.mesh), metrics_file.open("a") as log:
+            for step in bar:
+                if profiling and step == cfg.profile_start_step:
+                    jax.profiler.start_trace(str(out / "profile"))
+                batch = data.batch(step)
+                state, metrics = compiled.step(state, frozen, compiled.device_batch(batch.topic, batch.forget,
+                                                                                    batch.retain))
+                if profiling and step == cfg.profile_start_step + cfg.profile_num_steps - 1:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
+                          "seconds": round(time.time() - began, 3)}
+                bad = [k for k in WATCHED if not math.isfinite(record[k])]
+                if bad:
+                    kept_note = (f"the last good checkpoint is step {saved} in {out / 'checkpoints'}"
+                                 if saved is not None else "no checkpoint had been written yet")
+                    raise RunFailure(f"step {step}: {' and '.join(f'{k}={record[k]}' for k in bad)} is not finite; "
+                                     f"the run stopped without saving this step, {kept_note} "
+                                     "(lower --lr or --alpha and start a new run)")
+                if evaluator and ((step + 1) % cfg.eval_every == 0 or step + 1 == num_steps):
+                    record.update(evaluator(state["trainable"]))
+                    bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items()
+                                                              if k.startswith("eval/")))
+                if is_main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, value, step)
+                    if step % cfg.log_every == 0:
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
+                                        retain=f"{record['retain_loss']:.4g}")
+                done = step + 1
+                if interrupt.requested or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) \
+                        or done == num_steps:
+                    _save(checkpointer, done, state, saved, out)
+                    saved = done
+                if interrupt.requested:
+                    raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
+    finally:
+        bar.close()
+        _close(checkpointer, saved, out)
+        if writer:
+            writer.close()
     if cfg.export and is_main:
-        export(model_dir, out / "hf", state["trainable"], cfg.export_dtype)
-    return out
+        export(resolve_model(cfg.model), out / "hf", state["trainable"], cfg.export_dtype)
+
+
+def _save(checkpointer: Checkpointer, step: int, state, saved, out: Path) -> None:
+    try:
+        checkpointer.save(step, state)
+    except Exception as err:  # orbax wraps the OSError of a full or unwritable disk in several types
+        raise RunFailure(f"checkpoint of step {step} could not be written to {out / 'checkpoints'}: "
+                         f"{_first_line(err)}; " + (f"the checkpoint of step {saved} is intact"
+                                                    if saved is not None else "no earlier checkpoint")) from None
+
+
+def _close(checkpointer: Checkpointer, saved, out: Path) -> None:
+    try:
+        checkpointer.close()
+    except Exception as err:  # an asynchronous save that failed surfaces here
+        raise RunFailure(f"checkpoint could not be finished in {out / 'checkpoints'}: {_first_line(err)}; "
+                         f"earlier checkpoints are intact") from None
 
 
 def export(model_dir: Path, target: Path, trainable: dict, dtype: str) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lm_eval_batches", default="1,16", help="lm-eval batch sizes (1 is its default)")
     args = parser.parse_args()
-    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    from armu_jax.runtime import go_offline
+    go_offline()
 
     import numpy as np
     import lm_eval

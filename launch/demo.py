@@ -16,30 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-from absl import flags
-
-from armu_jax.config import config_with, define_flags
+from armu_jax.config import from_flagfile
 from armu_jax.embedded import smollm2_dir
 from armu_jax.errors import UserError
 from armu_jax.evaluate import evaluate_tasks, scorer_for
 from armu_jax.hf_io import load_hf
-from armu_jax.main import enable_compilation_cache
+from armu_jax.runtime import enable_compilation_cache, go_offline
 from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
 from armu_jax.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 NLL_TOKENS = 64  # held-out NLL over each extract's first 64 tokens
-
-
-def demo_settings() -> dict:
-    """configs/demo.flags as config_with() overrides."""
-    define_flags()
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["demo", f"--flagfile={ROOT / 'configs' / 'demo.flags'}"])
-    names = [f.name for f in flags.FLAGS.get_flags_for_module("armu_jax.config")]
-    settings = {n: flags.FLAGS[n].value for n in names if flags.FLAGS[n].present}
-    flags.FLAGS.unparse_flags()
-    return settings
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -101,11 +88,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<time>)")
     args = parser.parse_args(argv)
     began = time.time()
+    go_offline()
     enable_compilation_cache()
     out = Path(args.output_dir) if args.output_dir else ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new --output_dir")
-    settings = demo_settings()
+    flagfile = ROOT / "configs" / "demo.flags"
     print(f"armu_jax demo: writing to {out}")
     tasks = load_tasks(["demo"])
 
@@ -114,15 +102,14 @@ def main(argv=None) -> int:
     results = {"original": evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)}
 
     print("[2/4] Adaptive RMU (configs/demo.flags)")
-    adaptive = run(config_with(**settings, output_dir=str(out / "adaptive_rmu")))
+    adaptive = run(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")))
     curves = {"adaptive_rmu": _metrics(adaptive)}
     first = {}
     for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
     coeff = sum(first.values()) / len(first)
     print(f"[3/4] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
-    rmu = run(config_with(**{**settings, "method": "rmu", "steering_coeffs": [f"{coeff:.4f}"]},
-                          output_dir=str(out / "rmu")))
+    rmu = run(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")))
     curves["rmu"] = _metrics(rmu)
 
     print("[4/4] evaluating the unlearned models")

@@ -6,23 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
 
-from armu_jax.config import define_flags, from_flags
+from armu_jax.config import from_flagfile
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("flagfile", sorted((ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
 def test_shipped_flagfiles_parse(flagfile):
-    define_flags()
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["main", f"--flagfile={flagfile}", "--output_dir=/tmp/unused"])
-    cfg = from_flags()
+    cfg = from_flagfile(flagfile, output_dir="/tmp/unused")
     layer = 5 if flagfile.name == "demo.flags" else 7  # the demo's layer was searched on SmolLM2 (README)
     assert cfg.n_topics == 2 and len(cfg.alpha) == 2 and cfg.update_layer_ids == (layer - 2, layer - 1, layer)
     assert cfg.layer_id == layer and cfg.batch_size == 4
-    flags.FLAGS.unparse_flags()
+    assert from_flagfile(flagfile, layer_id=9, output_dir="x").layer_id == 9  # overrides win over the file
 
 
 def _main(*args):

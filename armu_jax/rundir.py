@@ -1,0 +1,73 @@
+"""The run directory: checked before anything is written, locked while a run uses it.
+
+Layout: flags.txt (a flagfile of the run), control_vectors.npy, metrics.jsonl, tb/ (TensorBoard),
+checkpoints/ (orbax), hf/ (the final Hugging Face export), .lock (held by the running process).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile
+from armu_jax.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+def check(cfg: RunConfig) -> Path:
+    """The run directory of cfg, refused (before anything is written) when it cannot be used as asked."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; pass a directory")
+    non_empty = out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+    if non_empty and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"--output_dir {out} exists and is not empty; pass --resume to continue it, "
+                        "--overwrite to start afresh, or choose a new directory")
+    if cfg.resume:
+        if not (out / "checkpoints").is_dir() or not (out / "flags.txt").is_file():
+            raise UserError(f"--resume: {out} has no checkpoints/ and flags.txt to resume from")
+        changed = differences(from_flagfile(out / "flags.txt"), cfg)
+        if changed and not cfg.allow_flag_changes:
+            raise UserError(f"--resume with settings that differ from {out / 'flags.txt'}: " + "; ".join(changed)
+                            + "; rerun with the run's settings (--flagfile=" + str(out / "flags.txt")
+                            + " --resume) or add --allow_flag_changes to continue anyway")
+    return out
+
+
+class RunLock:
+    """An exclusive lock on the run directory (flock on <dir>/.lock, released when the process ends)."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UserError(f"--output_dir {out} is in use by another run (pid {holder}); wait for it to "
+                            "finish or choose another directory") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def clear(out: Path) -> None:
+    """--overwrite: remove everything in the (locked) run directory except its lock."""
+    for item in out.iterdir():
+        if item.name == LOCK_NAME:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+def write_flagfile(out: Path, cfg: RunConfig) -> None:
+    (out / "flags.txt").write_text(flagfile_text(cfg))

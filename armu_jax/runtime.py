@@ -1,0 +1,31 @@
+"""Process set-up shared by every command: offline Hugging Face libraries and the XLA compilation cache."""
+from __future__ import annotations
+
+import os
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def go_offline() -> None:
+    """Nothing is ever downloaded from a hub: transformers, datasets and lm-eval read local files only."""
+    os.environ.update(OFFLINE)
+
+
+def load_cached_dataset(name: str, config: str | None, split: str, what: str, fix: str):
+    """A Hugging Face dataset from the local cache only; one error line (what, fix) when it is not there."""
+    go_offline()
+    try:
+        import datasets
+        return datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises many types when offline and uncached
+        from armu_jax.errors import UserError
+        raise UserError(f"{what}: {name} is not in the local Hugging Face datasets cache and nothing is "
+                        f"downloaded ({type(err).__name__}); {fix}") from None
+
+
+def enable_compilation_cache() -> None:
+    """Persist XLA compilations under the cache dir: a rerun skips recompiling the same shapes."""
+    import jax
+    from armu_jax.embedded import cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
