@@ -9,7 +9,10 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
     def __init__(self, directory: Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Synchronous: a save that fails (full disk, unwritable directory) raises at that step, so the
+        # run knows exactly which checkpoint is the last good one. The state saved is only the
+        # trainable leaves and their optimizer moments, small next to the model.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
     def latest_step(self) -> int | None:

@@ -224,8 +224,6 @@ def validate(cfg: RunConfig, model_cfg=None) -> None:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     if any(a < 0 for a in cfg.alpha):
         raise UserError("--alpha values must be >= 0")
-    if cfg.mode == "train" and not cfg.output_dir:
-        raise UserError("--output_dir is required: the run directory for metrics, checkpoints and the export")
     if any(l < 0 for l in cfg.update_layer_ids) or cfg.layer_id < 0:
         raise UserError(f"--layer_id={cfg.layer_id} / --update_layer_ids must be >= 0")
     if max(cfg.update_layer_ids) > cfg.layer_id:

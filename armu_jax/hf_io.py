@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from armu_jax.errors import RunFailure, UserError
@@ -90,9 +90,10 @@ def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.Pat
         tensors[key] = jnp.asarray(value.T if transpose else value)
     try:
         _write_atomically(tensors, source_dir, out_dir, dtype)
-    except OSError as err:
-        raise RunFailure(f"export to {out_dir} failed: {err.strerror or err} ({err.filename or out_dir}); "
-                         "nothing was replaced, an earlier export there is intact") from None
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error type
+        reason = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) else str(err)
+        raise RunFailure(f"export to {out_dir} failed: {reason}; nothing was replaced, an earlier export "
+                         "there is intact") from None
     return out_dir
 
 

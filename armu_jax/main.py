@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 
 from armu_jax.config import define_flags, from_flag_values
-from armu_jax.errors import run_cli
+from armu_jax.errors import USAGE_EXIT, run_cli
 from armu_jax.runtime import enable_compilation_cache, go_offline
 
 define_flags()
@@ -25,6 +26,15 @@ def dispatch() -> None:
         print(f"armu_jax: run written to {run(cfg)}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its errors (unknown flag, bad value, missing flagfile) as one line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {err}; see python -m armu_jax.main --helpfull", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -38,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

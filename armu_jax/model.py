@@ -90,21 +90,27 @@ def _dense(features, name, dtype, param_dtype, dot_block=0):
                     dot_general=blocked_dot_general(dot_block) if dot_block else None)
 
 
-class Attention(nn.Module):
+class _Block(nn.Module):
+    """What every part of a decoder layer is configured with."""
     cfg: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     dot_block: int = 0
 
+    def dense(self, features: int, name: str):
+        return _dense(features, name, self.dtype, self.param_dtype, self.dot_block)
+
+
+class Attention(_Block):
     @nn.compact
     def __call__(self, x, cos, sin, allowed):
         cfg = self.cfg
         batch, length, _ = x.shape
         kv, hd = cfg.num_key_value_heads, cfg.head_dim
         groups = cfg.num_attention_heads // kv
-        q = _dense(cfg.num_attention_heads * hd, "q_proj", self.dtype, self.param_dtype, self.dot_block)(x)
-        k = _dense(kv * hd, "k_proj", self.dtype, self.param_dtype, self.dot_block)(x)
-        v = _dense(kv * hd, "v_proj", self.dtype, self.param_dtype, self.dot_block)(x)
+        q = self.dense(cfg.num_attention_heads * hd, "q_proj")(x)
+        k = self.dense(kv * hd, "k_proj")(x)
+        v = self.dense(kv * hd, "v_proj")(x)
         q = apply_rope(q.reshape(batch, length, cfg.num_attention_heads, hd), cos, sin)
         k = apply_rope(k.reshape(batch, length, kv, hd), cos, sin)
         v = v.reshape(batch, length, kv, hd)
@@ -118,28 +124,18 @@ class Attention(nn.Module):
         # HF SDPA semantics: a query with no visible key (left padding) attends to nothing.
         probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_attention_heads * hd)
-        return _dense(cfg.hidden_size, "o_proj", self.dtype, self.param_dtype, self.dot_block)(out)
+        return self.dense(cfg.hidden_size, "o_proj")(out)
 
 
-class MLP(nn.Module):
-    cfg: ModelConfig
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    dot_block: int = 0
-
+class MLP(_Block):
     @nn.compact
     def __call__(self, x):
-        gate = _dense(self.cfg.intermediate_size, "gate_proj", self.dtype, self.param_dtype, self.dot_block)(x)
-        up = _dense(self.cfg.intermediate_size, "up_proj", self.dtype, self.param_dtype, self.dot_block)(x)
-        return _dense(self.cfg.hidden_size, "down_proj", self.dtype, self.param_dtype, self.dot_block)(nn.silu(gate) * up)
+        gate = self.dense(self.cfg.intermediate_size, "gate_proj")(x)
+        up = self.dense(self.cfg.intermediate_size, "up_proj")(x)
+        return self.dense(self.cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
-    cfg: ModelConfig
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    dot_block: int = 0
-
+class DecoderLayer(_Block):
     @nn.compact
     def __call__(self, h, cos, sin, allowed):
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)

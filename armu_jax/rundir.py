@@ -18,6 +18,8 @@ LOCK_NAME = ".lock"
 
 def check(cfg: RunConfig) -> Path:
     """The run directory of cfg, refused (before anything is written) when it cannot be used as asked."""
+    if not cfg.output_dir:
+        raise UserError("--output_dir is required: the run directory for metrics, checkpoints and the export")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a directory")

@@ -119,6 +119,7 @@ def run(cfg: RunConfig) -> Path:
 
 
 def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int, evaluator, is_main: bool):
+    interrupt = Interrupt()
     state = compiled.init(frozen)
     checkpointer = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
@@ -135,7 +136,6 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
 
-    interrupt = Interrupt()
     began = time.time()
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=f"{cfg.method} l={cfg.layer_id}",
                disable=not is_main)

@@ -32,13 +32,12 @@ def make_sides(steps: int, max_len: int):
     import torch.nn.functional as F
     import transformers
 
-    from armu_jax import sharding
+    from armu_jax.config import config_with
     from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
     from armu_jax.embedded import smollm2_dir
     from armu_jax.hf_io import load_hf
-    from armu_jax.model import LlamaForCausalLM
-    from armu_jax.optimizer import make_optimizer
-    from armu_jax.step import StepSpec, init_state, make_step, trainable_paths, truncate_params
+    from armu_jax.sharding import make_mesh
+    from armu_jax.step import build_step
     from reference_rmu import HFAdamW, forward_with_cache
 
     layer, lr, alpha, beta = 7, 5e-5, 1200.0, 5.0
@@ -50,22 +49,18 @@ def make_sides(steps: int, max_len: int):
     tokenizer = load_tokenizer(model_dir)
 
     def jax_side():
-        cfg, params = load_hf(model_dir)
+        model_cfg, params = load_hf(model_dir, upto_layer=layer)
         data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none")
-        paths = trainable_paths(params, (5, 6, 7), ("mlp.down_proj",))
-        frozen = truncate_params(params, layer)
-        del params
-        optimizer = make_optimizer("hf_adamw", lr)
-        state = init_state(frozen, paths, optimizer, 2)
-        spec = StepSpec(LlamaForCausalLM(cfg), layer, 5, "adaptive_rmu", "first_batch", beta, (6.5, 6.5),
-                        (alpha, alpha))
-        step_fn = jax.jit(make_step(spec, optimizer, vectors), donate_argnums=0)
-        holder = {"state": state}
+        cfg = config_with(layer_id=layer, lr=lr, alpha=[alpha], beta=beta, method="adaptive_rmu",
+                          adaptive_coeff="first_batch")
+        compiled = build_step(cfg, model_cfg, params, make_mesh(cfg.mesh), vectors)
+        frozen = jax.device_put(params, compiled.params_shardings)
+        holder = {"state": compiled.init(frozen)}
 
         def step(i):
             b = data.batch(i)
-            holder["state"], metrics = step_fn(holder["state"], frozen,
-                                               {"topic": np.int32(b.topic), "forget": b.forget, "retain": b.retain})
+            holder["state"], metrics = compiled.step(holder["state"], frozen,
+                                                     compiled.device_batch(b.topic, b.forget, b.retain))
             return float(metrics["loss"])
         return step
 

@@ -1,7 +1,9 @@
-"""Test set-up: 8 fake CPU devices for mesh tests, everything offline."""
+"""Test set-up: 8 fake CPU devices for mesh tests (added to any XLA_FLAGS given, e.g. a baseline ISA),
+everything offline."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

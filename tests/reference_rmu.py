@@ -71,8 +71,10 @@ class HFAdamW:
 
 def run_reference(model_dir, forget_texts, retain_texts, control_vectors, *, method, layer_id, steps, lr,
                   alphas, steering_coeffs=None, beta=5.0, adaptive_coeff="first_batch", batch_size=4,
-                  forget_max_len=(512, 768), retain_max_len=512, after_first=False):
-    """after_first: our variant --loss_mask=tokens_after_first --norm_skip_first (means over real
+                  forget_max_len=(512, 768), retain_max_len=512, after_first=False, perturb=False):
+    """perturb: start the updated model's trained weights one float32 ulp away from the frozen ones
+    (toward +inf), the smallest change of an input, to measure how much the trajectory amplifies
+    last-bit differences. after_first: our variant --loss_mask=tokens_after_first --norm_skip_first (means over real
     tokens except each row's first, in the losses and the adaptive norm). Returns (per-step dicts of loss/forget_loss/retain_loss/coeff, {layer: final down_proj weight})."""
     torch.manual_seed(0)
     frozen = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -83,8 +85,11 @@ def run_reference(model_dir, forget_texts, retain_texts, control_vectors, *, met
     for p in updated.parameters():
         p.requires_grad_(False)
     trained = [updated.model.layers[i].mlp.down_proj.weight for i in layers]
-    for p in trained:
-        p.requires_grad_(True)
+    with torch.no_grad():
+        for p in trained:
+            if perturb:
+                p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+            p.requires_grad_(True)
     optimizer = HFAdamW(trained, lr=lr)
     frozen_module, updated_module = frozen.model.layers[layer_id], updated.model.layers[layer_id]
     forget = [[t[i:i + batch_size] for i in range(0, len(t), batch_size)] for t in forget_texts]

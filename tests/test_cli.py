@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("flagfile", sorted((ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
 def test_shipped_flagfiles_parse(flagfile):
-    cfg = from_flagfile(flagfile, output_dir="/tmp/unused")
+    cfg = from_flagfile(flagfile)
     layer = 5 if flagfile.name == "demo.flags" else 7  # the demo's layer was searched on SmolLM2 (README)
     assert cfg.n_topics == 2 and len(cfg.alpha) == 2 and cfg.update_layer_ids == (layer - 2, layer - 1, layer)
     assert cfg.layer_id == layer and cfg.batch_size == 4
-    assert from_flagfile(flagfile, layer_id=9, output_dir="x").layer_id == 9  # overrides win over the file
+    assert from_flagfile(flagfile, layer_id=9).layer_id == 9  # overrides win over the file
 
 
 def _main(*args):
@@ -48,6 +48,8 @@ def _bad_cases(tmp: Path):
         "native eval of a bad file": (["--mode=eval", f"--eval_tasks={empty}.jsonl"], "does not exist"),
         "lm-eval without a cached dataset": (["--mode=lm_eval", "--eval_tasks=wmdp_bio"],
                                              "not in the local HF cache"),
+        "lm-eval on a mesh": (["--mode=lm_eval", "--mesh=fsdp:2"], "applies to the JAX evaluator"),
+        "missing flagfile": ([f"--flagfile={tmp / 'nope.flags'}"], "nope.flags"),
     }
 
 
@@ -56,7 +58,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     args, message = _bad_cases(tmp_path)[case]
     out = tmp_path / "run"
     result = _main(f"--output_dir={out}", *args)
-    assert result.returncode != 0
+    assert result.returncode == 2  # usage errors exit 2; failures during a run exit 1 (test_failures)
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
     assert not out.exists()
@@ -67,7 +69,7 @@ def test_existing_output_dir_is_refused_and_kept(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     result = _main(f"--output_dir={out}", "--max_num_batches=1")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
     assert "exists and is not empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["precious.txt"]

@@ -106,7 +106,7 @@ def test_malformed_wmdp_file_is_one_clear_error(tmp_path, content, message):
 def test_bad_evaluation_sources_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_tasks([f"wmdp_cyber:{tmp_path / 'missing.jsonl'}"])
-    with pytest.raises(UserError, match="cais/wmdp is not in the local HF datasets cache"):
+    with pytest.raises(UserError, match="cais/wmdp is not in the local Hugging Face datasets cache"):
         load_tasks(["wmdp_bio"])
     with pytest.raises(UserError, match="no <subject>_test.csv files"):
         load_tasks([f"mmlu:{tmp_path}"])

@@ -31,6 +31,35 @@ def _corpus_files(tmp_path):
     return [str(tmp_path / "bio.jsonl"), str(tmp_path / "cyber.jsonl")], str(tmp_path / "retain.txt")
 
 
+TIGHT = 1e-5  # relative agreement on well-conditioned settings (the reference's lr 5e-5)
+AMPLIFICATION_MARGIN = 10
+
+
+def _tolerances(want, perturbed):
+    """Per step and metric, the relative tolerance: TIGHT, or AMPLIFICATION_MARGIN times how far two
+    reference runs drift apart when their inputs differ in the last bit (trained weights one ulp
+    apart), taken as the running maximum over steps, whichever is larger.
+
+    Where a metric is well conditioned (the forget loss and the coefficient: drift ~1e-7) this is
+    TIGHT. The retain loss is not: it measures the tiny gap between the updated and the frozen
+    activations, so last bits matter (at lr 5e-5 the drift is 2.5e-4 at step 1), and at lr 1e-3 the
+    trajectory amplifies them (the retain loss jumps 4 -> 159). JAX and torch round every operation
+    differently, not one input; measured on the test machine their gap stayed within 2x of that
+    drift (2.9e-4 vs 2.5e-4 at lr 5e-5; 2.6e-5 vs 9.1e-5 at step 6 of the rmu run at lr 1e-3, where
+    1.2e-4 on another CPU failed a fixed 1e-4), so 10x covers CPU models whose float32 code rounds
+    differently, without letting a real error (a wrong mask, eps or coefficient: >= 1e-3) through.
+    """
+    tolerances, envelope = [], {}
+    for ref, other in zip(want, perturbed):
+        row = {}
+        for key in ("loss", "forget_loss", "retain_loss", "coeff"):
+            drift = abs(other[key] - ref[key]) / max(abs(ref[key]), 1e-12)
+            envelope[key] = max(envelope.get(key, 0.0), drift)
+            row[key] = max(TIGHT, AMPLIFICATION_MARGIN * envelope[key])
+        tolerances.append(row)
+    return tolerances
+
+
 def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, steering, max_len,
              after_first=False):
     forget, retain = _corpus_files(tmp_path)
@@ -48,30 +77,34 @@ def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, s
                       norm_skip_first=after_first)
     run(cfg)
     ours = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    want, weights = run_reference(
+    reference = lambda perturb: run_reference(
         model_dir, [read_corpus(f) for f in forget], [read_corpus(retain)] * 2, vectors, method=method,
         layer_id=layer_id, steps=STEPS, lr=lr, alphas=[alpha] * 2, steering_coeffs=[steering] * 2,
-        adaptive_coeff=adaptive_coeff, forget_max_len=max_len, retain_max_len=max_len[0], after_first=after_first)
+        adaptive_coeff=adaptive_coeff, forget_max_len=max_len, retain_max_len=max_len[0], after_first=after_first,
+        perturb=perturb)
+    want, weights = reference(False)
+    tolerances = _tolerances(want, reference(True)[0])
     assert len(ours) == STEPS
     worst = 0.0
-    for got, ref in zip(ours, want):
+    for got, ref, tol in zip(ours, want, tolerances):
         for key in ("loss", "forget_loss", "retain_loss", "coeff"):
-            # Relative 1e-4; the retain loss is 0 at step 0 (identical models), where float32
-            # rounding of the two compiled paths leaves ~1e-9, hence the absolute floor.
-            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (got["step"], key)
+            # The retain loss is 0 at step 0 (identical models), where float32 rounding of the two
+            # compiled paths leaves ~1e-9, hence the absolute floor.
+            assert got[key] == pytest.approx(ref[key], rel=tol[key], abs=1e-6), (got["step"], key, tol[key])
             if abs(ref[key]) > 1e-3:
-                worst = max(worst, abs(got[key] - ref[key]) / abs(ref[key]))
+                worst = max(worst, abs(got[key] - ref[key]) / abs(ref[key]) / tol[key])
     exported = load_file(out / "hf" / "model.safetensors")
     original = load_file(model_dir / "model.safetensors")
+    weight_tol = max(tolerances[-1].values())
     for layer, weight in weights.items():
         key = f"model.layers.{layer}.mlp.down_proj.weight"
         moved = np.abs(weight - original[key]).max()
         assert moved > 0
-        assert np.abs(exported[key] - weight).max() <= 1e-4 * np.abs(weight).max()
         assert np.abs(exported[key] - weight).max() <= 1e-2 * moved  # agreement far below the update size
+        assert np.abs(exported[key] - weight).max() <= 10 * weight_tol * np.abs(weight).max()
     changed = {k for k in original if not np.array_equal(original[k], exported[k])}
     assert changed == {f"model.layers.{l}.mlp.down_proj.weight" for l in weights}
-    print(f"{method}/{adaptive_coeff}: worst relative metric diff {worst:.2e}")
+    print(f"{method}/{adaptive_coeff}: worst metric diff {worst:.2f} of its tolerance")
 
 
 @pytest.mark.parametrize("method,adaptive_coeff", MODES)
@@ -82,8 +115,15 @@ def test_tiny_model_matches_reference(tmp_path, smollm2_dir, method, adaptive_co
 
 
 @pytest.mark.parametrize("method,adaptive_coeff", MODES)
-def test_smollm2_matches_reference(tmp_path, smollm2_dir, method, adaptive_coeff):
-    _compare(tmp_path, smollm2_dir, method, adaptive_coeff, layer_id=3, lr=1e-3, alpha=100.0, steering=60.0,
+def test_smollm2_matches_reference_at_reference_settings(tmp_path, smollm2_dir, method, adaptive_coeff):
+    """lr 5e-5, alpha 1200, c 6.5: the forget loss and the coefficient agree to TIGHT."""
+    _compare(tmp_path, smollm2_dir, method, adaptive_coeff, layer_id=3, lr=5e-5, alpha=1200.0, steering=6.5,
+             max_len=[64, 48])
+
+
+def test_smollm2_matches_reference_on_a_chaotic_trajectory(tmp_path, smollm2_dir):
+    """lr 1e-3, alpha 100: the retain loss jumps 4 -> 159; tolerance from the measured last-bit drift."""
+    _compare(tmp_path, smollm2_dir, "rmu", "first_batch", layer_id=3, lr=1e-3, alpha=100.0, steering=60.0,
              max_len=[64, 48])
 
 

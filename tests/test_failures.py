@@ -1,0 +1,179 @@
+"""The failures users hit: each is one line, exit 2 (usage) or 1 (during the run), and nothing is lost."""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from armu_jax.data import read_corpus, tokenize
+from armu_jax.errors import UserError
+from helpers import tiny_hf_model
+from test_run import _settings, _tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(settings: dict) -> list[str]:
+    return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
+
+
+def _main(settings: dict, *extra, preexec_fn=None, wait=True):
+    cmd = [sys.executable, "-m", "armu_jax.main", *_args(settings), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
+def _one_error_line(result, code: int, message: str) -> str:
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert result.returncode == code, result.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-3000:]
+    assert not any(l.startswith("Traceback") for l in lines), result.stderr[-3000:]
+    return lines[-1]
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def finished_run(tmp_path, smollm2_dir):
+    """A finished 4-step run of the tiny model: checkpoints at steps 2 and 4, an export."""
+    settings = _settings(_tiny(tmp_path, smollm2_dir), max_num_batches=4, checkpoint_every=2,
+                         output_dir=str(tmp_path / "run"))
+    result = _main(settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return settings, tmp_path / "run"
+
+
+def test_resume_with_other_settings_is_refused_then_allowed(finished_run):
+    settings, out = finished_run
+    before = _snapshot(out)
+    line = _one_error_line(_main(settings, "--resume", "--lr=0.002", "--beta=3"), 2,
+                           "--resume with settings that differ")
+    assert "--lr: run has 0.001, now 0.002" in line and "--beta: run has 5.0, now 3.0" in line
+    assert _snapshot(out) == before
+    # Output, logging and evaluation settings may change; with --allow_flag_changes anything may.
+    assert _main(settings, "--resume", "--log_every=2", "--keep_checkpoints=5").returncode == 0
+    resumed = _main(settings, "--resume", "--lr=0.002", "--max_num_batches=6", "--allow_flag_changes")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(6))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smollm2_dir):
+    out = tmp_path / "run"
+    settings = _settings(_tiny(tmp_path, smollm2_dir), max_num_batches=8, checkpoint_every=1, lr=1e30,
+                         output_dir=str(out))
+    line = _one_error_line(_main(settings), 1, "is not finite")
+    step = int(line.split("step ")[1].split(":")[0])
+    assert step >= 1 and f"the last good checkpoint is step {step}" in line
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == step  # the state after the bad step was never saved
+    assert not (out / "hf").exists()
+
+
+def _immutable(path: Path, on: bool) -> None:
+    """Make a directory unwritable, also for root (chattr), else by permissions."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+
+def test_unwritable_checkpoint_dir_fails_with_checkpoints_and_export_intact(finished_run):
+    settings, out = finished_run
+    before = _snapshot(out)
+    _immutable(out / "checkpoints", True)
+    try:
+        result = _main(settings, "--resume", "--max_num_batches=8", "--allow_flag_changes")
+    finally:
+        _immutable(out / "checkpoints", False)
+    line = _one_error_line(result, 1, "could not be written")
+    assert "the checkpoint of step 4 is intact" in line
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if not k.startswith(("metrics", "tb/"))} == \
+        {k: v for k, v in before.items() if not k.startswith(("metrics", "tb/"))}
+
+
+def _file_size_limit(limit: int):
+    """A full disk, portably: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_during_export_keeps_the_earlier_export(finished_run):
+    settings, out = finished_run
+    export_before = _snapshot(out / "hf")
+    result = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes",
+                   preexec_fn=_file_size_limit(4 << 20))  # the export's weights are 12 MB
+    line = _one_error_line(result, 1, "export to")
+    assert "an earlier export there is intact" in line
+    assert _snapshot(out / "hf") == export_before
+    assert not [p for p in out.iterdir() if p.name.startswith(".hf.")]  # no half-written export left
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6  # the run itself finished and was checkpointed
+
+
+def test_second_run_on_the_same_directory_is_refused(tmp_path, smollm2_dir):
+    out = tmp_path / "run"
+    settings = _settings(_tiny(tmp_path, smollm2_dir), max_num_batches=300, checkpoint_every=0, output_dir=str(out))
+    first = _main(settings, wait=False)
+    deadline = time.time() + 240
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # paused inside its loop, holding the lock
+    assert first.poll() is None, first.stderr.read()[-2000:]
+    flags_before = (out / "flags.txt").read_bytes()
+    second = _main(settings, "--overwrite")
+    line = _one_error_line(second, 2, "is in use by another run")
+    assert f"(pid {first.pid})" in line
+    first.send_signal(signal.SIGTERM)  # the first run checkpoints where it is and stops, untouched
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 1
+    assert (out / "flags.txt").read_bytes() == flags_before
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(len(steps))) and (out / "checkpoints" / str(len(steps))).is_dir()
+
+
+def test_sequence_longer_than_the_sliding_window_is_refused_before_writing(tmp_path, smollm2_dir):
+    model = tiny_hf_model(tmp_path, "mistral", 2, layers=4, vocab=49152)  # sliding window 64
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, model / name)
+    out = tmp_path / "run"
+    settings = _settings(model, forget_max_len=[128], output_dir=str(out))
+    _one_error_line(_main(settings), 2, "exceed the model's sliding window of 64")
+    assert not out.exists()
+
+
+def test_corpus_files_follow_the_documented_rules(tmp_path, smollm2_dir):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nbroken \xff byte\n")
+    with pytest.raises(UserError, match=r"bad.txt:2: not valid UTF-8"):
+        read_corpus(str(bad))
+    record = tmp_path / "records.jsonl"
+    record.write_text('{"text": "a"}\n{"title": "no text"}\n')
+    with pytest.raises(UserError, match=r"records.jsonl:2: a JSON object without a string 'text' field"):
+        read_corpus(str(record))
+    for suffix in (".txt", ".jsonl"):  # CRLF files give the texts of their LF twins
+        lf, crlf = tmp_path / f"lf{suffix}", tmp_path / f"crlf{suffix}"
+        lines = ['{"text": "one"}', "raw line two", "three"]
+        lf.write_bytes("\n".join(lines).encode() + b"\n")
+        crlf.write_bytes("\r\n".join(lines).encode() + b"\r\n")
+        assert read_corpus(str(crlf)) == read_corpus(str(lf))
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"text": "word " * 2_000_000}) + "\n")  # one 10 MB line
+    from armu_jax.data import load_tokenizer
+    texts = read_corpus(str(huge))
+    assert len(texts) == 1 and len(texts[0]) == 10_000_000
+    batch = tokenize(load_tokenizer(smollm2_dir), texts, 64, 4, 64, "none")
+    assert batch["attention_mask"][0].sum() == 64  # truncated to the max length like any text
