@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export ARMU_CACHE ?= $(HOME)/.cache/armu_jax
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-portable setup bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The numerical tests again with XLA's CPU code limited to a baseline ISA and without fast math:
+# the float32 rounding of another CPU model, on this one.
+test-portable: $(STAMP)
+	XLA_FLAGS="--xla_cpu_max_isa=SSE4_2 --xla_cpu_enable_fast_math=false" \
+	  $(PY) -m pytest -q tests/test_model.py tests/test_unlearning.py tests/test_run.py tests/test_evaluate.py
 
 bench: $(STAMP)
 	$(PY) bench/step_time.py

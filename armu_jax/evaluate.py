@@ -234,5 +234,6 @@ def evaluate_cli(cfg) -> None:
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"model": str(model_dir), "results": results}, indent=2))
+        (out / "eval.json").write_text(json.dumps({"model": str(model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
+                                                   "results": results}, indent=2))
         print(f"wrote {out / 'eval.json'}")

@@ -115,3 +115,25 @@ def test_bad_evaluation_sources_are_clear_errors(tmp_path):
         load_tasks([f"mmlu:{tmp_path}"])
     with pytest.raises(UserError, match="unknown evaluation task"):
         load_tasks(["hellaswagg"])
+
+
+def test_bf16_export_evaluated_in_bf16_on_a_mesh(tmp_path, smollm2_dir):
+    """--dtype and --mesh reach the evaluator: a bf16 export scored in bf16 with params sharded over
+    data:2,fsdp:4 chooses the answers the float32 model chooses, up to bf16 rounding."""
+    from armu_jax.hf_io import export_hf, load_hf
+    from armu_jax.sharding import make_mesh
+    import jax.numpy as jnp
+    bf16 = export_hf(load_hf(smollm2_dir)[1], smollm2_dir, tmp_path / "bf16", dtype="bfloat16")
+    task = demo_task("bio").limited(24)
+    reference = scorer_for(smollm2_dir, batch_size=8).multiple_choice(task)
+    mesh = make_mesh("data:2,fsdp:4")
+    scorer = scorer_for(bf16, jnp.bfloat16, batch_size=8, mesh=mesh)
+    embedding = scorer.params["params"]["model"]["embed_tokens"]["embedding"]
+    assert embedding.dtype == jnp.bfloat16 and embedding.sharding.spec[0] == "fsdp"
+    assert len(embedding.addressable_shards) == 8 and embedding.addressable_shards[0].data.shape[0] == 49152 // 4
+    ours = scorer.multiple_choice(task)
+    lls, ref_lls = (np.array([d["loglikelihoods"] for d in r["docs"]]) for r in (ours, reference))
+    rel = np.abs(lls - ref_lls).max() / np.abs(ref_lls).max()
+    agree = np.mean([a["pred"] == b["pred"] for a, b in zip(ours["docs"], reference["docs"])])
+    print(f"bf16 on data:2,fsdp:4 vs float32: max relative loglikelihood diff {rel:.3f}, answers agree {agree:.2f}")
+    assert rel <= 0.05 and agree >= 0.8

@@ -83,7 +83,8 @@ def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, s
         adaptive_coeff=adaptive_coeff, forget_max_len=max_len, retain_max_len=max_len[0], after_first=after_first,
         perturb=perturb)
     want, weights = reference(False)
-    tolerances = _tolerances(want, reference(True)[0])
+    perturbed, perturbed_weights = reference(True)
+    tolerances = _tolerances(want, perturbed)
     assert len(ours) == STEPS
     worst = 0.0
     for got, ref, tol in zip(ours, want, tolerances):
@@ -95,13 +96,19 @@ def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, s
                 worst = max(worst, abs(got[key] - ref[key]) / abs(ref[key]) / tol[key])
     exported = load_file(out / "hf" / "model.safetensors")
     original = load_file(model_dir / "model.safetensors")
-    weight_tol = max(tolerances[-1].values())
     for layer, weight in weights.items():
         key = f"model.layers.{layer}.mlp.down_proj.weight"
-        moved = np.abs(weight - original[key]).max()
-        assert moved > 0
-        assert np.abs(exported[key] - weight).max() <= 1e-2 * moved  # agreement far below the update size
-        assert np.abs(exported[key] - weight).max() <= 10 * weight_tol * np.abs(weight).max()
+        update, ref_update = exported[key] - original[key], weight - original[key]
+        assert np.abs(ref_update).max() > 0
+        # The same update: its direction (cosine), and each element within the last-bit drift of
+        # the reference's own weights (Adam's m / (sqrt(v) + eps) at gradients near eps is where
+        # float32's last bits show first).
+        cosine = float((update * ref_update).sum() / np.linalg.norm(update) / np.linalg.norm(ref_update))
+        drift = np.abs(perturbed_weights[layer] - weight).max()
+        assert cosine >= 0.999, (layer, cosine)
+        print(f"layer {layer}: update cosine {cosine:.6f}, max weight diff "
+              f"{np.abs(exported[key] - weight).max():.2e} (last-bit drift {drift:.2e})")
+        assert np.abs(exported[key] - weight).max() <= AMPLIFICATION_MARGIN * drift + 1e-6 * np.abs(weight).max()
     changed = {k for k in original if not np.array_equal(original[k], exported[k])}
     assert changed == {f"model.layers.{l}.mlp.down_proj.weight" for l in weights}
     print(f"{method}/{adaptive_coeff}: worst metric diff {worst:.2f} of its tolerance")
