@@ -29,7 +29,8 @@ def setting(kind: str, default, help: str, choices=None, restartable: bool = Fal
 @dataclass(frozen=True)
 class RunConfig:
     mode: str = setting("enum", "train", "train: unlearn; eval: native JAX evaluation of --model; "
-                        "lm_eval: lm-eval's hf backend on --model.", ["train", "eval", "lm_eval"], True)
+                        "lm_eval: lm-eval's hf backend on --model; compile: ahead-of-time compile report of "
+                        "the step (memory per device, FLOPs).", ["train", "eval", "lm_eval", "compile"], True)
     method: str = setting("enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
     model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
@@ -61,6 +62,11 @@ class RunConfig:
                          ["float32", "bfloat16"])
     export_dtype: str = setting("enum", None, "dtype of the HF export (default: --dtype).", DTYPE_NAMES, True)
     mesh: str = setting("str", "data:1", "Device mesh, e.g. data:1, fsdp:-1, data:2,fsdp:4.")
+    multihost: bool = setting("bool", False, "Several processes (TPU pod workers, SLURM tasks): "
+                              "jax.distributed.initialize() finds the others from the environment.", restartable=True)
+    topology: str = setting("str", None, "--mode=compile: a TPU slice to compile for, e.g. v5e:2x4, v5e:4x4, "
+                            "v4:2x2x1 (needs libtpu; default: this machine's devices).", restartable=True)
+    xla_dump_dir: str = setting("str", None, "--mode=compile: dump the compiled HLO here.", restartable=True)
     output_dir: str = setting("str", None, "Run directory (must be new or empty unless --resume/--overwrite).", True)
     checkpoint_every: int = setting("int", 50, "Checkpoint every N steps (0: only at the end).", restartable=True)
     keep_checkpoints: int = setting("int", 3, "Newest checkpoints kept.", restartable=True)
@@ -81,6 +87,8 @@ class RunConfig:
     profile_start_step: int = setting("int", -1, "Start an XLA profiler trace at this step (-1: off).",
                                       restartable=True)
     profile_num_steps: int = setting("int", 3, "Steps in the profiler trace.", restartable=True)
+    profile_compile: bool = setting("bool", False, "Let the trace include the run's first step (its compilation); "
+                                    "by default a window starting there begins one step later.", restartable=True)
 
     @property
     def n_topics(self) -> int:

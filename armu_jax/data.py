@@ -153,11 +153,12 @@ class UnlearningData:
     """Forget/retain chunks per topic and the reference's step -> (topic, chunk) schedule."""
 
     def __init__(self, tokenizer, forget: list[list[str]], retain: list[list[str]], batch_size: int,
-                 forget_max_len: list[int], retain_max_len: int, pad_multiple: int, loss_mask: str):
+                 forget_max_len: list[int], retain_max_len: int, pad_multiple: int, loss_mask: str,
+                 rows: int | None = None):
         self.tokenizer = tokenizer
         self.forget = [chunk(t, batch_size) for t in forget]
         self.retain = [chunk(t, batch_size) for t in retain]
-        self.batch_size = batch_size
+        self.rows = rows or batch_size  # rows of a device batch (>= batch_size, see sharding.batch_rows)
         self.forget_max_len = forget_max_len
         self.retain_max_len = retain_max_len
         self.pad_multiple = pad_multiple
@@ -173,7 +174,7 @@ class UnlearningData:
 
     def batch(self, step: int) -> Batch:
         topic, index = step % self.n_topics, step // self.n_topics
-        make = lambda texts, max_len: tokenize(self.tokenizer, texts, max_len, self.batch_size,
+        make = lambda texts, max_len: tokenize(self.tokenizer, texts, max_len, self.rows,
                                                self.pad_multiple, self.loss_mask)
         return Batch(topic, make(self.forget[topic][index], self.forget_max_len[topic]),
                      make(self.retain[topic][index], self.retain_max_len))

@@ -55,9 +55,10 @@ class Scorer:
     def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_length: int = 2048,
                  mesh=None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
         # On a mesh the rows of a batch are split over data x fsdp (params are laid out by the caller).
-        self.rows = sharding.batch_sharding(mesh, batch_size) if mesh is not None else None
+        self.batch_size = sharding.batch_rows(mesh, batch_size) if mesh is not None else batch_size
+        self.rows = sharding.batch_sharding(mesh) if mesh is not None else None
+        self.max_length = max_length
 
     # -- lm-eval's request encoding (HFLM._encode_pair and _loglikelihood_tokens' truncation)
     def _tokens(self, text: str) -> list[int]:

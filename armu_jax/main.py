@@ -18,6 +18,9 @@ def dispatch() -> None:
     if cfg.mode == "eval":
         from armu_jax.evaluate import evaluate_cli
         evaluate_cli(cfg)
+    elif cfg.mode == "compile":
+        from armu_jax.compile_report import compile_cli
+        compile_cli(cfg)
     elif cfg.mode == "lm_eval":
         from armu_jax.harness import lm_eval_cli
         lm_eval_cli(cfg)
@@ -41,9 +44,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     go_offline()
     enable_compilation_cache()
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # multi-host (TPU pods, multi-node GPU)
-        import jax
+    import jax
+    if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):  # TPU pods, multi-node GPU
         jax.distributed.initialize()
+    if flags.FLAGS.dtype == "float32":  # exact float32 matmuls on GPU (no TF32) and TPU (no bf16 passes)
+        jax.config.update("jax_default_matmul_precision", "highest")
     run_cli(dispatch)
 
 

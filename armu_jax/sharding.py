@@ -1,7 +1,8 @@
 """The device mesh and the one table that says how every parameter is sharded.
 
 `--mesh` names axes and sizes, e.g. `data:1`, `fsdp:-1`, `data:2,fsdp:4` (at most one -1,
-which takes the remaining devices; a mesh smaller than the host uses its first devices). Batches are split over data x fsdp; parameters are
+which takes the remaining devices; a mesh smaller than the host uses its first devices). Batch
+rows are split over data x fsdp (padded with empty rows to a multiple of it); parameters are
 split over fsdp along the dimension the table names. A parameter that matches no rule is
 an error, never silently replicated.
 """
@@ -51,11 +52,13 @@ def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
     return {axis: sizes.get(axis, 1) for axis in AXES}
 
 
-def make_mesh(spec: str) -> Mesh:
-    sizes = parse_mesh(spec, jax.device_count())
-    count = math.prod(sizes.values())  # a mesh smaller than the host uses its first devices
-    devices = np.asarray(jax.devices()[:count]).reshape(tuple(sizes.values()))
-    return Mesh(devices, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+def make_mesh(spec: str, devices=None) -> Mesh:
+    """The mesh of --mesh over `devices` (default: this run's devices; or a TPU topology's, to compile for it)."""
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = parse_mesh(spec, len(devices))
+    count = math.prod(sizes.values())  # a mesh smaller than the device list uses its first devices
+    grid = np.asarray(devices[:count]).reshape(tuple(sizes.values()))
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -93,11 +96,16 @@ def state_shardings(state, mesh: Mesh, trainable_names):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+def batch_rows(mesh: Mesh, batch_size: int) -> int:
+    """Rows a batch is padded to: the next multiple of data x fsdp, so any chip count takes the
+    reference batch of 4. Padded rows carry zero loss weight and cost no more time per device than
+    splitting the rows over a divisor of the mesh would (each device holds at least one row)."""
     parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % parallel:
-        raise UserError(f"batch_size {batch_size} does not divide over the mesh's data x fsdp = {parallel} "
-                        "devices; use a batch size that is a multiple of it or a smaller mesh")
+    return -(-batch_size // parallel) * parallel
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over data x fsdp (pad them to batch_rows first)."""
     return NamedSharding(mesh, P(AXES))
 
 

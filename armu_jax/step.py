@@ -133,7 +133,7 @@ class CompiledStep:
     batch_shardings: dict
     abstract_state: object
     trainable: tuple[str, ...]
-    batch_size: int
+    rows: int  # batch rows on device: --batch_size padded to a multiple of data x fsdp
 
     def device_batch(self, topic: int, forget: dict, retain: dict) -> dict:
         tree = {"topic": np.int32(topic), "forget": forget, "retain": retain}
@@ -142,7 +142,7 @@ class CompiledStep:
     def abstract_batch(self, forget_length: int, retain_length: int) -> dict:
         """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles)."""
         def side(length, sh):
-            shape = (self.batch_size, length)
+            shape = (self.rows, length)
             return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
                     "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
                     "positions": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
@@ -175,7 +175,7 @@ def build_step(cfg, model_cfg: ModelConfig, frozen, mesh: jax.sharding.Mesh,
     abstract_state = jax.eval_shape(init, frozen)
     params_sh = sharding.param_shardings(frozen, mesh)
     state_sh = sharding.state_shardings(abstract_state, mesh, names)
-    rows = sharding.batch_sharding(mesh, cfg.batch_size)
+    rows = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
     batch_sh = {"topic": repl, "forget": rows, "retain": rows}
     spec = StepSpec(model, cfg.layer_id, min(cfg.update_layer_ids), cfg.method, cfg.adaptive_coeff, cfg.beta,
@@ -184,4 +184,5 @@ def build_step(cfg, model_cfg: ModelConfig, frozen, mesh: jax.sharding.Mesh,
                    out_shardings=(state_sh, repl), donate_argnums=0)
     return CompiledStep(step=step, init=jax.jit(init, out_shardings=state_sh), mesh=mesh,
                         params_shardings=params_sh, state_shardings=state_sh, batch_shardings=batch_sh,
-                        abstract_state=abstract_state, trainable=names, batch_size=cfg.batch_size)
+                        abstract_state=abstract_state, trainable=names,
+                        rows=sharding.batch_rows(mesh, cfg.batch_size))

@@ -64,6 +64,41 @@ class Interrupt:
         self.requested = True
 
 
+class ProfileWindow:
+    """--profile_start_step / --profile_num_steps: an XLA trace of those steps in <run>/profile (process 0).
+
+    Steps carry StepTraceAnnotation (xprof's step view); the trace is closed whatever ends the run
+    (last step, SIGTERM, error). A window starting at the first step this process runs begins one
+    step later unless --profile_compile: that step's time is compilation, not the step.
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, first_step: int, is_main: bool):
+        self.enabled = cfg.profile_start_step >= 0 and is_main
+        self.start = cfg.profile_start_step
+        if self.start == first_step and not cfg.profile_compile:
+            self.start += 1
+        self.last = self.start + cfg.profile_num_steps - 1
+        self.directory, self.active = out / "profile", False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.start:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.last:
+            self.close(state)
+
+    def close(self, state) -> None:
+        if self.active:
+            try:
+                jax.block_until_ready(state)
+            except RuntimeError:  # donated to a step that failed: nothing left to wait for
+                pass
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
@@ -89,7 +124,7 @@ def run(cfg: RunConfig) -> Path:
     compiled = build_step(cfg, model_cfg, frozen, mesh, vectors)
     tokenizer = load_tokenizer(model_dir)
     data = UnlearningData(tokenizer, forget, retain, cfg.batch_size, list(cfg.forget_max_len),
-                          cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask)
+                          cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows=compiled.rows)
     num_steps = data.num_steps(cfg.max_num_batches)
     eval_tasks = None
     if cfg.eval_every:  # bad evaluation files fail here, before the run directory is written
@@ -139,18 +174,16 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
     began = time.time()
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=f"{cfg.method} l={cfg.layer_id}",
                disable=not is_main)
-    profiling = cfg.profile_start_step >= 0 and is_main
+    profile = ProfileWindow(cfg, out, start, is_main)
     try:
         with jax.set_mesh(compiled.mesh), metrics_file.open("a") as log:
             for step in bar:
-                if profiling and step == cfg.profile_start_step:
-                    jax.profiler.start_trace(str(out / "profile"))
+                profile.before(step)
                 batch = data.batch(step)
-                state, metrics = compiled.step(state, frozen, compiled.device_batch(batch.topic, batch.forget,
-                                                                                    batch.retain))
-                if profiling and step == cfg.profile_start_step + cfg.profile_num_steps - 1:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = compiled.step(state, frozen, compiled.device_batch(batch.topic, batch.forget,
+                                                                                        batch.retain))
+                profile.after(step, state)
                 record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
                           "seconds": round(time.time() - began, 3)}
                 bad = [k for k in WATCHED if not math.isfinite(record[k])]
@@ -181,6 +214,7 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
                 if interrupt.requested:
                     raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
     finally:
+        profile.close(state)
         bar.close()
         _close(checkpointer, saved, out)
         if writer:

@@ -50,10 +50,11 @@ def make_sides(steps: int, max_len: int):
 
     def jax_side():
         model_cfg, params = load_hf(model_dir, upto_layer=layer)
-        data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none")
         cfg = config_with(layer_id=layer, lr=lr, alpha=[alpha], beta=beta, method="adaptive_rmu",
                           adaptive_coeff="first_batch")
         compiled = build_step(cfg, model_cfg, params, make_mesh(cfg.mesh), vectors)
+        data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none",
+                              rows=compiled.rows)
         frozen = jax.device_put(params, compiled.params_shardings)
         holder = {"state": compiled.init(frozen)}
 

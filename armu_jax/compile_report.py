@@ -1,0 +1,129 @@
+"""--mode=compile: the step of a flagfile compiled ahead of time, for a TPU topology or this machine.
+
+The step is the one train.run runs (step.build_step), lowered on abstract parameters of the
+model's shapes, read from its config.json alone (no weights: configs/models/ has Zephyr-7B and
+Llama-3-8B). With --topology (e.g. v5e:2x4) it is compiled for that TPU slice through libtpu's
+topology description, which works on a machine without TPUs (`pip install 'jax[tpu]==0.10.2'`).
+XLA's memory analysis gives the bytes per device, its cost analysis the FLOPs of a step.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from armu_jax import sharding
+from armu_jax.config import RunConfig, validate
+from armu_jax.embedded import resolve_model
+from armu_jax.errors import UserError
+from armu_jax.hf_io import parse_dtype
+from armu_jax.model import LlamaForCausalLM
+from armu_jax.model_config import ModelConfig
+from armu_jax.params import truncate
+from armu_jax.step import build_step
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int
+    bf16_flops: float  # peak per chip
+
+
+# Published per-chip HBM and bf16 peak (Cloud TPU system architecture pages).
+CHIPS = {"v4": Chip(32 * GIB, 275e12), "v5e": Chip(16 * GIB, 197e12), "v5p": Chip(95 * GIB, 459e12),
+         "v6e": Chip(32 * GIB, 918e12)}
+
+
+def topology_devices(topology: str):
+    """The devices of a TPU topology such as v5e:2x4 (no TPU needed, libtpu is)."""
+    generation = topology.split(":")[0]
+    if generation not in CHIPS or ":" not in topology:
+        raise UserError(f"--topology={topology}: use GENERATION:SHAPE with a generation from "
+                        f"{', '.join(CHIPS)}, e.g. v5e:2x4, v5e:4x4, v4:2x2x1, v5p:2x2x1")
+    try:
+        from jax.experimental import topologies
+        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as err:  # no libtpu, or a shape the generation does not have
+        raise UserError(f"--topology={topology}: could not describe it ({str(err).splitlines()[0][:200]}); "
+                        "install libtpu with pip install 'jax[tpu]==0.10.2' and use a valid slice shape") from None
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir: str | None = None):
+    """(compiled executable, mesh, frozen abstract params) of cfg's step for its largest batch shape."""
+    dtype = parse_dtype(cfg.dtype)
+    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
+    full = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    frozen = truncate(full, cfg.layer_id)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    vectors = np.ones((cfg.n_topics, model_cfg.hidden_size), np.float32) / np.sqrt(model_cfg.hidden_size)
+    step = build_step(cfg, model_cfg, frozen, mesh, vectors)
+    padded = lambda length: -(-length // cfg.pad_multiple) * cfg.pad_multiple
+    lowered = step.lower(frozen, padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len))
+    options = {"xla_dump_to": str(Path(dump_dir).absolute())} if dump_dir else None
+    return lowered.compile(compiler_options=options), mesh, frozen
+
+
+def report(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
+    devices = topology_devices(cfg.topology) if cfg.topology else None
+    began = time.time()
+    compiled, mesh, frozen = compile_step(cfg, model_cfg, devices, cfg.xla_dump_dir)
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    chip = CHIPS[cfg.topology.split(":")[0]] if cfg.topology else None
+    flops_per_device = _flops(compiled)  # the partitioned program: what one device runs
+    return {
+        "topology": cfg.topology or f"{jax.devices()[0].platform} (this machine)",
+        "mesh": dict(mesh.shape), "devices": mesh.size, "dtype": cfg.dtype,
+        "layer_id": cfg.layer_id, "batch_rows": sharding.batch_rows(mesh, cfg.batch_size),
+        "params_billion": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)) / 1e9,
+        "per_device_bytes": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+                             "temporaries": mem.temp_size_in_bytes, "total": total},
+        "device_memory_bytes": chip.hbm_bytes if chip else None,
+        "fits": (total <= chip.hbm_bytes) if chip else None,
+        "flops_per_step": flops_per_device * mesh.size,
+        "seconds_at_peak": flops_per_device / chip.bf16_flops if chip else None,
+        "compile_seconds": round(time.time() - began, 1),
+    }
+
+
+def format_report(rep: dict) -> str:
+    per = rep["per_device_bytes"]
+    hbm = f"{rep['device_memory_bytes'] / GIB:.0f}" if rep["device_memory_bytes"] else "-"
+    fits = {True: "yes", False: "NO", None: "-"}[rep["fits"]]
+    peak = f"{1e3 * rep['seconds_at_peak']:.1f}" if rep["seconds_at_peak"] is not None else "-"
+    mesh = ",".join(f"{k}:{v}" for k, v in rep["mesh"].items())
+    return "\n".join([
+        "| topology | mesh | GiB/device (args + temps) | HBM GiB | fits | TFLOP/step | ms at peak |",
+        "|---|---|---|---|---|---|---|",
+        f"| {rep['topology']} | {mesh} | {per['total'] / GIB:.2f} ({per['arguments'] / GIB:.2f} + "
+        f"{per['temporaries'] / GIB:.2f}) | {hbm} | {fits} | {rep['flops_per_step'] / 1e12:.2f} | {peak} |"])
+
+
+def compile_cli(cfg: RunConfig) -> dict:
+    """--mode=compile: print the table and write <output_dir>/compile.json (never overwritten)."""
+    model_cfg = ModelConfig.from_dir(resolve_model(cfg.model))
+    validate(cfg, model_cfg)
+    target = Path(cfg.output_dir) / "compile.json" if cfg.output_dir else None
+    if target is not None and target.exists():
+        raise UserError(f"{target} exists; choose a new --output_dir")
+    rep = report(cfg, model_cfg)
+    print(format_report(rep))
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(rep, indent=2))
+        print(f"wrote {target}")
+    return rep

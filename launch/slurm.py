@@ -1,0 +1,51 @@
+"""Run armu_jax on several GPU nodes with SLURM: writes a batch script and submits it with sbatch.
+
+    python -m launch.slurm --nodes=2 --gpus_per_node=4 --flagfile=configs/llama3_8b_wmdp_adaptive.flags \
+        [--partition=gpu] [--time=04:00:00] [--dry_run] [-- flags]
+
+One process per node (srun), each seeing its node's GPUs; with --multihost, jax.distributed finds
+the others from SLURM's environment. The mesh is fsdp over all GPUs of all nodes.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from launch.common import base_parser, execute, run_command
+
+
+def batch_script(args) -> str:
+    total = args.nodes * args.gpus_per_node
+    command = run_command(args.flagfile, [f"--mesh=fsdp:{total}", *args.flags], multihost=True,
+                          python="python")
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={args.job_name}", f"#SBATCH --nodes={args.nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={args.gpus_per_node}",
+             f"#SBATCH --time={args.time}", f"#SBATCH --output={args.job_name}-%j.log"]
+    if args.partition:
+        lines.append(f"#SBATCH --partition={args.partition}")
+    lines += ["set -euo pipefail", "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_DEFAULT_MATMUL_PRECISION=highest",
+              f"srun {shlex.join(command)}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = base_parser("armu_jax on several GPU nodes with SLURM")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus_per_node", type=int, required=True)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--time", default="04:00:00")
+    parser.add_argument("--job_name", default="armu_jax")
+    parser.add_argument("--script", default="armu_jax.sbatch", help="where the batch script is written")
+    args = parser.parse_args(argv)
+    script = batch_script(args)
+    if args.dry_run:
+        print(f"# {args.script}\n{script}", end="")
+    else:
+        Path(args.script).write_text(script)
+    return execute([("submit", ["sbatch", args.script])], args.dry_run)
+
+
+if __name__ == "__main__":
+    from armu_jax.errors import run_cli
+    run_cli(lambda: main(sys.argv[1:]))

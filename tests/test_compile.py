@@ -1,0 +1,68 @@
+"""--mode=compile: the step that runs, compiled ahead of time for this machine and for a TPU slice."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from armu_jax.compile_report import report
+from armu_jax.config import config_with, from_flagfile
+from armu_jax.model_config import ModelConfig
+from helpers import tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024 ** 3
+# Documented (README, "Compile reports"): the Zephyr-7B flagfile cut to layers 0..2 and 128 tokens,
+# compiled for a v5e-8 slice (v5e:2x4) on mesh fsdp:8; the full flagfile rows take minutes each.
+ZEPHYR_V5E_SMALL_GIB = 2.21
+
+
+def _tiny_config(tmp_path, **overrides):
+    model = tiny_hf_model(tmp_path, "llama", 2, layers=4)
+    settings = dict(model=str(model), layer_id=3, forget_max_len=[64], retain_max_len=64, pad_multiple=64)
+    return config_with(**{**settings, **overrides}), ModelConfig.from_dir(model)
+
+
+def test_flops_count_the_whole_step_over_all_devices(tmp_path):
+    """FLOPs double with the batch rows, and the sum over devices of a sharded step is the one-device count."""
+    flops = {}
+    for mesh, batch in (("data:1", 4), ("data:1", 8), ("data:2,fsdp:4", 8)):
+        cfg, model_cfg = _tiny_config(tmp_path, mesh=mesh, batch_size=batch)
+        rep = report(cfg, model_cfg)
+        assert rep["per_device_bytes"]["total"] > 0 and rep["fits"] is None and rep["seconds_at_peak"] is None
+        flops[(mesh, batch)] = rep["flops_per_step"]
+    assert flops[("data:1", 8)] / flops[("data:1", 4)] == pytest.approx(2.0, rel=0.1)
+    assert flops[("data:2,fsdp:4", 8)] == pytest.approx(flops[("data:1", 8)], rel=0.1)
+
+
+def test_compile_for_a_tpu_slice_from_config_json_alone(tmp_path):
+    out = tmp_path / "report"
+    env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+    cmd = [sys.executable, "-m", "armu_jax.main", "--flagfile=configs/zephyr7b_wmdp_adaptive.flags",
+           "--mode=compile", "--model=configs/models/zephyr-7b-beta", "--topology=v5e:2x4", "--mesh=fsdp:-1",
+           "--layer_id=2", "--update_layer_ids=0,1,2", "--forget_max_len=128", "--retain_max_len=128",
+           f"--output_dir={out}", f"--xla_dump_dir={tmp_path / 'hlo'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rep = json.loads((out / "compile.json").read_text())
+    assert rep["topology"] == "v5e:2x4" and rep["mesh"] == {"data": 1, "fsdp": 8} and rep["batch_rows"] == 8
+    assert rep["device_memory_bytes"] == 16 * GIB and rep["fits"] is True
+    total = rep["per_device_bytes"]["total"] / GIB
+    assert abs(total - ZEPHYR_V5E_SMALL_GIB) <= 0.1 * ZEPHYR_V5E_SMALL_GIB, total
+    assert rep["seconds_at_peak"] == pytest.approx(rep["flops_per_step"] / 8 / 197e12)
+    assert "| v5e:2x4 | data:1,fsdp:8 |" in result.stdout
+    assert any(p.suffix == ".txt" for p in (tmp_path / "hlo").iterdir())  # --xla_dump_dir got the HLO
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 2 and "compile.json exists" in again.stderr  # never overwritten
+
+
+def test_shipped_model_configs_are_the_published_shapes():
+    zephyr = ModelConfig.from_dir(ROOT / "configs" / "models" / "zephyr-7b-beta")
+    llama = ModelConfig.from_dir(ROOT / "configs" / "models" / "llama-3-8b")
+    assert (zephyr.hidden_size, zephyr.num_hidden_layers, zephyr.num_key_value_heads, zephyr.sliding_window) == \
+        (4096, 32, 8, 4096)
+    assert (llama.vocab_size, llama.rope_theta, llama.sliding_window) == (128256, 500000.0, None)
+    for name in ("zephyr7b_wmdp_adaptive.flags", "llama3_8b_wmdp_adaptive.flags"):
+        assert from_flagfile(ROOT / "configs" / name).layer_id == 7

@@ -1,0 +1,66 @@
+"""Launchers and profiles: the pod / GPU / SLURM launchers' dry runs, and a trace that opens."""
+import subprocess
+import sys
+from pathlib import Path
+
+from armu_jax.config import config_with
+from armu_jax.train import run
+from test_run import _settings, _tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGFILE = "configs/zephyr7b_wmdp_adaptive.flags"
+
+
+def _dry_run(module: str, *args) -> str:
+    result = subprocess.run([sys.executable, "-m", module, f"--flagfile={FLAGFILE}", "--dry_run", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_tpu_pod_launcher_dry_run():
+    out = _dry_run("launch.tpu_pod", "--tpu=pod-16", "--zone=us-west4-a", "--project=p", "--", "--mesh=fsdp:-1")
+    commands = [l for l in out.splitlines() if not l.startswith("#")]
+    assert len(commands) == 4
+    assert commands[0].startswith("gcloud compute tpus tpu-vm scp --recurse . ") and "--worker=all" in commands[0]
+    assert "pip install -q -e '\"'\"'.[tpu]'\"'\"'" in commands[1] and "--worker=all" in commands[1]
+    run_line = commands[2]
+    assert "--worker=all" in run_line and "--zone us-west4-a --project p" in run_line
+    assert f"python3 -m armu_jax.main --flagfile={FLAGFILE} --multihost --mesh=fsdp:-1" in run_line
+    assert "set -o pipefail" in run_line and "tee ~/armu_jax_run.log" in run_line
+    assert commands[3].endswith("./pod-16-worker0.log --zone us-west4-a --project p --worker=0")
+
+
+def test_multi_gpu_launcher_dry_run():
+    out = _dry_run("launch.multi_gpu", "--gpus=2", "--", "--layer_id=9")
+    line = out.splitlines()[1]
+    assert line == ("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_DEFAULT_MATMUL_PRECISION=highest CUDA_VISIBLE_DEVICES=0,1 "
+                    f"python3 -m armu_jax.main --flagfile={FLAGFILE} --mesh=fsdp:2 --layer_id=9")
+
+
+def test_slurm_launcher_dry_run_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "launch.slurm", f"--flagfile={ROOT / FLAGFILE}", "--dry_run",
+                             "--nodes=2", "--gpus_per_node=4", "--partition=gpu"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --gpus-per-node=4" in lines and "#SBATCH --partition=gpu" in lines
+    assert f"srun python -m armu_jax.main --flagfile={ROOT / FLAGFILE} --multihost --mesh=fsdp:8" in lines
+    assert lines[-1] == "sbatch armu_jax.sbatch" and not list(tmp_path.iterdir())
+
+
+def test_launcher_refuses_stray_arguments():
+    result = subprocess.run([sys.executable, "-m", "launch.multi_gpu", f"--flagfile={FLAGFILE}", "--gpus=2",
+                             "--dry_run", "--", "layer_id=9"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: extra arguments must be armu_jax flags")
+
+
+def test_two_step_profile_window_writes_a_trace(tmp_path, smollm2_dir):
+    out = tmp_path / "run"
+    run(config_with(**_settings(_tiny(tmp_path, smollm2_dir), max_num_batches=5, profile_start_step=0,
+                                profile_num_steps=2, output_dir=str(out))))
+    traces = list((out / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    # The window moved past the first (compiling) step: steps 1 and 2 are annotated, step 0 is not.
+    data = traces[0].read_bytes()
+    assert b"train" in data
