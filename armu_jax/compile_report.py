@@ -55,7 +55,8 @@ def topology_devices(topology: str):
                         "install libtpu with pip install 'jax[tpu]==0.10.2' and use a valid slice shape") from None
 
 
-def _flops(compiled) -> float:
+def executable_flops(compiled) -> float:
+    """XLA's FLOP count of a compiled executable (for a partitioned program: one device's share)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
@@ -84,7 +85,10 @@ def report(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     chip = CHIPS[cfg.topology.split(":")[0]] if cfg.topology else None
-    flops_per_device = _flops(compiled)  # the partitioned program: what one device runs
+    # v4 slices are described one device per TensorCore (two per chip, each with half the HBM and
+    # half the FLOPs); v5e has one core per chip and v5p one megacore device per chip.
+    per_chip = len(devices) / len({tuple(d.coords) for d in devices}) if devices is not None else 1
+    flops_per_device = executable_flops(compiled)  # the partitioned program: what one device runs
     return {
         "topology": cfg.topology or f"{jax.devices()[0].platform} (this machine)",
         "mesh": dict(mesh.shape), "devices": mesh.size, "dtype": cfg.dtype,
@@ -92,10 +96,11 @@ def report(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
         "params_billion": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen)) / 1e9,
         "per_device_bytes": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
                              "temporaries": mem.temp_size_in_bytes, "total": total},
-        "device_memory_bytes": chip.hbm_bytes if chip else None,
-        "fits": (total <= chip.hbm_bytes) if chip else None,
+        "devices_per_chip": per_chip,
+        "device_memory_bytes": int(chip.hbm_bytes / per_chip) if chip else None,
+        "fits": (total <= chip.hbm_bytes / per_chip) if chip else None,
         "flops_per_step": flops_per_device * mesh.size,
-        "seconds_at_peak": flops_per_device / chip.bf16_flops if chip else None,
+        "seconds_at_peak": flops_per_device / (chip.bf16_flops / per_chip) if chip else None,
         "compile_seconds": round(time.time() - began, 1),
     }
 

@@ -32,12 +32,20 @@ def _check_builtin(names: list[str], task_manager) -> None:
 
 def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_size: int = 16,
                 dtype: str = "float32", log_samples: bool = False) -> dict:
-    """Run lm-eval (hf backend) on model_dir; returns lm-eval's results dict (also saved as JSON)."""
+    """Run lm-eval (hf backend) on model_dir over --eval_tasks specs; returns lm-eval's results dict
+    (also saved as JSON)."""
+    go_offline()
+    tasks, builtin = resolve_tasks(specs, builtin_ok=True)
+    return run_lm_eval_on(model_dir, tasks, builtin, output_dir, limit, batch_size, dtype, log_samples)
+
+
+def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir: Path, limit: int = 0,
+                   batch_size: int = 16, dtype: str = "float32", log_samples: bool = False) -> dict:
+    """run_lm_eval on our Task objects (e.g. each cut to its own length) and lm-eval's built-in tasks."""
     go_offline()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
-    tasks, builtin = resolve_tasks(specs, builtin_ok=True)
     output_dir = Path(output_dir)
     target = output_dir / "lm_eval_results.json"
     if target.exists():

@@ -32,6 +32,7 @@ def make_sides(steps: int, max_len: int):
     import torch.nn.functional as F
     import transformers
 
+    from armu_jax.compile_report import executable_flops
     from armu_jax.config import config_with
     from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
     from armu_jax.embedded import smollm2_dir
@@ -63,6 +64,17 @@ def make_sides(steps: int, max_len: int):
             holder["state"], metrics = compiled.step(holder["state"], frozen,
                                                      compiled.device_batch(b.topic, b.forget, b.retain))
             return float(metrics["loss"])
+
+        shapes = {}
+
+        def flops(i):
+            """XLA's FLOP count of step i's program (one per padded shape)."""
+            b = data.batch(i)
+            key = (b.forget["input_ids"].shape[1], b.retain["input_ids"].shape[1])
+            if key not in shapes:
+                shapes[key] = executable_flops(compiled.lower(frozen, *key).compile())
+            return shapes[key]
+        step.flops = flops
         return step
 
     def torch_side():
@@ -101,6 +113,21 @@ def make_sides(steps: int, max_len: int):
     return jax_side, torch_side
 
 
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's float32 matmul FLOP/s through XLA (best of a few n x n products)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    dot = jax.jit(lambda x: x @ x)
+    dot(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dot(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def child(side: str, steps: int, max_len: int) -> None:
     """One side alone: its peak RSS above the baseline of imports, corpora and tokenizer."""
     jax_side, torch_side = make_sides(steps, max_len)
@@ -131,6 +158,8 @@ def main() -> None:
             fn(i)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    achieved = sum(jax_step.flops(i) for i in range(args.steps)) / sum(times["jax"])
+    peak = matmul_peak()
     memory = {}
     for side in ("jax", "torch"):
         out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
@@ -139,6 +168,8 @@ def main() -> None:
     print(f"SmolLM2-135M, layer 7, batch 4, max_len {args.max_len}, {args.steps} steps, float32, CPU")
     print(f"median step: jax {med['jax']:.3f} s, torch reference {med['torch']:.3f} s, "
           f"speed-up {med['torch'] / med['jax']:.2f}x")
+    print(f"jax step: {achieved / 1e9:.1f} GFLOP/s (XLA's count) = {100 * achieved / peak:.0f}% of this CPU's "
+          f"float32 matmul peak through XLA ({peak / 1e9:.1f} GFLOP/s, 2048^2 products)")
     print(f"peak RSS: jax {memory['jax']['peak_mb']:.0f} MB, torch {memory['torch']['peak_mb']:.0f} MB, "
           f"ratio {memory['jax']['peak_mb'] / memory['torch']['peak_mb']:.2f}")
     above = {k: v["peak_mb_above_base"] for k, v in memory.items()}

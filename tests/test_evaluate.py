@@ -9,7 +9,7 @@ import transformers
 from armu_jax.data import is_held_out, read_corpus
 from armu_jax.errors import UserError
 from armu_jax.evaluate import evaluate_tasks, scorer_for
-from armu_jax.harness import per_doc_predictions, run_lm_eval
+from armu_jax.harness import per_doc_predictions, run_lm_eval_on
 from armu_jax.tasks import demo_task, load_tasks, mmlu_task
 
 
@@ -62,13 +62,11 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     scorer = scorer_for(smollm2_dir, batch_size=8)
     native = {t.name: scorer.multiple_choice(t) for t in tasks}
 
+    results = run_lm_eval_on(smollm2_dir, tasks, [], tmp_path / "lm_eval", batch_size=8, log_samples=True)
     theirs = {}
-    for spec, task in (("demo", None), ("mmlu", "mmlu_local"), (f"wmdp_bio:{wmdp}", "wmdp_bio_local")):
-        limit = 20 if spec == "demo" else limits[spec.split(":")[0]]
-        results = run_lm_eval(smollm2_dir, [spec], tmp_path / spec.split(":")[0], limit=limit, batch_size=8,
-                              log_samples=True)
-        for name in ([f"demo_{t}" for t in ("bio", "cyber", "retain")] if task is None else [task]):
-            theirs[name.replace("_local", "")] = (results["results"][name], per_doc_predictions(results, name))
+    for task in tasks:  # lm-eval's names: demo_* as ours, mmlu_local and wmdp_bio_local for the wrappers
+        name = task.name if task.name.startswith("demo_") else f"{task.name}_local"
+        theirs[task.name] = (results["results"][name], per_doc_predictions(results, name))
 
     for name, ours in native.items():
         metrics, docs = theirs[name]
@@ -124,7 +122,7 @@ def test_bf16_export_evaluated_in_bf16_on_a_mesh(tmp_path, smollm2_dir):
     from armu_jax.sharding import make_mesh
     import jax.numpy as jnp
     bf16 = export_hf(load_hf(smollm2_dir)[1], smollm2_dir, tmp_path / "bf16", dtype="bfloat16")
-    task = demo_task("bio").limited(24)
+    task = demo_task("bio").limited(12)
     reference = scorer_for(smollm2_dir, batch_size=8).multiple_choice(task)
     mesh = make_mesh("data:2,fsdp:4")
     scorer = scorer_for(bf16, jnp.bfloat16, batch_size=8, mesh=mesh)

@@ -61,6 +61,4 @@ def test_two_step_profile_window_writes_a_trace(tmp_path, smollm2_dir):
                                 profile_num_steps=2, output_dir=str(out))))
     traces = list((out / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
-    # The window moved past the first (compiling) step: steps 1 and 2 are annotated, step 0 is not.
-    data = traces[0].read_bytes()
-    assert b"train" in data
+    assert b"step_num" in traces[0].read_bytes()  # the steps carry StepTraceAnnotation(step_num=...)
