@@ -1,7 +1,6 @@
 """The failures users hit: each is one line, exit 2 (usage) or 1 (during the run), and nothing is lost."""
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -23,11 +22,11 @@ def _args(settings: dict) -> list[str]:
     return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
 
 
-def _main(settings: dict, *extra, preexec_fn=None, wait=True):
-    cmd = [sys.executable, "-m", "armu_jax.main", *_args(settings), *extra]
+def _main(settings: dict, *extra, prefix=(), wait=True):
+    cmd = [*prefix, sys.executable, "-m", "armu_jax.main", *_args(settings), *extra]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _one_error_line(result, code: int, message: str) -> str:
@@ -102,19 +101,20 @@ def test_unwritable_checkpoint_dir_fails_with_checkpoints_and_export_intact(fini
         {k: v for k, v in before.items() if not k.startswith(("metrics", "tb/"))}
 
 
-def _file_size_limit(limit: int):
-    """A full disk, portably: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored)."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+def _with_file_size_limit(limit: int) -> list[str]:
+    """A command prefix that stands in for a full disk, portably: writes past `limit` bytes fail with
+    EFBIG. A fresh Python sets the limit (and ignores SIGXFSZ) and execs the command, so nothing is
+    forked from the multithreaded test process."""
+    code = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", code]
 
 
 def test_full_disk_during_export_keeps_the_earlier_export(finished_run):
     settings, out = finished_run
     export_before = _snapshot(out / "hf")
     result = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes",
-                   preexec_fn=_file_size_limit(4 << 20))  # the export's weights are 12 MB
+                   prefix=_with_file_size_limit(4 << 20))  # the export's weights are 12 MB
     line = _one_error_line(result, 1, "export to")
     assert "an earlier export there is intact" in line
     assert _snapshot(out / "hf") == export_before
