@@ -147,6 +147,13 @@ def main() -> None:
     if args.child:
         return child(args.child, args.steps, args.max_len)
 
+    # Memory first, each side in a fresh child process started while this one is still small
+    # (Linux keeps a process's peak RSS across exec, so a child of a large parent would inherit it).
+    memory = {}
+    for side in ("jax", "torch"):
+        out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
+                              "--max_len", str(args.max_len)], capture_output=True, text=True, check=True)
+        memory[side] = json.loads(out.stdout.strip().splitlines()[-1])
     jax_side, torch_side = make_sides(args.steps, args.max_len)
     jax_step, torch_step = jax_side(), torch_side()
     for i in range(args.steps):  # warm-up: compiles every JAX shape, warms torch's allocator
@@ -160,11 +167,6 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     achieved = sum(jax_step.flops(i) for i in range(args.steps)) / sum(times["jax"])
     peak = matmul_peak()
-    memory = {}
-    for side in ("jax", "torch"):
-        out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
-                              "--max_len", str(args.max_len)], capture_output=True, text=True, check=True)
-        memory[side] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"SmolLM2-135M, layer 7, batch 4, max_len {args.max_len}, {args.steps} steps, float32, CPU")
     print(f"median step: jax {med['jax']:.3f} s, torch reference {med['torch']:.3f} s, "
           f"speed-up {med['torch'] / med['jax']:.2f}x")
