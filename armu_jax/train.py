@@ -190,7 +190,8 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
                 if bad:
                     kept_note = (f"the last good checkpoint is step {saved} in {out / 'checkpoints'}"
                                  if saved is not None else "no checkpoint had been written yet")
-                    raise RunFailure(f"step {step}: {' and '.join(f'{k}={record[k]}' for k in bad)} is not finite; "
+                    raise RunFailure(f"step {step}: {', '.join(f'{k}={record[k]}' for k in bad)} "
+                                     f"{'is' if len(bad) == 1 else 'are'} not finite; "
                                      f"the run stopped without saving this step, {kept_note} "
                                      "(lower --lr or --alpha and start a new run)")
                 if evaluator and ((step + 1) % cfg.eval_every == 0 or step + 1 == num_steps):
