@@ -64,6 +64,11 @@ class RunConfig:
     mesh: str = setting("str", "data:1", "Device mesh, e.g. data:1, fsdp:-1, data:2,fsdp:4.")
     multihost: bool = setting("bool", False, "Several processes (TPU pod workers, SLURM tasks): "
                               "jax.distributed.initialize() finds the others from the environment.", restartable=True)
+    coordinator_address: str = setting("str", None, "Several processes started by hand: HOST:PORT of process 0 "
+                                       "(with --num_processes and --process_id).", restartable=True)
+    num_processes: int = setting("int", None, "Several processes started by hand: how many.", restartable=True)
+    process_id: int = setting("int", None, "Several processes started by hand: this one's index, 0..N-1.",
+                              restartable=True)
     topology: str = setting("str", None, "--mode=compile: a TPU slice to compile for, e.g. v5e:2x4, v5e:4x4, "
                             "v4:2x2x1 (needs libtpu; default: this machine's devices).", restartable=True)
     xla_dump_dir: str = setting("str", None, "--mode=compile: dump the compiled HLO here.", restartable=True)

@@ -109,7 +109,7 @@ class Scorer:
                 for k, i in enumerate(groups[(tokens, positions)]):
                     targets[r, k, :len(rows[i][2])] = rows[i][2]
             if self.rows is not None:
-                ids, mask, at, targets = jax.device_put((ids, mask, at, targets), self.rows)
+                ids, mask, at, targets = sharding.place((ids, mask, at, targets), (self.rows,) * 4)
             logp = np.asarray(_scored_logprobs(self.model, self.params, ids, mask, at, targets), np.float64)
             for r, key in enumerate(chunk):
                 for k, i in enumerate(groups[key]):
@@ -184,7 +184,7 @@ def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16, params=
     from armu_jax.hf_io import load_hf
     from armu_jax.model_config import ModelConfig
     if params is None:
-        cfg, params = load_hf(model_dir, dtype)
+        cfg, params = load_hf(model_dir, dtype, mesh=mesh)
     else:
         cfg = ModelConfig.from_dir(model_dir)
     if mesh is not None:

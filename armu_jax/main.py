@@ -1,7 +1,6 @@
 """python -m armu_jax.main --flagfile=configs/demo.flags [--flag=value ...]"""
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -15,6 +14,11 @@ define_flags()
 
 def dispatch() -> None:
     cfg = from_flag_values(flags.FLAGS)
+    import jax
+    from armu_jax import hosts
+    hosts.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id, cfg.multihost)
+    if cfg.dtype == "float32":  # exact float32 matmuls on GPU (no TF32) and TPU (no bf16 passes)
+        jax.config.update("jax_default_matmul_precision", "highest")
     if cfg.mode == "eval":
         from armu_jax.evaluate import evaluate_cli
         evaluate_cli(cfg)
@@ -44,11 +48,6 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     go_offline()
     enable_compilation_cache()
-    import jax
-    if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):  # TPU pods, multi-node GPU
-        jax.distributed.initialize()
-    if flags.FLAGS.dtype == "float32":  # exact float32 matmuls on GPU (no TF32) and TPU (no bf16 passes)
-        jax.config.update("jax_default_matmul_precision", "highest")
     run_cli(dispatch)
 
 

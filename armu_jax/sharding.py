@@ -1,7 +1,7 @@
 """The device mesh and the one table that says how every parameter is sharded.
 
 `--mesh` names axes and sizes, e.g. `data:1`, `fsdp:-1`, `data:2,fsdp:4` (at most one -1,
-which takes the remaining devices; a mesh smaller than the host uses its first devices). Batch
+which takes the remaining devices). Batch
 rows are split over data x fsdp (padded with empty rows to a multiple of it); parameters are
 split over fsdp along the dimension the table names. A parameter that matches no rule is
 an error, never silently replicated.
@@ -53,12 +53,19 @@ def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str, devices=None) -> Mesh:
-    """The mesh of --mesh over `devices` (default: this run's devices; or a TPU topology's, to compile for it)."""
+    """The mesh of --mesh over `devices` (default: every device of every process; or a TPU
+    topology's, to compile for it). A mesh over all devices follows their physical layout
+    (jax.make_mesh); one smaller than a single-process run uses its first devices."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = parse_mesh(spec, len(devices))
-    count = math.prod(sizes.values())  # a mesh smaller than the device list uses its first devices
-    grid = np.asarray(devices[:count]).reshape(tuple(sizes.values()))
-    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    shape, count = tuple(sizes.values()), math.prod(sizes.values())
+    types = (jax.sharding.AxisType.Auto,) * len(AXES)
+    if count == len(devices):
+        return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    if jax.process_count() > 1:
+        raise UserError(f"--mesh {spec!r} uses {count} of the {len(devices)} devices of {jax.process_count()} "
+                        "processes; with several processes the mesh must cover every device (e.g. fsdp:-1)")
+    return Mesh(np.asarray(devices[:count]).reshape(shape), AXES, axis_types=types)
 
 
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -107,6 +114,16 @@ def batch_rows(mesh: Mesh, batch_size: int) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch rows split over data x fsdp (pad them to batch_rows first)."""
     return NamedSharding(mesh, P(AXES))
+
+
+def place(tree, shardings):
+    """Host arrays onto their shardings (a tree of them, or a prefix: one sharding for a subtree). Each process hands over only the blocks its own devices
+    hold, so with several hosts every host feeds its own rows and nothing is compared or sent
+    across hosts (jax.device_put would check that every host passed the same whole array)."""
+    def one(value, where):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
+    return jax.tree.map(lambda where, subtree: jax.tree.map(lambda v: one(v, where), subtree), shardings, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

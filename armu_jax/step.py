@@ -137,7 +137,7 @@ class CompiledStep:
 
     def device_batch(self, topic: int, forget: dict, retain: dict) -> dict:
         tree = {"topic": np.int32(topic), "forget": forget, "retain": retain}
-        return jax.device_put(tree, self.batch_shardings)
+        return sharding.place(tree, self.batch_shardings)
 
     def abstract_batch(self, forget_length: int, retain_length: int) -> dict:
         """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles)."""

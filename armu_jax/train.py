@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -16,15 +15,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import rundir, sharding
+from armu_jax import hosts, rundir, sharding
 from armu_jax.checkpoints import Checkpointer
 from armu_jax.config import RunConfig, validate
 from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
 from armu_jax.embedded import resolve_model
 from armu_jax.errors import RunFailure, UserError
-from armu_jax.hf_io import export_hf, load_hf, parse_dtype
+from armu_jax.hf_io import export_trained, load_hf, parse_dtype
 from armu_jax.model_config import ModelConfig
-from armu_jax.params import merge, truncate
+from armu_jax.params import truncate
 from armu_jax.step import build_step
 
 WATCHED = ("forget_loss", "retain_loss", "grad_norm")  # a non-finite one stops the run
@@ -51,17 +50,6 @@ def load_control_vectors(path: str, n_topics: int, hidden: int) -> np.ndarray:
     if not np.allclose(norms, 1.0, atol=1e-3):
         raise UserError(f"--control_vectors {path}: rows must be unit vectors (norms {np.round(norms, 4).tolist()})")
     return vectors.astype(np.float32)
-
-
-class Interrupt:
-    """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_):
-        self.requested = True
 
 
 class ProfileWindow:
@@ -115,9 +103,13 @@ def run(cfg: RunConfig) -> Path:
     vectors = (load_control_vectors(cfg.control_vectors, n, model_cfg.hidden_size) if cfg.control_vectors
                else draw_control_vectors(cfg.seed, n, model_cfg.hidden_size))
     mesh = sharding.make_mesh(cfg.mesh)
+    if cfg.eval_every and hosts.several():
+        raise UserError("--eval_every runs on one process only; with several processes evaluate the export "
+                        "afterwards (--mode=eval --model=<run>/hf)")
     dtype = parse_dtype(cfg.dtype)
-    # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read.
-    _, params = load_hf(model_dir, dtype, upto_layer=None if cfg.eval_every else cfg.layer_id)
+    # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read,
+    # each tensor straight onto its shards.
+    _, params = load_hf(model_dir, dtype, upto_layer=None if cfg.eval_every else cfg.layer_id, mesh=mesh)
     frozen = truncate(params, cfg.layer_id)
     if cfg.resume:
         vectors = np.load(out / "control_vectors.npy", allow_pickle=False)
@@ -131,15 +123,17 @@ def run(cfg: RunConfig) -> Path:
         from armu_jax.tasks import load_tasks
         eval_tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
 
-    # Everything is valid: now the run directory is locked and written.
-    is_main = jax.process_index() == 0
-    lock = rundir.RunLock(out)
+    # Everything is valid (on every process): now process 0 locks and writes the run directory.
+    is_main = hosts.is_main()
+    hosts.barrier("checked")
+    lock = rundir.RunLock(out) if is_main else None
     try:
-        if cfg.overwrite:
+        if is_main and cfg.overwrite:
             rundir.clear(out)
         if is_main and not cfg.resume:
             rundir.write_flagfile(out, cfg)
             np.save(out / "control_vectors.npy", vectors)
+        hosts.barrier("prepared")
         evaluator = None
         if cfg.eval_every:  # keeps the whole model; the step's layers 0..l are the same arrays
             from armu_jax.evaluate import InRunEvaluator
@@ -149,12 +143,13 @@ def run(cfg: RunConfig) -> Path:
         frozen = jax.device_put(frozen, compiled.params_shardings)
         _loop(cfg, out, compiled, frozen, data, num_steps, evaluator, is_main)
     finally:
-        lock.release()
+        if lock:
+            lock.release()
     return out
 
 
 def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int, evaluator, is_main: bool):
-    interrupt = Interrupt()
+    stop = hosts.StopRequest()
     state = compiled.init(frozen)
     checkpointer = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
@@ -208,11 +203,11 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
                         bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
                                         retain=f"{record['retain_loss']:.4g}")
                 done = step + 1
-                if interrupt.requested or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) \
-                        or done == num_steps:
+                stopping = stop.at(done)
+                if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == num_steps:
                     _save(checkpointer, done, state, saved, out)
                     saved = done
-                if interrupt.requested:
+                if stopping:
                     raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
     finally:
         profile.close(state)
@@ -220,7 +215,7 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
         _close(checkpointer, saved, out)
         if writer:
             writer.close()
-    if cfg.export and is_main:
+    if cfg.export:
         export(resolve_model(cfg.model), out / "hf", state["trainable"], cfg.export_dtype)
 
 
@@ -242,7 +237,13 @@ def _close(checkpointer: Checkpointer, saved, out: Path) -> None:
 
 
 def export(model_dir: Path, target: Path, trainable: dict, dtype: str) -> Path:
-    """The full original model with the trained leaves swapped in, as a HF directory."""
-    _, full = load_hf(model_dir, parse_dtype(dtype))
-    trained = {k: np.asarray(jax.device_get(v)) for k, v in trainable.items()}
-    return export_hf(merge(full, trained), model_dir, target, dtype=dtype, overwrite=True)
+    """The original checkpoint with the trained tensors swapped in, as a HF directory. Every process
+    gathers the trained tensors (they may be sharded over several hosts); process 0 streams the
+    export from the source files, the others wait for it."""
+    trained = hosts.gather(trainable)
+    try:
+        if hosts.is_main():
+            export_trained(trained, model_dir, target, dtype=dtype)
+    finally:  # a failed export still releases the processes waiting for it
+        hosts.barrier("exported")
+    return target

@@ -1,0 +1,109 @@
+"""Several processes (TPU pod workers, GPU nodes, SLURM tasks) running one job.
+
+Every process runs the same command. `start` joins them with jax.distributed: from
+--coordinator_address/--num_processes/--process_id, or from the cluster's environment (TPU VM
+metadata, SLURM) with --multihost or when the environment says the job has several processes.
+Process 0 writes the run directory (flags, metrics, TensorBoard, export); the others wait at
+barriers where they must. A stop request (SIGTERM) on any process stops all of them at the same
+step (jax's preemption sync), so the collective checkpoint is taken at one step everywhere.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+
+from armu_jax.errors import UserError
+
+# Environment variables that say a job has several processes, with how to read the count.
+CLUSTER_HINTS = {
+    "SLURM_NTASKS": lambda v: int(v),
+    "OMPI_COMM_WORLD_SIZE": lambda v: int(v),
+    "TPU_WORKER_HOSTNAMES": lambda v: len([h for h in v.split(",") if h]),
+}
+
+
+def _cluster_processes() -> tuple[str, int] | None:
+    """(variable, process count) when the environment describes a job of several processes."""
+    for name, count in CLUSTER_HINTS.items():
+        value = os.environ.get(name)
+        if value:
+            try:
+                n = count(value)
+            except ValueError:
+                continue
+            if n > 1:
+                return name, n
+    return None
+
+
+def start(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+          multihost: bool) -> None:
+    """Join the job's processes (before any jax computation), or do nothing for a single process."""
+    explicit = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise UserError("--coordinator_address, --num_processes and --process_id go together; give all three, "
+                        "or none and --multihost to read them from the cluster (TPU VM, SLURM)")
+    if coordinator_address is not None:
+        if not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id={process_id} must be in 0..{num_processes - 1} (--num_processes)")
+        if num_processes == 1:
+            return
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+        return
+    hint = _cluster_processes()
+    if multihost or os.environ.get("JAX_COORDINATOR_ADDRESS") or hint:
+        if hint and not multihost:
+            print(f"armu_jax: {hint[0]} says {hint[1]} processes; joining them with jax.distributed",
+                  file=sys.stderr)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def several() -> bool:
+    return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in one process)."""
+    if several():
+        from jax.experimental.multihost_utils import sync_global_devices
+        sync_global_devices(name)
+
+
+def gather(tree) -> dict:
+    """Host numpy copies of (possibly sharded over several hosts) arrays, on every process."""
+    from jax.experimental.multihost_utils import process_allgather
+    return jax.tree.map(lambda x: np.asarray(process_allgather(x, tiled=True)), tree)
+
+
+class StopRequest:
+    """SIGTERM asks the run to checkpoint and stop at a step boundary.
+
+    One process: a Python signal handler sets a flag. Several: XLA's preemption notifier (installed
+    by jax.distributed) catches SIGTERM on whichever process gets it, and jax agrees on the first
+    step every process can still reach; each process must ask at every step.
+    """
+
+    def __init__(self):
+        self.flag = False
+        if not several():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.flag = True
+
+    def at(self, step: int) -> bool:
+        """Whether to checkpoint and stop after `step` (steps done); asked once per step, in order."""
+        if several():
+            from jax.experimental.multihost_utils import reached_preemption_sync_point
+            return reached_preemption_sync_point(step)
+        return self.flag

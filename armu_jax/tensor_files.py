@@ -1,0 +1,89 @@
+"""safetensors files one tensor at a time: reads of one tensor (or one shard of it), streamed writes.
+
+The format is an 8-byte little-endian header length, a JSON header ({name: {dtype, shape,
+data_offsets}}, optional __metadata__), then the tensors' bytes back to back. Reading a block maps
+only that tensor and unmaps it when done; writing puts one tensor in memory at a time. So loading
+layers 0..l of a 70 GB checkpoint, or copying it file by file into an export, never holds more
+than one tensor on the host (safetensors' own save_file needs every tensor of a file in memory).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+from armu_jax.errors import UserError
+
+DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class StoredTensors:
+    """The tensors of one safetensors file, by name, read without loading the file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with self.path.open("rb") as f:
+            try:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            except (struct.error, ValueError, UnicodeDecodeError):
+                raise UserError(f"{self.path} is not a safetensors file (unreadable header)") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + length
+        self.entries = header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        code = self.entries[key]["dtype"]
+        if code not in DTYPES:
+            raise UserError(f"{self.path}: tensor {key} has dtype {code}, which armu_jax does not read")
+        return DTYPES[code]
+
+    def read(self, key: str, index: tuple = ()) -> np.ndarray:
+        """The tensor, or the block `index` (a tuple of slices) of it, as a new array."""
+        begin, _ = self.entries[key]["data_offsets"]
+        shape = self.shape(key)
+        if not shape or 0 in shape:
+            return np.zeros(shape, self.dtype(key))
+        mapped = np.memmap(self.path, self.dtype(key), "r", offset=self.data_start + begin, shape=shape)
+        try:
+            return np.array(mapped[index])
+        finally:
+            mapped._mmap.close()  # unmap now, not when the garbage collector gets to it
+
+
+Entry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+
+def write(path: Path, entries: Iterable[Entry], metadata: dict | None = None) -> int:
+    """Write (name, shape, dtype, make_array) entries in order, calling each make_array only when its
+    bytes are written; returns the bytes of tensor data written."""
+    entries = list(entries)
+    header, offset = {}, 0
+    for name, shape, dtype, _ in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, shape, dtype, make in entries:
+            array = np.ascontiguousarray(make(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: shape {array.shape}, header says {tuple(shape)}")
+            f.write(array.reshape(-1).view(np.uint8).data)
+    return offset
