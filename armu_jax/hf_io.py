@@ -142,6 +142,8 @@ def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | 
         if name in trained:
             unused.discard(name)
             host = lambda value=trained[name], transpose=transpose: _host(value, transpose, np_dtype)
+        elif stored.dtype(key) == np_dtype:  # unchanged and already in the export dtype: bytes copied
+            host = stored.raw(key)
         else:
             host = lambda stored=stored, key=key: stored.read(key).astype(np_dtype)
         files.setdefault(stored.path.name, []).append((key, stored.shape(key), np_dtype, host))
@@ -154,7 +156,7 @@ def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | 
 def _host(value, transpose: bool, dtype: np.dtype) -> np.ndarray:
     """A parameter as a HF-layout host array in dtype."""
     value = np.asarray(jax.device_get(value))
-    return (value.T if transpose else value).astype(dtype)
+    return (value.T if transpose else value).astype(dtype, copy=False)
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:

@@ -62,13 +62,38 @@ class StoredTensors:
         finally:
             mapped._mmap.close()  # unmap now, not when the garbage collector gets to it
 
+    def raw(self, key: str) -> "StoredBytes":
+        """The tensor's bytes as they are stored, for a copy that never decodes them."""
+        begin, end = self.entries[key]["data_offsets"]
+        return StoredBytes(self.path, self.data_start + begin, end - begin)
 
-Entry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+class StoredBytes:
+    """A byte range of a file, copied in chunks (a tensor written unchanged)."""
+    CHUNK = 64 << 20
+
+    def __init__(self, path: Path, offset: int, length: int):
+        self.path, self.offset, self.length = path, offset, length
+
+    def copy_to(self, out) -> None:
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left:
+                block = f.read(min(self.CHUNK, left))
+                if not block:
+                    raise OSError(f"{self.path} ended before the tensor's bytes did")
+                out.write(block)
+                left -= len(block)
+
+
+Entry = tuple[str, tuple[int, ...], np.dtype, "Callable[[], np.ndarray] | StoredBytes"]
 
 
 def write(path: Path, entries: Iterable[Entry], metadata: dict | None = None) -> int:
-    """Write (name, shape, dtype, make_array) entries in order, calling each make_array only when its
-    bytes are written; returns the bytes of tensor data written."""
+    """Write (name, shape, dtype, source) entries in order; a source is a function making the array,
+    called only when its bytes are written, or StoredBytes copied as they are. Returns the bytes of
+    tensor data written."""
     entries = list(entries)
     header, offset = {}, 0
     for name, shape, dtype, _ in entries:
@@ -81,8 +106,13 @@ def write(path: Path, entries: Iterable[Entry], metadata: dict | None = None) ->
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with Path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
-        for name, shape, dtype, make in entries:
-            array = np.ascontiguousarray(make(), dtype=dtype)
+        for name, shape, dtype, source in entries:
+            if isinstance(source, StoredBytes):
+                if source.length != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                    raise ValueError(f"tensor {name}: {source.length} stored bytes, header says otherwise")
+                source.copy_to(f)
+                continue
+            array = np.ascontiguousarray(source(), dtype=dtype)
             if array.shape != tuple(shape):
                 raise ValueError(f"tensor {name}: shape {array.shape}, header says {tuple(shape)}")
             f.write(array.reshape(-1).view(np.uint8).data)
