@@ -10,6 +10,7 @@ step (jax's preemption sync), so the collective checkpoint is taken at one step 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -22,8 +23,16 @@ from armu_jax.errors import UserError
 CLUSTER_HINTS = {
     "SLURM_NTASKS": lambda v: int(v),
     "OMPI_COMM_WORLD_SIZE": lambda v: int(v),
-    "TPU_WORKER_HOSTNAMES": lambda v: len([h for h in v.split(",") if h]),
+    "TPU_WORKER_HOSTNAMES": lambda v: _hostnames(v),
 }
+
+
+def _hostnames(value: str) -> int:
+    """How many hosts a TPU_WORKER_HOSTNAMES list names (libtpu may leave a warning sentence there)."""
+    names = value.split(",")
+    if not all(re.fullmatch(r"[\w.\-:]+", n) for n in names):
+        raise ValueError(value)
+    return len(names)
 
 
 def _cluster_processes() -> tuple[str, int] | None:

@@ -58,6 +58,49 @@ def test_compile_for_a_tpu_slice_from_config_json_alone(tmp_path):
     assert again.returncode == 2 and "compile.json exists" in again.stderr  # never overwritten
 
 
+ANY_CHIP_COUNT = """
+import json, sys
+from armu_jax.compile_report import report
+from armu_jax.config import config_with
+from armu_jax.model_config import ModelConfig
+model_cfg = ModelConfig.from_dir(sys.argv[1])
+for topology in sys.argv[2:]:
+    cfg = config_with(model=sys.argv[1], layer_id=3, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
+                      mesh="fsdp:-1", dtype="bfloat16", topology=topology)
+    rep = report(cfg, model_cfg)
+    print(json.dumps({"topology": topology, "mesh": rep["mesh"], "rows": rep["batch_rows"],
+                      "arguments": rep["per_device_bytes"]["arguments"]}))
+"""
+
+
+def test_fsdp_over_any_chip_count_takes_the_reference_batch(tmp_path):
+    """--mesh=fsdp:-1 with batch 4 on 1, 2 (this machine), 8, 16 and 256 chips (TPU slices via libtpu):
+    rows padded to the chip count, parameters sharded over all of them."""
+    model = tmp_path / "model"  # TPU-tile-sized dimensions; a config alone is enough to compile
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1024,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 128}))
+    reports = {}
+    for n in (1, 2):
+        cfg = config_with(model=str(model), layer_id=3, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
+                          mesh=f"fsdp:{n}", dtype="bfloat16")
+        rep = report(cfg, ModelConfig.from_dir(model))
+        reports[n] = {"mesh": rep["mesh"], "rows": rep["batch_rows"], "arguments": rep["per_device_bytes"]["arguments"]}
+    env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+    result = subprocess.run([sys.executable, "-c", ANY_CHIP_COUNT, str(model), "v5e:2x4", "v5e:4x4", "v5e:16x16"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line, n in zip(result.stdout.splitlines(), (8, 16, 256)):
+        reports[n] = json.loads(line)
+    for n, rep in reports.items():
+        assert rep["mesh"] == {"data": 1, "fsdp": n} and rep["rows"] == max(4, n), (n, rep)
+    # Parameters are split over every chip, so the argument bytes per chip fall with the count (compared
+    # within a backend: TPU layouts pad small dimensions to tiles).
+    arguments = [reports[n]["arguments"] for n in (1, 2)], [reports[n]["arguments"] for n in (8, 16, 256)]
+    assert all(a > b for side in arguments for a, b in zip(side, side[1:])), reports
+
+
 def test_shipped_model_configs_are_the_published_shapes():
     zephyr = ModelConfig.from_dir(ROOT / "configs" / "models" / "zephyr-7b-beta")
     llama = ModelConfig.from_dir(ROOT / "configs" / "models" / "llama-3-8b")
