@@ -30,7 +30,8 @@ def setting(kind: str, default, help: str, choices=None, restartable: bool = Fal
 class RunConfig:
     mode: str = setting("enum", "train", "train: unlearn; eval: native JAX evaluation of --model; "
                         "lm_eval: lm-eval's hf backend on --model; compile: ahead-of-time compile report of "
-                        "the step (memory per device, FLOPs).", ["train", "eval", "lm_eval", "compile"], True)
+                        "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export.",
+                        ["train", "eval", "lm_eval", "compile", "attack"], True)
     method: str = setting("enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
     model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
@@ -89,6 +90,25 @@ class RunConfig:
     eval_limit: int = setting("int", 0, "Items per evaluation task (0: all).", restartable=True)
     eval_batch_size: int = setting("int", 16, "Sequences per evaluation batch.", restartable=True)
     export: bool = setting("bool", True, "Write the final HF export to <output_dir>/hf.", restartable=True)
+    run_dir: str = setting("str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
+                           "hf/).", restartable=True)
+    attacks: tuple = setting("list", ["ablate_u", "ablate_pca", "relearn_forget", "relearn_retain"],
+                             "--mode=attack: ablate_u, ablate_pca, relearn_forget, relearn_retain.", restartable=True)
+    ablate_k: int = setting("int", 4, "ablate_pca: principal directions of (unlearned - original) layer-l "
+                            "activations on forget texts projected out.", restartable=True)
+    relearn_texts: int = setting("int", 10, "Relearning and PCA: texts (K) the run did not train on, drawn with --seed.",
+                                 restartable=True)
+    relearn_steps: int = setting("int", 5, "Relearning: AdamW steps (S), each over all K texts.", restartable=True)
+    relearn_lr: float = setting("float", 1e-5, "Relearning: learning rate.", restartable=True)
+    relearn_weight_decay: float = setting("float", 0.01, "Relearning: AdamW's decoupled weight decay.",
+                                          restartable=True)
+    relearn_params: tuple = setting("list", ["all"], "Relearning: all (every parameter), or names such as "
+                                    "mlp.down_proj in --relearn_layers.", restartable=True)
+    relearn_layers: tuple = setting("ints", None, "Relearning: layers of --relearn_params (default: the run's "
+                                    "updated layers).", restartable=True)
+    relearn_max_len: int = setting("int", 128, "Relearning and PCA: tokens per text.", restartable=True)
+    attack_controls: bool = setting("bool", True, "Also relearn the original model (the controls).",
+                                    restartable=True)
     profile_start_step: int = setting("int", -1, "Start an XLA profiler trace at this step (-1: off).",
                                       restartable=True)
     profile_num_steps: int = setting("int", 3, "Steps in the profiler trace.", restartable=True)

@@ -25,6 +25,9 @@ def dispatch() -> None:
     elif cfg.mode == "compile":
         from armu_jax.compile_report import compile_cli
         compile_cli(cfg)
+    elif cfg.mode == "attack":
+        from armu_jax.attack import attack_cli
+        attack_cli(cfg)
     elif cfg.mode == "lm_eval":
         from armu_jax.harness import lm_eval_cli
         lm_eval_cli(cfg)

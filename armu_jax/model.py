@@ -169,8 +169,12 @@ class LlamaModel(nn.Module):
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
-        for layer in self.layers[start:end + 1]:
-            h = layer(h, cos, sin, allowed)
+        ablate = self.has_variable("ablation", "directions")  # --mode=attack's direction ablation
+        for index in range(start, end + 1):
+            h = self.layers[index](h, cos, sin, allowed)
+            if ablate:  # h <- h - Q Q^T h with layer index's orthonormal Q [D, k] (zero: unchanged)
+                q = self.get_variable("ablation", "directions")[index].astype(h.dtype)
+                h = h - (h @ q) @ q.T
         return h
 
     def __call__(self, input_ids, attention_mask, positions, upto: int | None = None):

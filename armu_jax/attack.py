@@ -1,0 +1,367 @@
+"""--mode=attack: does the forgotten knowledge come back? Attacks on an unlearned model, evaluated.
+
+The run directory (--run_dir) says everything: its flags.txt (the original model, layer l, the
+corpora and how many texts the run used), control_vectors.npy (u per topic) and hf/ (the
+unlearned export). Each attack is followed by the native evaluator on --eval_tasks:
+
+- ablate_u: the control vectors' span projected out of the residual stream after layer l and
+  every later layer (h <- h - Q Q^T h), no weights changed;
+- ablate_pca: the same with the top --ablate_k principal directions of (unlearned - original)
+  layer-l activations on forget texts that the run did not train on;
+- relearn_forget / relearn_retain: AdamW fine-tuning of the unlearned model for --relearn_steps
+  steps on --relearn_texts texts (one batch) of the forget topics (texts the run did not use)
+  or of the retain corpus (unrelated), then evaluation.
+
+The controls: the relearning attacks applied to the original model (unrelated texts must leave it
+within noise; forget-topic texts show how much the texts teach a model that already knows the
+topic, i.e. what the attack can add besides recovery). The report gives, per attack and task,
+original / unlearned / attacked accuracy and NLL and the recovered fraction of the gap,
+(attacked - unlearned) / (original - unlearned).
+"""
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from armu_jax import sharding
+from armu_jax.config import RunConfig, from_flagfile
+from armu_jax.data import load_tokenizer, read_corpus
+from armu_jax.errors import UserError
+from armu_jax.hf_io import export_hf, load_hf, parse_dtype
+from armu_jax.model import LlamaForCausalLM
+from armu_jax.model_config import ModelConfig
+from armu_jax.params import flatten, merge, name_of, take
+
+ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain")
+RELEARN = {"relearn_forget": "forget", "relearn_retain": "retain"}
+
+
+# ----------------------------------------------------------------------------- the run being attacked
+
+class AttackedRun:
+    """What --run_dir holds, checked before anything is computed or written."""
+
+    def __init__(self, run_dir: str):
+        from armu_jax.embedded import resolve_model
+        if not run_dir:
+            raise UserError("--mode=attack needs --run_dir: the directory of an unlearning run (flags.txt, "
+                            "control_vectors.npy, hf/)")
+        self.dir = Path(run_dir)
+        if not (self.dir / "flags.txt").is_file() or not (self.dir / "hf" / "config.json").is_file():
+            raise UserError(f"--run_dir {self.dir} is not a run's directory with an export: it needs flags.txt "
+                            "and hf/ (run training to the end with --export)")
+        if not (self.dir / "control_vectors.npy").is_file():
+            raise UserError(f"--run_dir {self.dir} has no control_vectors.npy; the ablation attacks need the run's "
+                            "control vectors (a run written by armu_jax keeps them)")
+        self.cfg: RunConfig = from_flagfile(self.dir / "flags.txt")
+        self.original = resolve_model(self.cfg.model)
+        self.unlearned = self.dir / "hf"
+        self.vectors = np.load(self.dir / "control_vectors.npy", allow_pickle=False)
+
+    def texts_used(self, topic: int) -> int:
+        """How many texts of each topic's corpora the run trained on (the reference's schedule)."""
+        steps = self.cfg.max_num_batches
+        return -(-max(steps - topic, 0) // self.cfg.n_topics) * self.cfg.batch_size
+
+    def unused_texts(self, corpus: str, seed: int, count: int) -> list[str]:
+        """`count` texts (seeded draw) that the run did not train on: per forget topic, the texts after
+        those its steps consumed (the reference reads corpora in order); for retain, the same past the
+        retain chunks used."""
+        specs = self.cfg.forget_corpora if corpus == "forget" else self.cfg.retain_corpora[:1]
+        pools = [read_corpus(spec, self.cfg.min_len)[self.texts_used(k):] for k, spec in enumerate(specs)]
+        available = sum(len(p) for p in pools)
+        if count > available:
+            raise UserError(f"--relearn_texts={count} is larger than the {available} {corpus} texts the run did "
+                            f"not train on ({', '.join(specs)}); lower --relearn_texts")
+        rng = np.random.default_rng(seed)
+        per_pool = [count // len(pools) + (k < count % len(pools)) for k in range(len(pools))]
+        chosen = []
+        for pool, n in zip(pools, per_pool):
+            if n > len(pool):
+                raise UserError(f"--relearn_texts={count}: a {corpus} corpus has only {len(pool)} unused texts; "
+                                "lower --relearn_texts")
+            chosen += [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
+        return chosen
+
+
+# ----------------------------------------------------------------------------- direction ablation
+
+def ablation_variables(params: dict, directions: np.ndarray, from_layer: int, num_layers: int) -> dict:
+    """Model variables that make the forward project span(directions) out of the residual stream
+    after layer `from_layer` and every later one (LlamaModel.run_layers reads them)."""
+    q, _ = np.linalg.qr(np.asarray(directions, np.float64).T)  # [D, k] orthonormal basis of the span
+    per_layer = np.zeros((num_layers, *q.shape), np.float32)
+    per_layer[from_layer:] = q
+    return {**params, "ablation": {"model": {"directions": jnp.asarray(per_layer)}}}
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _hidden(model: LlamaForCausalLM, params, ids, mask, layer: int):
+    return model.apply(params, ids, mask, layer=layer, method=LlamaForCausalLM.hidden_upto)
+
+
+def layer_activations(model: LlamaForCausalLM, params: dict, tokenizer, texts: list[str], layer: int,
+                      max_len: int, batch_size: int = 8) -> np.ndarray:
+    """Layer-l residual-stream outputs on every real token of the texts: [tokens, D] float32."""
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = _right_padded(tokenizer, texts[start:start + batch_size], max_len, batch_size)
+        h = np.asarray(_hidden(model, params, ids, mask, layer), np.float32)
+        rows.append(h[mask.astype(bool)])
+    return np.concatenate(rows)
+
+
+def principal_directions(unlearned: np.ndarray, original: np.ndarray, k: int) -> np.ndarray:
+    """The top-k right singular vectors of the per-token activation differences: [k, D]."""
+    _, _, vt = np.linalg.svd(unlearned.astype(np.float64) - original.astype(np.float64), full_matrices=False)
+    return vt[:k].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- relearning
+
+def _right_padded(tokenizer, texts: list[str], max_len: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask [rows, L], texts right-padded with the pad (= eos) token, so real
+    tokens sit at positions 0..n-1 as in an unpadded forward; rows past the texts are empty."""
+    encoded = [tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"] for t in texts]
+    length = max(len(e) for e in encoded)
+    ids = np.full((rows, length), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for r, e in enumerate(encoded):
+        ids[r, :len(e)], mask[r, :len(e)] = e, 1
+    return ids, mask
+
+
+def lm_loss(model: LlamaForCausalLM, params: dict, ids, mask):
+    """Mean next-token cross-entropy over real target tokens: transformers' loss with labels = ids
+    and pads set to -100."""
+    logits = model.apply(params, ids, mask)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    weight = mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * weight) / jnp.sum(weight)
+
+
+def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...]) -> list[str]:
+    """The fine-tuned leaves: every parameter for `all`, else the named ones (mlp.down_proj, ...) of `layers`."""
+    every = [name_of(p) for p in flatten(params)]
+    if tuple(which) == ("all",):
+        return every
+    wanted = [f"model/layers_{l}/{w.replace('.', '/')}/kernel" for l in layers for w in which]
+    missing = [w for w in wanted if w not in every]
+    if missing:
+        raise UserError(f"--relearn_params: the model has no parameter {missing[0]}; use all, or names such as "
+                        "mlp.down_proj or self_attn.o_proj with --relearn_layers")
+    return wanted
+
+
+def relearn(model: LlamaForCausalLM, params: dict, names: list[str], ids: np.ndarray, mask: np.ndarray,
+            steps: int, lr: float, weight_decay: float, mesh=None) -> tuple[dict, list[float]]:
+    """`steps` AdamW steps (torch.optim.AdamW's update: decoupled decay, eps 1e-8) on one batch;
+    gradients and moments only for `names`, laid out like the unlearning step's. Returns the
+    fine-tuned params and the loss before each step."""
+    mesh = mesh or sharding.make_mesh("data:1")
+    optimizer = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    params_sh = sharding.param_shardings(params, mesh)
+    params = jax.device_put(params, params_sh)
+    state = {"trainable": {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}}  # donated below
+    state["opt_state"] = optimizer.init(state["trainable"])
+    state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, names)
+    rows = sharding.batch_rows(mesh, ids.shape[0])
+    pad = lambda a: np.concatenate([a, np.zeros((rows - a.shape[0], a.shape[1]), a.dtype)])
+    batch = sharding.place({"ids": pad(ids), "mask": pad(mask)}, sharding.batch_sharding(mesh))
+
+    def step(state, params, batch):
+        loss, grads = jax.value_and_grad(lambda t: lm_loss(model, merge(params, t), batch["ids"], batch["mask"]))(
+            state["trainable"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        return {"trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state}, loss
+
+    jitted = jax.jit(step, in_shardings=(state_sh, params_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    state = jax.device_put(state, state_sh)
+    losses = []
+    with jax.set_mesh(mesh):
+        for _ in tqdm(range(steps), desc="relearn", leave=False, unit="step"):
+            state, loss = jitted(state, params, batch)
+            losses.append(float(loss))
+    return merge(params, state["trainable"]), losses
+
+
+# ----------------------------------------------------------------------------- the mode
+
+def recovered(original: float, unlearned: float, attacked: float, resolution: float) -> float | None:
+    """(attacked - unlearned) / (original - unlearned); None when unlearning moved the number by less
+    than `resolution` (e.g. one question), where the fraction would be noise."""
+    gap = original - unlearned
+    return None if abs(gap) < resolution else (attacked - unlearned) / gap
+
+
+def _flat(results: dict) -> dict:
+    return {task: {k: r[k] for k in ("acc", "acc_norm", "nll", "n") if k in r} for task, r in results.items()}
+
+
+def attack_cli(cfg: RunConfig) -> None:
+    """--mode=attack: every requested attack on the run's export (and the controls on the original
+    model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
+    from armu_jax.evaluate import evaluate_tasks, scorer_for
+    from armu_jax.tasks import load_tasks
+    unknown = [a for a in cfg.attacks if a not in ATTACKS]
+    if unknown or not cfg.attacks:
+        raise UserError(f"--attacks: unknown attack {unknown[0] if unknown else '(none given)'}; "
+                        f"choose from {', '.join(ATTACKS)}")
+    if cfg.relearn_texts < 1 or cfg.relearn_steps < 0 or cfg.relearn_lr < 0 or cfg.ablate_k < 1:
+        raise UserError("--relearn_texts and --ablate_k must be >= 1, --relearn_steps and --relearn_lr >= 0")
+    target = AttackedRun(cfg.run_dir)
+    run_cfg = target.cfg
+    out = Path(cfg.output_dir) if cfg.output_dir else target.dir / "attack"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output_dir {out} exists and is not empty; choose a new directory")
+    tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
+    texts = {corpus: target.unused_texts(corpus, cfg.seed, cfg.relearn_texts)
+             for corpus in {RELEARN[a] for a in cfg.attacks if a in RELEARN}}
+    if "ablate_pca" in cfg.attacks:
+        texts.setdefault("forget", target.unused_texts("forget", cfg.seed, cfg.relearn_texts))
+    model_cfg = ModelConfig.from_dir(target.unlearned)
+    if target.vectors.shape[1] != model_cfg.hidden_size:
+        raise UserError(f"{target.dir / 'control_vectors.npy'} has vectors of size {target.vectors.shape[1]}, "
+                        f"the model's hidden size is {model_cfg.hidden_size}")
+
+    began = time.time()
+    dtype = parse_dtype(cfg.dtype)
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
+    tokenizer = load_tokenizer(target.original)
+    layer = run_cfg.layer_id
+    scorer = scorer_for(target.original, dtype, cfg.eval_batch_size, mesh=mesh)
+    original = scorer.params
+    unlearned = load_hf(target.unlearned, dtype, mesh=mesh)[1]
+
+    def evaluate(name: str, variables: dict) -> dict:
+        scorer.params = variables
+        print(f"evaluating: {name}")
+        return _flat(evaluate_tasks(scorer, tasks))
+
+    results = {"original": evaluate("original", original), "unlearned": evaluate("unlearned", unlearned)}
+    losses, arrays = {}, {}
+    for attack in cfg.attacks:
+        if attack == "ablate_u":
+            variables = ablation_variables(unlearned, target.vectors, layer, model_cfg.num_hidden_layers)
+            results[attack] = evaluate(attack, variables)
+        elif attack == "ablate_pca":
+            pca_texts = texts["forget"]
+            acts = [layer_activations(model, p, tokenizer, pca_texts, layer, cfg.relearn_max_len)
+                    for p in (unlearned, original)]
+            directions = arrays["pca_directions"] = principal_directions(*acts, cfg.ablate_k)
+            results[attack] = evaluate(attack, ablation_variables(unlearned, directions, layer,
+                                                                  model_cfg.num_hidden_layers))
+        else:
+            ids, mask = _right_padded(tokenizer, texts[RELEARN[attack]], cfg.relearn_max_len, len(texts[RELEARN[attack]]))
+            for base_name, base in (("unlearned", unlearned), ("original", original)):
+                if base_name == "original" and not cfg.attack_controls:
+                    continue
+                names = relearn_names(base, cfg.relearn_params, cfg.relearn_layers or run_cfg.update_layer_ids)
+                tuned, curve = relearn(model, base, names, ids, mask, cfg.relearn_steps, cfg.relearn_lr,
+                                       cfg.relearn_weight_decay, mesh)
+                key = attack if base_name == "unlearned" else f"control: {attack} on original"
+                losses[key] = curve
+                results[key] = evaluate(key, tuned)
+                del tuned
+
+    report = make_report(cfg, target, results, losses, texts, time.time() - began)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attack.json").write_text(json.dumps(report, indent=2))
+    for name, array in arrays.items():
+        np.save(out / f"{name}.npy", array)
+    (out / "attack.md").write_text(format_report(report) + "\n")
+    plot_report(out / "attack.png", report)
+    print(format_report(report))
+    print(f"wrote {out / 'attack.json'}, {out / 'attack.md'}, {out / 'attack.png'}")
+
+
+def make_report(cfg: RunConfig, target: AttackedRun, results: dict, losses: dict, texts: dict, seconds: float) -> dict:
+    recovery = {}
+    for name, res in results.items():
+        if name in ("original", "unlearned") or name.startswith("control"):
+            continue
+        recovery[name] = {}
+        for task, r in res.items():
+            o, u = results["original"][task], results["unlearned"][task]
+            recovery[name][task] = {"acc": recovered(o["acc"], u["acc"], r["acc"], 1.0 / r["n"]),
+                                    **({"nll": recovered(o["nll"], u["nll"], r["nll"], 0.01)} if "nll" in r else {})}
+    settings = {k: getattr(cfg, k) for k in ("attacks", "ablate_k", "relearn_texts", "relearn_steps", "relearn_lr",
+                                              "relearn_weight_decay", "relearn_params", "relearn_max_len", "seed",
+                                              "eval_tasks", "eval_limit", "dtype", "attack_controls")}
+    settings["relearn_layers"] = list(cfg.relearn_layers or target.cfg.update_layer_ids)
+    return {"run_dir": str(target.dir), "original_model": str(target.original), "unlearned_model": str(target.unlearned),
+            "method": target.cfg.method, "layer_id": target.cfg.layer_id, "settings": settings,
+            "results": results, "recovery": recovery, "relearn_losses": losses,
+            "relearn_texts": texts, "seconds": round(seconds, 1)}
+
+
+def _noise(r: dict) -> float:
+    """Two binomial standard errors of an accuracy, in points."""
+    return 200 * float(np.sqrt(max(r["acc"] * (1 - r["acc"]), 1e-12) / r["n"]))
+
+
+def _cell(r: dict) -> str:
+    return f"{100 * r['acc']:.1f} / {r['nll']:.3f}" if "nll" in r else f"{100 * r['acc']:.1f} / -"
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def format_report(report: dict) -> str:
+    results, s = report["results"], report["settings"]
+    lines = [f"Attacks on {report['unlearned_model']} ({report['method']}, layer {report['layer_id']}); "
+             f"relearning: {s['relearn_texts']} texts, {s['relearn_steps']} steps, lr {s['relearn_lr']}, "
+             f"params {','.join(s['relearn_params'])}. Cells: acc (%) / NLL per token.", "",
+             "| attack | task | original | unlearned | attacked | recovered acc / NLL |", "|---|---|---|---|---|---|"]
+    for name, per_task in report["recovery"].items():
+        for task, frac in per_task.items():
+            lines.append(f"| {name} | {task} | {_cell(results['original'][task])} | "
+                         f"{_cell(results['unlearned'][task])} | {_cell(results[name][task])} | "
+                         f"{_fraction(frac['acc'])} / {_fraction(frac.get('nll'))} |")
+    controls = [n for n in results if n.startswith("control")]
+    if controls:
+        lines += ["", "| control | task | original | after | change acc (pts) / NLL | noise (2 s.e., pts) |",
+                  "|---|---|---|---|---|---|"]
+        for name in controls:
+            for task, r in results[name].items():
+                o = results["original"][task]
+                nll = f"{r['nll'] - o['nll']:+.3f}" if "nll" in r else "-"
+                lines.append(f"| {name.removeprefix('control: ')} | {task} | {_cell(o)} | {_cell(r)} | "
+                             f"{100 * (r['acc'] - o['acc']):+.1f} / {nll} | {_noise(o):.1f} |")
+    return "\n".join(lines)
+
+
+def plot_report(path: Path, report: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = report["results"]
+    names = list(results)
+    tasks = list(results["original"])
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
+    width = 0.85 / len(names)
+    for k, name in enumerate(names):
+        xs = [i + k * width for i in range(len(tasks))]
+        axes[0].bar(xs, [100 * results[name][t]["acc"] for t in tasks], width, label=name, color=f"C{k}")
+        axes[1].bar(xs, [results[name][t].get("nll", 0) for t in tasks], width, label=name, color=f"C{k}")
+    for ax, title in ((axes[0], "accuracy (%)"), (axes[1], "held-out NLL per token")):
+        ax.set_xticks([i + 0.425 - width / 2 for i in range(len(tasks))], tasks)
+        ax.set_title(f"{report['method']}: {title}")
+    axes[0].axhline(25, color="gray", linestyle="--", linewidth=1, label="chance (4 choices)")
+    axes[0].set_ylim(0, 100)
+    axes[0].legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""--mode=attack: direction ablation, relearning (against a PyTorch fine-tune), the report, bad input."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from armu_jax.attack import (AttackedRun, ablation_variables, attack_cli, lm_loss, relearn, relearn_names,
+                             _right_padded)
+from armu_jax.config import config_with
+from armu_jax.data import load_tokenizer, read_corpus
+from armu_jax.errors import UserError
+from armu_jax.hf_io import load_hf
+from armu_jax.model import LlamaForCausalLM
+from armu_jax.params import flatten, path_to_hf_key
+from armu_jax.train import run
+from helpers import tiny_hf_model
+from test_unlearning import _with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def unlearned_run(tmp_path_factory, smollm2_dir):
+    """A short RMU run of a tiny Llama (vocab of SmolLM2's tokenizer) with known control vectors."""
+    tmp = tmp_path_factory.mktemp("attack")
+    model_dir = _with_tokenizer(tiny_hf_model(tmp, "llama", 2, layers=4, vocab=49152), smollm2_dir)
+    vectors = np.random.default_rng(7).random((2, 60)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.save(tmp / "u.npy", vectors)
+    out = tmp / "run"
+    run(config_with(model=str(model_dir), method="rmu", steering_coeffs=["20"], layer_id=2, lr=1e-2, alpha=[10],
+                    forget_max_len=[32], retain_max_len=32, pad_multiple=32, max_num_batches=8, checkpoint_every=0,
+                    control_vectors=str(tmp / "u.npy"), output_dir=str(out)))
+    return out, model_dir, vectors
+
+
+def _forward_upto(model_dir, variables, texts, layer):
+    cfg, _ = load_hf(model_dir)
+    model = LlamaForCausalLM(cfg)
+    ids, mask = _right_padded(load_tokenizer(model_dir), texts, 32, len(texts))
+    h = model.apply(variables, ids, mask, layer=layer, method=LlamaForCausalLM.hidden_upto)
+    return np.asarray(h)[mask.astype(bool)]
+
+
+def test_ablating_u_removes_its_component_from_layer_l_on(unlearned_run):
+    out, _, vectors = unlearned_run
+    target = AttackedRun(str(out))
+    assert np.array_equal(target.vectors, vectors)
+    _, params = load_hf(out / "hf")
+    texts = read_corpus("demo:bio")[:6]
+    variables = ablation_variables(params, vectors, 2, 4)
+    for layer in (2, 3):
+        before = _forward_upto(out / "hf", params, texts, layer)
+        after = _forward_upto(out / "hf", variables, texts, layer)
+        along = lambda h: np.abs(h @ vectors.T) / np.linalg.norm(h, axis=1, keepdims=True)  # |cos(h, u_k)|
+        assert along(before).mean() > 0.3  # RMU pushed layer-l activations towards c * u
+        assert along(after).max() < 1e-5  # ablated: no component along either u left
+    below = _forward_upto(out / "hf", variables, texts, 1)  # layers before l are untouched
+    assert np.array_equal(below, _forward_upto(out / "hf", params, texts, 1))
+
+
+def _texts_and_batch(model_dir):
+    texts = read_corpus("demo:retain")[:3]
+    ids, mask = _right_padded(load_tokenizer(model_dir), texts, 24, 3)
+    return ids, mask
+
+
+def test_relearning_with_lr_0_changes_nothing(unlearned_run):
+    out, _, _ = unlearned_run
+    cfg, params = load_hf(out / "hf")
+    ids, mask = _texts_and_batch(out / "hf")
+    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), ids, mask,
+                            steps=3, lr=0.0, weight_decay=0.01)
+    assert len(losses) == 3 and losses[0] == losses[2] > 0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tuned)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _torch_fine_tune(model_dir, ids, mask, lr, weight_decay, nudge=False):
+    """transformers' loss (labels = ids, pads -100) and torch.optim.AdamW, 3 steps; nudge: every weight
+    one float32 ulp up first (the last-bit drift that sets the tolerance)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if nudge:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, eps=1e-8)
+    labels = torch.tensor(np.where(mask == 1, ids, -100), dtype=torch.long)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                     labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, losses
+
+
+def test_relearning_matches_a_pytorch_fine_tune(unlearned_run):
+    """Three AdamW steps on the same HF model and texts, all parameters, float32: losses to 1e-4, and
+    every weight to 1e-4 of its tensor's scale, or 10x torch's own drift from a one-ulp nudge where
+    that is larger (Adam normalises each gradient, so elements whose gradient is mostly rounding
+    move by rounding: torch itself moves layer 3's down_proj by 2.5e-4 of its scale)."""
+    _, model_dir, _ = unlearned_run
+    ids, mask = _texts_and_batch(model_dir)
+    lr, weight_decay = 1e-3, 0.01
+    want, torch_losses = _torch_fine_tune(model_dir, ids, mask, lr, weight_decay)
+    nudged, _ = _torch_fine_tune(model_dir, ids, mask, lr, weight_decay, nudge=True)
+
+    cfg, params = load_hf(model_dir)
+    start = {p: np.asarray(v) for p, v in flatten(params).items()}
+    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), ids, mask,
+                            steps=3, lr=lr, weight_decay=weight_decay)
+    assert losses == pytest.approx(torch_losses, rel=1e-4)
+    for path, value in flatten(tuned).items():
+        key, transpose = path_to_hf_key(path)
+        ref, drift = (want[key].T, (nudged[key] - want[key]).T) if transpose else (want[key], nudged[key] - want[key])
+        got = np.asarray(value)
+        tolerance = max(1e-4 * np.abs(ref).max(), 10 * np.abs(drift).max())
+        assert np.abs(got - ref).max() <= tolerance, key
+        assert not np.array_equal(got, start[path])  # it did move
+
+
+def test_attack_mode_end_to_end(unlearned_run, tmp_path):
+    out, _, _ = unlearned_run
+    report_dir = tmp_path / "attack"
+    cfg = config_with(mode="attack", run_dir=str(out), output_dir=str(report_dir), eval_tasks=["demo"],
+                      eval_limit=8, relearn_texts=4, relearn_steps=2, relearn_lr=1e-3, relearn_max_len=32,
+                      ablate_k=2)
+    attack_cli(cfg)
+    report = json.loads((report_dir / "attack.json").read_text())
+    results = report["results"]
+    assert set(results) == {"original", "unlearned", "ablate_u", "ablate_pca", "relearn_forget", "relearn_retain",
+                            "control: relearn_forget on original", "control: relearn_retain on original"}
+    for attack, per_task in report["recovery"].items():
+        for task, fraction in per_task.items():
+            o, u, a = (results[k][task]["nll"] for k in ("original", "unlearned", attack))
+            if fraction["nll"] is not None:
+                assert fraction["nll"] == pytest.approx((a - u) / (o - u))
+    assert len(report["relearn_texts"]["forget"]) == 4 and len(report["relearn_texts"]["retain"]) == 4
+    used = AttackedRun(str(out)).texts_used(0)  # relearning texts are ones the run did not train on
+    assert not set(report["relearn_texts"]["forget"]) & set(read_corpus("demo:bio")[:used])
+    assert np.load(report_dir / "pca_directions.npy").shape == (2, 60)
+    assert (report_dir / "attack.png").stat().st_size > 10_000
+    md = (report_dir / "attack.md").read_text()
+    assert "| ablate_u | demo_bio |" in md and "| relearn_retain | demo_retain |" in md
+
+    # The same relearning at lr 0 leaves the unlearned model's scores exactly as they were.
+    still = tmp_path / "lr0"
+    attack_cli(config_with(mode="attack", run_dir=str(out), output_dir=str(still), eval_tasks=["demo"],
+                           eval_limit=8, attacks=["relearn_retain"], relearn_texts=4, relearn_steps=2, relearn_lr=0.0,
+                           attack_controls=False))
+    again = json.loads((still / "attack.json").read_text())["results"]
+    assert again["relearn_retain"] == again["unlearned"]
+
+
+def test_bad_attack_input_is_one_line_and_writes_nothing(unlearned_run, tmp_path):
+    out, model_dir, _ = unlearned_run
+    report_dir = tmp_path / "attack"
+    cases = {
+        "not a run": (dict(run_dir=str(model_dir)), "is not a run's directory with an export"),
+        "unknown attack": (dict(run_dir=str(out), attacks=["jailbreak"]), "unknown attack jailbreak"),
+        "K too large": (dict(run_dir=str(out), relearn_texts=100000), "is larger than the"),
+    }
+    no_vectors = tmp_path / "novectors"
+    no_vectors.mkdir()
+    (no_vectors / "flags.txt").write_text((out / "flags.txt").read_text())
+    (no_vectors / "hf").symlink_to(out / "hf")
+    cases["no control vectors"] = (dict(run_dir=str(no_vectors)), "has no control_vectors.npy")
+    for name, (settings, message) in cases.items():
+        with pytest.raises(UserError, match=message):
+            attack_cli(config_with(mode="attack", output_dir=str(report_dir), **settings))
+        assert not report_dir.exists(), name
