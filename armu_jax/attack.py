@@ -20,6 +20,7 @@ original / unlearned / attacked accuracy and NLL and the recovered fraction of t
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from functools import partial
@@ -162,21 +163,18 @@ def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...])
     return wanted
 
 
-def relearn(model: LlamaForCausalLM, params: dict, names: list[str], ids: np.ndarray, mask: np.ndarray,
-            steps: int, lr: float, weight_decay: float, mesh=None) -> tuple[dict, list[float]]:
-    """`steps` AdamW steps (torch.optim.AdamW's update: decoupled decay, eps 1e-8) on one batch;
-    gradients and moments only for `names`, laid out like the unlearning step's. Returns the
-    fine-tuned params and the loss before each step."""
-    mesh = mesh or sharding.make_mesh("data:1")
+@functools.lru_cache(maxsize=4)
+def _relearn_program(model: LlamaForCausalLM, names: tuple[str, ...], mesh, rows: int, lr: float,
+                     weight_decay: float):
+    """(optimizer, jitted step, params/state/batch shardings) for one model, parameter set and batch
+    layout: built once, so later relearning runs (the controls, other corpora) reuse the compilation."""
     optimizer = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-    params_sh = sharding.param_shardings(params, mesh)
-    params = jax.device_put(params, params_sh)
-    state = {"trainable": {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}}  # donated below
-    state["opt_state"] = optimizer.init(state["trainable"])
-    state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, names)
-    rows = sharding.batch_rows(mesh, ids.shape[0])
-    pad = lambda a: np.concatenate([a, np.zeros((rows - a.shape[0], a.shape[1]), a.dtype)])
-    batch = sharding.place({"ids": pad(ids), "mask": pad(mask)}, sharding.batch_sharding(mesh))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    params_sh = sharding.param_shardings(abstract, mesh)
+    abstract_state = jax.eval_shape(lambda p: {"trainable": take(p, names), "opt_state": optimizer.init(take(p, names))},
+                                    abstract)
+    state_sh = sharding.state_shardings(abstract_state, mesh, names)
+    batch_sh = sharding.batch_sharding(mesh)
 
     def step(state, params, batch):
         loss, grads = jax.value_and_grad(lambda t: lm_loss(model, merge(params, t), batch["ids"], batch["mask"]))(
@@ -184,9 +182,25 @@ def relearn(model: LlamaForCausalLM, params: dict, names: list[str], ids: np.nda
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         return {"trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state}, loss
 
-    jitted = jax.jit(step, in_shardings=(state_sh, params_sh, sharding.batch_sharding(mesh)),
+    jitted = jax.jit(step, in_shardings=(state_sh, params_sh, batch_sh),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    state = jax.device_put(state, state_sh)
+    return optimizer, jitted, params_sh, state_sh, batch_sh
+
+
+def relearn(model: LlamaForCausalLM, params: dict, names: list[str], ids: np.ndarray, mask: np.ndarray,
+            steps: int, lr: float, weight_decay: float, mesh=None) -> tuple[dict, list[float]]:
+    """`steps` AdamW steps (torch.optim.AdamW's update: decoupled decay, eps 1e-8) on one batch;
+    gradients and moments only for `names`, laid out like the unlearning step's. Returns the
+    fine-tuned params and the loss before each step."""
+    mesh = mesh or sharding.make_mesh("data:1")
+    rows = sharding.batch_rows(mesh, ids.shape[0])
+    optimizer, jitted, params_sh, state_sh, batch_sh = _relearn_program(model, tuple(names), mesh, rows, lr,
+                                                                        weight_decay)
+    params = jax.device_put(params, params_sh)
+    trainable = {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}  # donated below
+    state = jax.device_put({"trainable": trainable, "opt_state": optimizer.init(trainable)}, state_sh)
+    pad = lambda a: np.concatenate([a, np.zeros((rows - a.shape[0], a.shape[1]), a.dtype)])
+    batch = sharding.place({"ids": pad(ids), "mask": pad(mask)}, batch_sh)
     losses = []
     with jax.set_mesh(mesh):
         for _ in tqdm(range(steps), desc="relearn", leave=False, unit="step"):
@@ -208,73 +222,90 @@ def _flat(results: dict) -> dict:
     return {task: {k: r[k] for k in ("acc", "acc_norm", "nll", "n") if k in r} for task, r in results.items()}
 
 
-def attack_cli(cfg: RunConfig) -> None:
-    """--mode=attack: every requested attack on the run's export (and the controls on the original
-    model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
-    from armu_jax.evaluate import evaluate_tasks, scorer_for
-    from armu_jax.tasks import load_tasks
+def check_attack_settings(cfg: RunConfig) -> None:
     unknown = [a for a in cfg.attacks if a not in ATTACKS]
     if unknown or not cfg.attacks:
         raise UserError(f"--attacks: unknown attack {unknown[0] if unknown else '(none given)'}; "
                         f"choose from {', '.join(ATTACKS)}")
     if cfg.relearn_texts < 1 or cfg.relearn_steps < 0 or cfg.relearn_lr < 0 or cfg.ablate_k < 1:
         raise UserError("--relearn_texts and --ablate_k must be >= 1, --relearn_steps and --relearn_lr >= 0")
-    target = AttackedRun(cfg.run_dir)
-    run_cfg = target.cfg
-    out = Path(cfg.output_dir) if cfg.output_dir else target.dir / "attack"
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output_dir {out} exists and is not empty; choose a new directory")
-    tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
-    texts = {corpus: target.unused_texts(corpus, cfg.seed, cfg.relearn_texts)
-             for corpus in {RELEARN[a] for a in cfg.attacks if a in RELEARN}}
-    if "ablate_pca" in cfg.attacks:
-        texts.setdefault("forget", target.unused_texts("forget", cfg.seed, cfg.relearn_texts))
+
+
+def attack_texts(cfg: RunConfig, target: AttackedRun) -> dict:
+    """The texts the attacks use ({"forget": [...], "retain": [...]}), drawn before anything runs."""
+    corpora = {RELEARN[a] for a in cfg.attacks if a in RELEARN} | ({"forget"} if "ablate_pca" in cfg.attacks else set())
+    return {corpus: target.unused_texts(corpus, cfg.seed, cfg.relearn_texts) for corpus in sorted(corpora)}
+
+
+def run_attacks(cfg: RunConfig, target: AttackedRun, scorer, tasks: list, texts: dict, nll_tokens: int = 128,
+                known: dict | None = None) -> tuple[dict, dict, dict]:
+    """Evaluate the original and unlearned models (unless `known` has them), then each attack and
+    control, on one scorer (its params swapped). Returns (results, relearning losses, arrays)."""
+    from armu_jax.evaluate import evaluate_tasks
     model_cfg = ModelConfig.from_dir(target.unlearned)
     if target.vectors.shape[1] != model_cfg.hidden_size:
         raise UserError(f"{target.dir / 'control_vectors.npy'} has vectors of size {target.vectors.shape[1]}, "
                         f"the model's hidden size is {model_cfg.hidden_size}")
-
-    began = time.time()
     dtype = parse_dtype(cfg.dtype)
     mesh = sharding.make_mesh(cfg.mesh)
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
     tokenizer = load_tokenizer(target.original)
-    layer = run_cfg.layer_id
-    scorer = scorer_for(target.original, dtype, cfg.eval_batch_size, mesh=mesh)
-    original = scorer.params
+    layer = target.cfg.layer_id
+    original = load_hf(target.original, dtype, mesh=mesh)[1]
     unlearned = load_hf(target.unlearned, dtype, mesh=mesh)[1]
 
     def evaluate(name: str, variables: dict) -> dict:
         scorer.params = variables
         print(f"evaluating: {name}")
-        return _flat(evaluate_tasks(scorer, tasks))
+        return _flat(evaluate_tasks(scorer, tasks, nll_tokens=nll_tokens))
 
-    results = {"original": evaluate("original", original), "unlearned": evaluate("unlearned", unlearned)}
+    results = dict(known or {})
+    for name, variables in (("original", original), ("unlearned", unlearned)):
+        if name not in results:
+            results[name] = evaluate(name, variables)
     losses, arrays = {}, {}
     for attack in cfg.attacks:
         if attack == "ablate_u":
-            variables = ablation_variables(unlearned, target.vectors, layer, model_cfg.num_hidden_layers)
-            results[attack] = evaluate(attack, variables)
+            results[attack] = evaluate(attack, ablation_variables(unlearned, target.vectors, layer,
+                                                                  model_cfg.num_hidden_layers))
         elif attack == "ablate_pca":
-            pca_texts = texts["forget"]
-            acts = [layer_activations(model, p, tokenizer, pca_texts, layer, cfg.relearn_max_len)
+            acts = [layer_activations(model, p, tokenizer, texts["forget"], layer, cfg.relearn_max_len)
                     for p in (unlearned, original)]
             directions = arrays["pca_directions"] = principal_directions(*acts, cfg.ablate_k)
             results[attack] = evaluate(attack, ablation_variables(unlearned, directions, layer,
                                                                   model_cfg.num_hidden_layers))
         else:
-            ids, mask = _right_padded(tokenizer, texts[RELEARN[attack]], cfg.relearn_max_len, len(texts[RELEARN[attack]]))
+            chosen = texts[RELEARN[attack]]
+            ids, mask = _right_padded(tokenizer, chosen, cfg.relearn_max_len, len(chosen))
             for base_name, base in (("unlearned", unlearned), ("original", original)):
                 if base_name == "original" and not cfg.attack_controls:
                     continue
-                names = relearn_names(base, cfg.relearn_params, cfg.relearn_layers or run_cfg.update_layer_ids)
+                names = relearn_names(base, cfg.relearn_params, cfg.relearn_layers or target.cfg.update_layer_ids)
                 tuned, curve = relearn(model, base, names, ids, mask, cfg.relearn_steps, cfg.relearn_lr,
                                        cfg.relearn_weight_decay, mesh)
                 key = attack if base_name == "unlearned" else f"control: {attack} on original"
                 losses[key] = curve
                 results[key] = evaluate(key, tuned)
                 del tuned
+    return results, losses, arrays
 
+
+def attack_cli(cfg: RunConfig) -> None:
+    """--mode=attack: every requested attack on the run's export (and the controls on the original
+    model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
+    from armu_jax.evaluate import scorer_for
+    from armu_jax.tasks import load_tasks
+    check_attack_settings(cfg)
+    target = AttackedRun(cfg.run_dir)
+    out = Path(cfg.output_dir) if cfg.output_dir else target.dir / "attack"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output_dir {out} exists and is not empty; choose a new directory")
+    tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
+    texts = attack_texts(cfg, target)
+    began = time.time()
+    scorer = scorer_for(target.original, parse_dtype(cfg.dtype), cfg.eval_batch_size,
+                        mesh=sharding.make_mesh(cfg.mesh))
+    results, losses, arrays = run_attacks(cfg, target, scorer, tasks, texts)
     report = make_report(cfg, target, results, losses, texts, time.time() - began)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(report, indent=2))
