@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from armu_jax.config import from_flagfile
+from armu_jax.config import config_with, from_flagfile
 from armu_jax.embedded import smollm2_dir
 from armu_jax.errors import UserError
 from armu_jax.evaluate import evaluate_tasks, scorer_for
@@ -81,6 +81,39 @@ def plot(path: Path, results: dict, curves: dict) -> None:
     plt.close(fig)
 
 
+# The demo's attacks (python -m armu_jax.main --mode=attack has them all, with controls): the
+# control vectors ablated, and 3 AdamW steps (lr 3e-5) on 10 forget-topic texts the run did not
+# train on, evaluated on the biology task (the topic the demo forgets).
+ATTACK_SETTINGS = dict(mode="attack", attacks=["ablate_u", "relearn_forget"], relearn_texts=10, relearn_steps=3,
+                       relearn_lr=3e-5, relearn_max_len=64, attack_controls=False)
+ATTACK_NOTE = "u ablated after layer l; relearning: 10 unused forget-topic texts, 3 AdamW steps at lr 3e-5"
+
+
+def attack_results(run_dir: Path, scorer, results: dict, name: str, limit: int) -> dict:
+    """The demo's attacks on one run, scored on demo_bio (original and unlearned scores reused)."""
+    from armu_jax.attack import AttackedRun, attack_texts, recovered, run_attacks
+    cfg = config_with(**ATTACK_SETTINGS)
+    target = AttackedRun(str(run_dir))
+    tasks = [t.limited(limit) for t in load_tasks(["demo_bio"])]
+    known = {"original": {"demo_bio": results["original"]["demo_bio"]}, "unlearned": {"demo_bio": results[name]["demo_bio"]}}
+    scores, _, _ = run_attacks(cfg, target, scorer, tasks, attack_texts(cfg, target), NLL_TOKENS, known)
+    o, u = scores["original"]["demo_bio"], scores["unlearned"]["demo_bio"]
+    return {attack: {**scores[attack]["demo_bio"],
+                     "recovered_acc": recovered(o["acc"], u["acc"], scores[attack]["demo_bio"]["acc"], 1 / o["n"]),
+                     "recovered_nll": recovered(o["nll"], u["nll"], scores[attack]["demo_bio"]["nll"], 0.01)}
+            for attack in ATTACK_SETTINGS["attacks"]}
+
+
+def format_attacks(attacks: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+    lines = ["| model | attack | bio acc / NLL | recovered acc / NLL |", "|---|---|---|---|"]
+    for model, rows in attacks.items():
+        for attack, r in rows.items():
+            lines.append(f"| {model} | {attack} | {100 * r['acc']:.1f} / {r['nll']:.3f} | "
+                         f"{pct(r['recovered_acc'])} / {pct(r['recovered_nll'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on SmolLM2-135M")
     parser.add_argument("--limit", type=int, default=40, help="held-out questions per topic (0: all)")
@@ -97,25 +130,29 @@ def main(argv=None) -> int:
     print(f"armu_jax demo: writing to {out}")
     tasks = load_tasks(["demo"])
 
-    print("[1/4] evaluating the original model")
+    print("[1/5] evaluating the original model")
     scorer = scorer_for(smollm2_dir())  # one scorer: later models swap params, shapes stay compiled
     results = {"original": evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)}
 
-    print("[2/4] Adaptive RMU (configs/demo.flags)")
+    print("[2/5] Adaptive RMU (configs/demo.flags)")
     adaptive = run(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")))
     curves = {"adaptive_rmu": _metrics(adaptive)}
     first = {}
     for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
     coeff = sum(first.values()) / len(first)
-    print(f"[3/4] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
+    print(f"[3/5] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
     rmu = run(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")))
     curves["rmu"] = _metrics(rmu)
 
-    print("[4/4] evaluating the unlearned models")
+    print("[4/5] evaluating the unlearned models")
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
         scorer.params = load_hf(run_dir / "hf")[1]
         results[name] = evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)
+
+    print(f"[5/5] attacks on the forgotten biology: {ATTACK_NOTE}")
+    attacks = {name: attack_results(run_dir, scorer, results, name, args.limit) for name, run_dir in
+               (("rmu", rmu), ("adaptive_rmu", adaptive))}
 
     lm_eval_scores = {}
     if args.lm_eval:
@@ -126,10 +163,12 @@ def main(argv=None) -> int:
                                                        limit=args.limit))
 
     table = report_table(results)
+    attack_table = format_attacks(attacks)
     seconds = time.time() - began
     text = [f"# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
             f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
-            f"(chance 25%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, ""]
+            f"(chance 25%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",
+            f"## Does it come back? ({ATTACK_NOTE})\n", attack_table, ""]
     if lm_eval_scores:
         text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
         text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
@@ -137,7 +176,8 @@ def main(argv=None) -> int:
     text.append(f"\nTotal time: {seconds / 60:.1f} min.")
     (out / "report.md").write_text("\n".join(text) + "\n")
     (out / "results.json").write_text(json.dumps({"native": results, "lm_eval": lm_eval_scores,
-                                                  "rmu_coeff": coeff, "seconds": seconds}, indent=2))
+                                                  "attacks": attacks, "rmu_coeff": coeff,
+                                                  "seconds": seconds}, indent=2))
     plot(out / "report.png", results, curves)
     print("\n".join(text))
     print(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")

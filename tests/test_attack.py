@@ -128,7 +128,7 @@ def test_attack_mode_end_to_end(unlearned_run, tmp_path):
     out, _, _ = unlearned_run
     report_dir = tmp_path / "attack"
     cfg = config_with(mode="attack", run_dir=str(out), output_dir=str(report_dir), eval_tasks=["demo"],
-                      eval_limit=8, relearn_texts=4, relearn_steps=2, relearn_lr=1e-3, relearn_max_len=32,
+                      eval_limit=6, relearn_texts=4, relearn_steps=2, relearn_lr=1e-3, relearn_max_len=32,
                       ablate_k=2)
     attack_cli(cfg)
     report = json.loads((report_dir / "attack.json").read_text())
@@ -148,13 +148,6 @@ def test_attack_mode_end_to_end(unlearned_run, tmp_path):
     md = (report_dir / "attack.md").read_text()
     assert "| ablate_u | demo_bio |" in md and "| relearn_retain | demo_retain |" in md
 
-    # The same relearning at lr 0 leaves the unlearned model's scores exactly as they were.
-    still = tmp_path / "lr0"
-    attack_cli(config_with(mode="attack", run_dir=str(out), output_dir=str(still), eval_tasks=["demo"],
-                           eval_limit=8, attacks=["relearn_retain"], relearn_texts=4, relearn_steps=2, relearn_lr=0.0,
-                           attack_controls=False))
-    again = json.loads((still / "attack.json").read_text())["results"]
-    assert again["relearn_retain"] == again["unlearned"]
 
 
 def test_bad_attack_input_is_one_line_and_writes_nothing(unlearned_run, tmp_path):

@@ -20,7 +20,8 @@ from armu_jax.train import run
 ROOT = Path(__file__).resolve().parents[1]
 # A short SmolLM2 run at the reference's lr, alpha and coefficient: layers 0..2, 64-token texts.
 SETTINGS = dict(model="smollm2-135m", layer_id=2, lr=5e-5, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
-                batch_size=4, max_num_batches=4, checkpoint_every=0)
+                batch_size=4, max_num_batches=6, checkpoint_every=0)
+MESHES = ("fsdp:4", "data:2,fsdp:2")
 
 
 def _args(settings: dict) -> list[str]:
@@ -98,15 +99,24 @@ def one_process(tmp_path_factory):
     return metrics, weights, tolerance, weight_tolerance
 
 
-@pytest.mark.parametrize("mesh", ["fsdp:4", "data:2,fsdp:2"])
-def test_two_processes_match_one(tmp_path, one_process, mesh):
-    out = tmp_path / "run"
-    results = _finish(_start({**SETTINGS, "mesh": mesh, "output_dir": str(out)}))
-    for code, stderr in results:
-        assert code == 0, stderr[-3000:]
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The run as 2 processes x 2 devices, on each mesh: {mesh: run directory}."""
+    runs = {}
+    for mesh in MESHES:
+        out = tmp_path_factory.mktemp("two") / "run"
+        for code, stderr in _finish(_start({**SETTINGS, "mesh": mesh, "output_dir": str(out)})):
+            assert code == 0, stderr[-3000:]
+        runs[mesh] = out
+    return runs
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_two_processes_match_one(two_processes, one_process, mesh):
+    out = two_processes[mesh]
     ref_metrics, ref_weights, tolerance, weight_tolerance = one_process
     metrics, weights = _metrics(out), _weights(out)
-    assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics] == [0, 1, 2, 3]
+    assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics] == list(range(6))
     for a, b, tol in zip(metrics, ref_metrics, tolerance):
         for key in COMPARED:
             assert abs(a[key] - b[key]) <= tol[key], (mesh, a["step"], key, a[key], b[key], tol[key])
@@ -131,11 +141,9 @@ def _source() -> Path:
     return smollm2_dir() / "model.safetensors"
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(tmp_path):
-    settings = {**SETTINGS, "mesh": "data:2,fsdp:2", "max_num_batches": 8, "checkpoint_every": 0}
-    straight = tmp_path / "straight"
-    assert all(code == 0 for code, _ in _finish(_start({**settings, "output_dir": str(straight)})))
-
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(tmp_path, two_processes):
+    settings = {**SETTINGS, "mesh": "data:2,fsdp:2"}
+    straight = two_processes["data:2,fsdp:2"]  # the same run, not interrupted
     killed = tmp_path / "killed"
     procs = _start({**settings, "output_dir": str(killed)})
     metrics = killed / "metrics.jsonl"
@@ -147,13 +155,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(tmp_pa
     for code, stderr in results:
         assert code == 1 and "SIGTERM: checkpoint written at step" in stderr, stderr[-3000:]
     saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(saved) == 1 and 2 <= saved[0] < 8, saved  # one checkpoint, of one step, before the end
+    assert len(saved) == 1 and 2 <= saved[0] < 6, saved  # one checkpoint, of one step, before the end
     stopped_at = [int(stderr.split("checkpoint written at step ")[1].split()[0]) for _, stderr in results]
     assert stopped_at == [saved[0]] * 2
     assert not (killed / "hf").exists()
 
     resumed = _finish(_start({**settings, "output_dir": str(killed)}, "--resume"))
     assert all(code == 0 for code, _ in resumed), resumed[0][1][-3000:]
-    assert [m["step"] for m in _metrics(killed)] == list(range(8))
+    assert [m["step"] for m in _metrics(killed)] == list(range(6))
     a, b = _weights(killed), _weights(straight)
     assert all(np.array_equal(a[k], b[k]) for k in b)
