@@ -30,8 +30,9 @@ def setting(kind: str, default, help: str, choices=None, restartable: bool = Fal
 class RunConfig:
     mode: str = setting("enum", "train", "train: unlearn; eval: native JAX evaluation of --model; "
                         "lm_eval: lm-eval's hf backend on --model; compile: ahead-of-time compile report of "
-                        "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export.",
-                        ["train", "eval", "lm_eval", "compile", "attack"], True)
+                        "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export; norms: "
+                        "every layer's activation norm on the corpora (choosing c).",
+                        ["train", "eval", "lm_eval", "compile", "attack", "norms"], True)
     method: str = setting("enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
     model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
@@ -90,6 +91,7 @@ class RunConfig:
     eval_limit: int = setting("int", 0, "Items per evaluation task (0: all).", restartable=True)
     eval_batch_size: int = setting("int", 16, "Sequences per evaluation batch.", restartable=True)
     export: bool = setting("bool", True, "Write the final HF export to <output_dir>/hf.", restartable=True)
+    norms_texts: int = setting("int", 64, "--mode=norms: texts of each corpus.", restartable=True)
     run_dir: str = setting("str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
                            "hf/).", restartable=True)
     attacks: tuple = setting("list", ["ablate_u", "ablate_pca", "relearn_forget", "relearn_retain"],

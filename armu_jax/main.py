@@ -25,6 +25,9 @@ def dispatch() -> None:
     elif cfg.mode == "compile":
         from armu_jax.compile_report import compile_cli
         compile_cli(cfg)
+    elif cfg.mode == "norms":
+        from armu_jax.norms import norms_cli
+        norms_cli(cfg)
     elif cfg.mode == "attack":
         from armu_jax.attack import attack_cli
         attack_cli(cfg)

@@ -78,6 +78,22 @@ def test_relearning_with_lr_0_changes_nothing(unlearned_run):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_relearning_a_selection_changes_only_it_and_lays_it_out_like_the_step(unlearned_run):
+    """--relearn_params=mlp.down_proj --relearn_layers=2 on a data:2,fsdp:4 mesh: only that tensor moves."""
+    from armu_jax.sharding import make_mesh
+    out, _, _ = unlearned_run
+    cfg, params = load_hf(out / "hf")
+    ids, mask = _texts_and_batch(out / "hf")
+    names = relearn_names(params, ("mlp.down_proj",), (2,))
+    assert names == ["model/layers_2/mlp/down_proj/kernel"]
+    tuned, _ = relearn(LlamaForCausalLM(cfg), params, names, ids, mask, steps=1, lr=1e-3, weight_decay=0.0,
+                       mesh=make_mesh("data:2,fsdp:4"))
+    changed = [p for p, v in flatten(tuned).items() if not np.array_equal(np.asarray(v), np.asarray(flatten(params)[p]))]
+    assert changed == [("model", "layers_2", "mlp", "down_proj", "kernel")]
+    with pytest.raises(UserError, match="has no parameter model/layers_2/mlp/side_proj/kernel"):
+        relearn_names(params, ("mlp.side_proj",), (2,))
+
+
 def _torch_fine_tune(model_dir, ids, mask, lr, weight_decay, nudge=False):
     """transformers' loss (labels = ids, pads -100) and torch.optim.AdamW, 3 steps; nudge: every weight
     one float32 ulp up first (the last-bit drift that sets the tolerance)."""
@@ -127,7 +143,7 @@ def test_relearning_matches_a_pytorch_fine_tune(unlearned_run):
 def test_attack_mode_end_to_end(unlearned_run, tmp_path):
     out, _, _ = unlearned_run
     report_dir = tmp_path / "attack"
-    cfg = config_with(mode="attack", run_dir=str(out), output_dir=str(report_dir), eval_tasks=["demo"],
+    cfg = config_with(mode="attack", run_dir=str(out), output_dir=str(report_dir), eval_tasks=["demo_bio"],
                       eval_limit=6, relearn_texts=4, relearn_steps=2, relearn_lr=1e-3, relearn_max_len=32,
                       ablate_k=2)
     attack_cli(cfg)
@@ -146,7 +162,7 @@ def test_attack_mode_end_to_end(unlearned_run, tmp_path):
     assert np.load(report_dir / "pca_directions.npy").shape == (2, 60)
     assert (report_dir / "attack.png").stat().st_size > 10_000
     md = (report_dir / "attack.md").read_text()
-    assert "| ablate_u | demo_bio |" in md and "| relearn_retain | demo_retain |" in md
+    assert "| ablate_u | demo_bio |" in md and "| relearn_retain on original | demo_bio |" in md
 
 
 

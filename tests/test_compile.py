@@ -74,8 +74,8 @@ for topology in sys.argv[2:]:
 
 
 def test_fsdp_over_any_chip_count_takes_the_reference_batch(tmp_path):
-    """--mesh=fsdp:-1 with batch 4 on 1, 2 (this machine), 8, 16 and 256 chips (TPU slices via libtpu):
-    rows padded to the chip count, parameters sharded over all of them."""
+    """--mesh=fsdp:-1 with batch 4 on 1, 2 (this machine), 16 and 256 chips (TPU slices via libtpu; 8 chips
+    is the slice test above): rows padded to the chip count, parameters sharded over all of them."""
     model = tmp_path / "model"  # TPU-tile-sized dimensions; a config alone is enough to compile
     model.mkdir()
     (model / "config.json").write_text(json.dumps({
@@ -88,16 +88,16 @@ def test_fsdp_over_any_chip_count_takes_the_reference_batch(tmp_path):
         rep = report(cfg, ModelConfig.from_dir(model))
         reports[n] = {"mesh": rep["mesh"], "rows": rep["batch_rows"], "arguments": rep["per_device_bytes"]["arguments"]}
     env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost"}
-    result = subprocess.run([sys.executable, "-c", ANY_CHIP_COUNT, str(model), "v5e:2x4", "v5e:4x4", "v5e:16x16"],
+    result = subprocess.run([sys.executable, "-c", ANY_CHIP_COUNT, str(model), "v5e:4x4", "v5e:16x16"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for line, n in zip(result.stdout.splitlines(), (8, 16, 256)):
+    for line, n in zip(result.stdout.splitlines(), (16, 256)):
         reports[n] = json.loads(line)
     for n, rep in reports.items():
         assert rep["mesh"] == {"data": 1, "fsdp": n} and rep["rows"] == max(4, n), (n, rep)
     # Parameters are split over every chip, so the argument bytes per chip fall with the count (compared
     # within a backend: TPU layouts pad small dimensions to tiles).
-    arguments = [reports[n]["arguments"] for n in (1, 2)], [reports[n]["arguments"] for n in (8, 16, 256)]
+    arguments = [reports[n]["arguments"] for n in (1, 2)], [reports[n]["arguments"] for n in (16, 256)]
     assert all(a > b for side in arguments for a, b in zip(side, side[1:])), reports
 
 

@@ -165,3 +165,24 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(tmp_pa
     assert [m["step"] for m in _metrics(killed)] == list(range(6))
     a, b = _weights(killed), _weights(straight)
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_cluster_environment_and_partial_flags(monkeypatch):
+    from armu_jax import hosts
+    from armu_jax.errors import UserError
+    for name in hosts.CLUSTER_HINTS:
+        monkeypatch.delenv(name, raising=False)
+    assert hosts._cluster_processes() is None
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert hosts._cluster_processes() is None  # one task: a single-process job
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1,t1v-n-2,t1v-n-3")
+    assert hosts._cluster_processes() == ("TPU_WORKER_HOSTNAMES", 4)  # a pod slice of 4 workers
+    # libtpu, unable to find them, leaves a sentence there; that is not a list of hosts
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker hostnames, please set it")
+    assert hosts._cluster_processes() is None
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert hosts._cluster_processes() == ("SLURM_NTASKS", 2)
+    with pytest.raises(UserError, match="go together"):
+        hosts.start("localhost:1234", None, None, False)
+    with pytest.raises(UserError, match="--process_id=2 must be in 0..1"):
+        hosts.start("localhost:1234", 2, 2, False)

@@ -121,10 +121,11 @@ def test_tiny_model_matches_reference(tmp_path, smollm2_dir, method, adaptive_co
              max_len=[48, 40])
 
 
-@pytest.mark.parametrize("method,adaptive_coeff", MODES)
+@pytest.mark.parametrize("method,adaptive_coeff", MODES[1:])
 def test_smollm2_matches_reference_at_reference_settings(tmp_path, smollm2_dir, method, adaptive_coeff):
-    """lr 5e-5, alpha 1200, c 6.5: the forget loss and the coefficient agree to TIGHT (6 steps: each
-    topic's first batch and two updates after it)."""
+    """lr 5e-5, alpha 1200: the forget loss and the coefficient agree to TIGHT (6 steps: each topic's
+    first batch and two updates after it). Both Adaptive RMU modes here; RMU on SmolLM2 is the
+    chaotic test below, and every mode at c 6.5 is the tiny-model test above."""
     _compare(tmp_path, smollm2_dir, method, adaptive_coeff, layer_id=3, lr=5e-5, alpha=1200.0, steering=6.5,
              max_len=[64, 48], steps=6)
 
