@@ -63,15 +63,22 @@ def executable_flops(compiled) -> float:
     return float(analysis.get("flops", 0.0))
 
 
-def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir: str | None = None):
-    """(compiled executable, mesh, frozen abstract params) of cfg's step for its largest batch shape."""
+def abstract_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None):
+    """(CompiledStep, frozen abstract params of layers 0..l) of cfg's step on its mesh over `devices`:
+    built by step.build_step from shapes alone, nothing allocated."""
     dtype = parse_dtype(cfg.dtype)
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
     full = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
     frozen = truncate(full, cfg.layer_id)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     vectors = np.ones((cfg.n_topics, model_cfg.hidden_size), np.float32) / np.sqrt(model_cfg.hidden_size)
-    step = build_step(cfg, model_cfg, frozen, mesh, vectors)
+    return build_step(cfg, model_cfg, frozen, mesh, vectors), frozen
+
+
+def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir: str | None = None):
+    """(compiled executable, mesh, frozen abstract params) of cfg's step for its largest batch shape."""
+    step, frozen = abstract_step(cfg, model_cfg, devices)
+    mesh = step.mesh
     padded = lambda length: -(-length // cfg.pad_multiple) * cfg.pad_multiple
     lowered = step.lower(frozen, padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len))
     options = {"xla_dump_to": str(Path(dump_dir).absolute())} if dump_dir else None

@@ -9,13 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from armu_jax import sharding
+from armu_jax.compile_report import compile_step
 from armu_jax.config import from_flagfile
 from armu_jax.hf_io import parse_dtype
-from armu_jax.model import LlamaForCausalLM
 from armu_jax.model_config import ModelConfig
-from armu_jax.params import truncate
-from armu_jax.step import build_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
@@ -36,17 +33,9 @@ CASES = {"zephyr7b_wmdp_adaptive.flags": (ZEPHYR_7B, 12.4), "llama3_8b_wmdp_adap
 def test_big_flagfile_compiles_and_fits(name):
     hf_config, documented_gib = CASES[name]
     cfg = from_flagfile(ROOT / "configs" / name)
-    model_cfg = ModelConfig.from_hf_dict(hf_config)
+    compiled, mesh, frozen = compile_step(cfg, ModelConfig.from_hf_dict(hf_config))
+    mem = compiled.memory_analysis()
     dtype = parse_dtype(cfg.dtype)
-    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    full = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    frozen = truncate(full, cfg.layer_id)
-    mesh = sharding.make_mesh(cfg.mesh)
-    vectors = np.ones((cfg.n_topics, model_cfg.hidden_size), np.float32) / np.sqrt(model_cfg.hidden_size)
-    compiled = build_step(cfg, model_cfg, frozen, mesh, vectors)
-    padded = lambda length: -(-length // cfg.pad_multiple) * cfg.pad_multiple
-    mem = compiled.lower(frozen, padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len)).compile() \
-        .memory_analysis()
     per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                   - mem.alias_size_in_bytes)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))

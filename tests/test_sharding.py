@@ -1,27 +1,19 @@
 """The sharding table and the train-state shardings: every leaf has a rule, or it is an error."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from armu_jax import sharding
 from armu_jax.config import config_with, flagfile_text, from_flagfile
+from armu_jax.compile_report import abstract_step
 from armu_jax.errors import UserError
-from armu_jax.model import LlamaForCausalLM
 from armu_jax.model_config import ModelConfig
-from armu_jax.params import truncate
-from armu_jax.step import build_step
 from test_scale import ZEPHYR_7B
 
 
 def _abstract_step(mesh_spec: str):
     model_cfg = ModelConfig.from_hf_dict({**ZEPHYR_7B, "num_hidden_layers": 4, "vocab_size": 512})
-    model = LlamaForCausalLM(model_cfg)
-    full = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    frozen = truncate(full, 3)
-    vectors = np.ones((2, model_cfg.hidden_size), np.float32) / 64
-    return build_step(config_with(layer_id=3, mesh=mesh_spec), model_cfg, frozen, sharding.make_mesh(mesh_spec),
-                      vectors)
+    return abstract_step(config_with(layer_id=3, mesh=mesh_spec), model_cfg)[0]
 
 
 def test_state_is_sharded_like_its_parameters():
