@@ -19,9 +19,12 @@ import numpy as np
 
 from armu_jax.errors import UserError
 
-# Environment variables that say a job has several processes, with how to read the count.
+# Environment variables that say this process is one of several, with how to read the count: srun
+# sets SLURM_STEP_NUM_TASKS for the processes of a step (SLURM_NTASKS is also set for a batch
+# script's single process, which must not wait for peers), mpirun OMPI_COMM_WORLD_SIZE, and a
+# multi-host TPU slice lists its workers.
 CLUSTER_HINTS = {
-    "SLURM_NTASKS": lambda v: int(v),
+    "SLURM_STEP_NUM_TASKS": lambda v: int(v),
     "OMPI_COMM_WORLD_SIZE": lambda v: int(v),
     "TPU_WORKER_HOSTNAMES": lambda v: _hostnames(v),
 }

@@ -173,15 +173,17 @@ def test_cluster_environment_and_partial_flags(monkeypatch):
     for name in hosts.CLUSTER_HINTS:
         monkeypatch.delenv(name, raising=False)
     assert hosts._cluster_processes() is None
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert hosts._cluster_processes() is None  # one task: a single-process job
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert hosts._cluster_processes() is None  # a batch script's own process: no srun step
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert hosts._cluster_processes() is None  # a step of one task
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1,t1v-n-2,t1v-n-3")
     assert hosts._cluster_processes() == ("TPU_WORKER_HOSTNAMES", 4)  # a pod slice of 4 workers
     # libtpu, unable to find them, leaves a sentence there; that is not a list of hosts
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker hostnames, please set it")
     assert hosts._cluster_processes() is None
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert hosts._cluster_processes() == ("SLURM_NTASKS", 2)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert hosts._cluster_processes() == ("SLURM_STEP_NUM_TASKS", 2)
     with pytest.raises(UserError, match="go together"):
         hosts.start("localhost:1234", None, None, False)
     with pytest.raises(UserError, match="--process_id=2 must be in 0..1"):
