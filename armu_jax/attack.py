@@ -36,8 +36,8 @@ from armu_jax import sharding
 from armu_jax.config import RunConfig, from_flagfile
 from armu_jax.data import load_tokenizer, read_corpus
 from armu_jax.errors import UserError
-from armu_jax.hf_io import export_hf, load_hf, parse_dtype
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.hf_io import load_hf, parse_dtype
+from armu_jax.model import LlamaForCausalLM, abstract_params
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, merge, name_of, take
 
@@ -164,12 +164,11 @@ def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...])
 
 
 @functools.lru_cache(maxsize=4)
-def _relearn_program(model: LlamaForCausalLM, names: tuple[str, ...], mesh, rows: int, lr: float,
-                     weight_decay: float):
-    """(optimizer, jitted step, params/state/batch shardings) for one model, parameter set and batch
-    layout: built once, so later relearning runs (the controls, other corpora) reuse the compilation."""
+def _relearn_program(model: LlamaForCausalLM, names: tuple[str, ...], mesh, lr: float, weight_decay: float):
+    """(optimizer, jitted step, params/state/batch shardings) for one model, parameter set and mesh:
+    built once, so later relearning runs (the controls, other corpora) reuse the compilation."""
     optimizer = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    abstract = abstract_params(model)
     params_sh = sharding.param_shardings(abstract, mesh)
     abstract_state = jax.eval_shape(lambda p: {"trainable": take(p, names), "opt_state": optimizer.init(take(p, names))},
                                     abstract)
@@ -194,8 +193,7 @@ def relearn(model: LlamaForCausalLM, params: dict, names: list[str], ids: np.nda
     fine-tuned params and the loss before each step."""
     mesh = mesh or sharding.make_mesh("data:1")
     rows = sharding.batch_rows(mesh, ids.shape[0])
-    optimizer, jitted, params_sh, state_sh, batch_sh = _relearn_program(model, tuple(names), mesh, rows, lr,
-                                                                        weight_decay)
+    optimizer, jitted, params_sh, state_sh, batch_sh = _relearn_program(model, tuple(names), mesh, lr, weight_decay)
     params = jax.device_put(params, params_sh)
     trainable = {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}  # donated below
     state = jax.device_put({"trainable": trainable, "opt_state": optimizer.init(trainable)}, state_sh)
@@ -237,11 +235,12 @@ def attack_texts(cfg: RunConfig, target: AttackedRun) -> dict:
     return {corpus: target.unused_texts(corpus, cfg.seed, cfg.relearn_texts) for corpus in sorted(corpora)}
 
 
-def run_attacks(cfg: RunConfig, target: AttackedRun, scorer, tasks: list, texts: dict, nll_tokens: int = 128,
-                known: dict | None = None) -> tuple[dict, dict, dict]:
+def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, nll_tokens: int = 128,
+                known: dict | None = None, scorer=None) -> tuple[dict, dict, dict]:
     """Evaluate the original and unlearned models (unless `known` has them), then each attack and
-    control, on one scorer (its params swapped). Returns (results, relearning losses, arrays)."""
-    from armu_jax.evaluate import evaluate_tasks
+    control, on one scorer (its params swapped; a caller's, or one made here on the original's
+    params). Returns (results, relearning losses, arrays)."""
+    from armu_jax.evaluate import evaluate_tasks, scorer_for
     model_cfg = ModelConfig.from_dir(target.unlearned)
     if target.vectors.shape[1] != model_cfg.hidden_size:
         raise UserError(f"{target.dir / 'control_vectors.npy'} has vectors of size {target.vectors.shape[1]}, "
@@ -253,6 +252,7 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, scorer, tasks: list, texts:
     layer = target.cfg.layer_id
     original = load_hf(target.original, dtype, mesh=mesh)[1]
     unlearned = load_hf(target.unlearned, dtype, mesh=mesh)[1]
+    scorer = scorer or scorer_for(target.original, dtype, cfg.eval_batch_size, params=original, mesh=mesh)
 
     def evaluate(name: str, variables: dict) -> dict:
         scorer.params = variables
@@ -277,13 +277,12 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, scorer, tasks: list, texts:
         else:
             chosen = texts[RELEARN[attack]]
             ids, mask = _right_padded(tokenizer, chosen, cfg.relearn_max_len, len(chosen))
-            for base_name, base in (("unlearned", unlearned), ("original", original)):
-                if base_name == "original" and not cfg.attack_controls:
-                    continue
-                names = relearn_names(base, cfg.relearn_params, cfg.relearn_layers or target.cfg.update_layer_ids)
+            names = relearn_names(unlearned, cfg.relearn_params, cfg.relearn_layers or target.cfg.update_layer_ids)
+            bases = [(attack, unlearned)] + ([(f"control: {attack} on original", original)] if cfg.attack_controls
+                                             else [])
+            for key, base in bases:
                 tuned, curve = relearn(model, base, names, ids, mask, cfg.relearn_steps, cfg.relearn_lr,
                                        cfg.relearn_weight_decay, mesh)
-                key = attack if base_name == "unlearned" else f"control: {attack} on original"
                 losses[key] = curve
                 results[key] = evaluate(key, tuned)
                 del tuned
@@ -293,7 +292,6 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, scorer, tasks: list, texts:
 def attack_cli(cfg: RunConfig) -> None:
     """--mode=attack: every requested attack on the run's export (and the controls on the original
     model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
-    from armu_jax.evaluate import scorer_for
     from armu_jax.tasks import load_tasks
     check_attack_settings(cfg)
     target = AttackedRun(cfg.run_dir)
@@ -303,9 +301,7 @@ def attack_cli(cfg: RunConfig) -> None:
     tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
     texts = attack_texts(cfg, target)
     began = time.time()
-    scorer = scorer_for(target.original, parse_dtype(cfg.dtype), cfg.eval_batch_size,
-                        mesh=sharding.make_mesh(cfg.mesh))
-    results, losses, arrays = run_attacks(cfg, target, scorer, tasks, texts)
+    results, losses, arrays = run_attacks(cfg, target, tasks, texts)
     report = make_report(cfg, target, results, losses, texts, time.time() - began)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(report, indent=2))
@@ -317,23 +313,29 @@ def attack_cli(cfg: RunConfig) -> None:
     print(f"wrote {out / 'attack.json'}, {out / 'attack.md'}, {out / 'attack.png'}")
 
 
-def make_report(cfg: RunConfig, target: AttackedRun, results: dict, losses: dict, texts: dict, seconds: float) -> dict:
-    recovery = {}
+def recovery(results: dict) -> dict:
+    """{attack: {task: {acc, nll?}}}: the recovered fraction of each attack on the unlearned model
+    (controls and the two reference models left out)."""
+    out = {}
     for name, res in results.items():
         if name in ("original", "unlearned") or name.startswith("control"):
             continue
-        recovery[name] = {}
+        out[name] = {}
         for task, r in res.items():
             o, u = results["original"][task], results["unlearned"][task]
-            recovery[name][task] = {"acc": recovered(o["acc"], u["acc"], r["acc"], 1.0 / r["n"]),
-                                    **({"nll": recovered(o["nll"], u["nll"], r["nll"], 0.01)} if "nll" in r else {})}
+            out[name][task] = {"acc": recovered(o["acc"], u["acc"], r["acc"], 1.0 / r["n"]),
+                               **({"nll": recovered(o["nll"], u["nll"], r["nll"], 0.01)} if "nll" in r else {})}
+    return out
+
+
+def make_report(cfg: RunConfig, target: AttackedRun, results: dict, losses: dict, texts: dict, seconds: float) -> dict:
     settings = {k: getattr(cfg, k) for k in ("attacks", "ablate_k", "relearn_texts", "relearn_steps", "relearn_lr",
                                               "relearn_weight_decay", "relearn_params", "relearn_max_len", "seed",
                                               "eval_tasks", "eval_limit", "dtype", "attack_controls")}
     settings["relearn_layers"] = list(cfg.relearn_layers or target.cfg.update_layer_ids)
     return {"run_dir": str(target.dir), "original_model": str(target.original), "unlearned_model": str(target.unlearned),
             "method": target.cfg.method, "layer_id": target.cfg.layer_id, "settings": settings,
-            "results": results, "recovery": recovery, "relearn_losses": losses,
+            "results": results, "recovery": recovery(results), "relearn_losses": losses,
             "relearn_texts": texts, "seconds": round(seconds, 1)}
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from armu_jax import sharding
@@ -22,7 +21,7 @@ from armu_jax.config import RunConfig, validate
 from armu_jax.embedded import resolve_model
 from armu_jax.errors import UserError
 from armu_jax.hf_io import parse_dtype
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import LlamaForCausalLM, abstract_params
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import truncate
 from armu_jax.step import build_step
@@ -68,8 +67,7 @@ def abstract_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None):
     built by step.build_step from shapes alone, nothing allocated."""
     dtype = parse_dtype(cfg.dtype)
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    full = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    frozen = truncate(full, cfg.layer_id)
+    frozen = truncate(abstract_params(model), cfg.layer_id)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     vectors = np.ones((cfg.n_topics, model_cfg.hidden_size), np.float32) / np.sqrt(model_cfg.hidden_size)
     return build_step(cfg, model_cfg, frozen, mesh, vectors), frozen

@@ -191,14 +191,12 @@ def _write_atomically(files: dict[str, list], source_dir: Path, out_dir: Path, d
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
         os.replace(tmp, out_dir)
-    except OSError as err:
+    except BaseException as err:
         if old is not None and not out_dir.exists():
             os.replace(old / out_dir.name, out_dir)
-        raise RunFailure(f"export to {out_dir} failed: {err.strerror} ({err.filename or 'writing a tensor'}); "
-                         "nothing was replaced, an earlier export there is intact") from None
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old / out_dir.name, out_dir)
+        if isinstance(err, OSError):
+            raise RunFailure(f"export to {out_dir} failed: {err.strerror} ({err.filename or 'writing a tensor'}); "
+                             "nothing was replaced, an earlier export there is intact") from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

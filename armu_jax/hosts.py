@@ -23,19 +23,15 @@ from armu_jax.errors import UserError
 # sets SLURM_STEP_NUM_TASKS for the processes of a step (SLURM_NTASKS is also set for a batch
 # script's single process, which must not wait for peers), mpirun OMPI_COMM_WORLD_SIZE, and a
 # multi-host TPU slice lists its workers.
-CLUSTER_HINTS = {
-    "SLURM_STEP_NUM_TASKS": lambda v: int(v),
-    "OMPI_COMM_WORLD_SIZE": lambda v: int(v),
-    "TPU_WORKER_HOSTNAMES": lambda v: _hostnames(v),
-}
-
-
 def _hostnames(value: str) -> int:
     """How many hosts a TPU_WORKER_HOSTNAMES list names (libtpu may leave a warning sentence there)."""
     names = value.split(",")
     if not all(re.fullmatch(r"[\w.\-:]+", n) for n in names):
         raise ValueError(value)
     return len(names)
+
+
+CLUSTER_HINTS = {"SLURM_STEP_NUM_TASKS": int, "OMPI_COMM_WORLD_SIZE": int, "TPU_WORKER_HOSTNAMES": _hostnames}
 
 
 def _cluster_processes() -> tuple[str, int] | None:
@@ -64,16 +60,16 @@ def start(coordinator_address: str | None, num_processes: int | None, process_id
             raise UserError(f"--process_id={process_id} must be in 0..{num_processes - 1} (--num_processes)")
         if num_processes == 1:
             return
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
-        return
-    hint = _cluster_processes()
-    if multihost or os.environ.get("JAX_COORDINATOR_ADDRESS") or hint:
+    else:
+        hint = _cluster_processes()
+        if not (multihost or os.environ.get("JAX_COORDINATOR_ADDRESS") or hint):
+            return
         if hint and not multihost:
             print(f"armu_jax: {hint[0]} says {hint[1]} processes; joining them with jax.distributed",
                   file=sys.stderr)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    # All None: jax reads the coordinator, count and index from the cluster (TPU VM metadata, SLURM).
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
 
 
 def is_main() -> bool:

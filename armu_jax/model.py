@@ -226,3 +226,8 @@ class LlamaForCausalLM(nn.Module):
     def run_layers(self, h, attention_mask, positions, *, start: int, end: int):
         """Layers start..end (inclusive) from the residual stream h entering layer `start`."""
         return self.model.run_layers(h, attention_mask, positions, start, end)
+
+
+def abstract_params(model: LlamaForCausalLM) -> dict:
+    """The model's params tree as ShapeDtypeStructs (shapes and dtypes, nothing allocated)."""
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))

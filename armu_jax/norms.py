@@ -26,12 +26,14 @@ from armu_jax.data import load_tokenizer, read_corpus, tokenize
 from armu_jax.errors import UserError
 from armu_jax.hf_io import load_hf, parse_dtype
 from armu_jax.model import DecoderLayer, LlamaForCausalLM
+from armu_jax.objective import without_first_token
 
 
 @partial(jax.jit, static_argnums=0)
-def _layer_norm_sums(model: LlamaForCausalLM, params, ids, mask, positions, weight, weight_skip):
-    """Per layer and row: sum of token norms over the weighted tokens (all / without the first),
-    their counts, and the sum of squared norms: each [L, B]."""
+def _layer_norm_sums(model: LlamaForCausalLM, params, ids, mask, positions, weight):
+    """Per layer and row: sum of token norms over the weighted tokens (all / without the first, as the
+    step's norm_skip_first), their counts, and the sum of squared norms: each [L, B]."""
+    weight_skip = without_first_token(weight, mask)
     last = model.cfg.num_hidden_layers - 1
     _, state = model.apply(params, ids, mask, positions, layer=last, method=LlamaForCausalLM.hidden_upto,
                            capture_intermediates=lambda mdl, method: isinstance(mdl, DecoderLayer)
@@ -52,9 +54,8 @@ def corpus_profile(model: LlamaForCausalLM, params, tokenizer, texts: list[str],
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = texts[start:start + batch_size]
         batch = tokenize(tokenizer, chunk, max_len, batch_size, pad_multiple, "tokens")
-        skip = tokenize(tokenizer, chunk, max_len, batch_size, pad_multiple, "tokens_after_first")["weight"]
         out = _layer_norm_sums(model, params, batch["input_ids"], batch["attention_mask"], batch["positions"],
-                               batch["weight"], skip)
+                               batch["weight"])
         for key, value in out.items():
             rows[key].append(np.asarray(value, np.float64)[:, :len(chunk)])
     r = {k: np.concatenate(v, axis=1) for k, v in rows.items()}  # [L, N]

@@ -22,6 +22,13 @@ def _row_mean_then_batch_mean(values, weight):
     return jnp.sum(row_mean * rows) / jnp.sum(rows)
 
 
+def without_first_token(weight, mask):
+    """weight with each row's first real token (mask's first 1; the attention sink, whose norm is
+    ~6x the others' on SmolLM2) left out."""
+    first = jnp.argmax(mask, axis=1)
+    return weight * (jnp.arange(weight.shape[1])[None, :] != first[:, None])
+
+
 def mean_token_norm(h, weight):
     """torch.mean(h.norm(dim=-1).mean(dim=1), dim=0): the adaptive coefficient's norm."""
     return _row_mean_then_batch_mean(jnp.linalg.norm(h.astype(jnp.float32), axis=-1), weight)

@@ -1,9 +1,8 @@
 """The device mesh and the one table that says how every parameter is sharded.
 
 `--mesh` names axes and sizes, e.g. `data:1`, `fsdp:-1`, `data:2,fsdp:4` (at most one -1,
-which takes the remaining devices). Batch
-rows are split over data x fsdp (padded with empty rows to a multiple of it); parameters are
-split over fsdp along the dimension the table names. A parameter that matches no rule is
+which takes the remaining devices). Batch rows are split over data x fsdp (padded with empty rows
+to a multiple of it); parameters are split over fsdp along the dimension the table names. A parameter that matches no rule is
 an error, never silently replicated.
 """
 from __future__ import annotations
@@ -117,9 +116,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def place(tree, shardings):
-    """Host arrays onto their shardings (a tree of them, or a prefix: one sharding for a subtree). Each process hands over only the blocks its own devices
-    hold, so with several hosts every host feeds its own rows and nothing is compared or sent
-    across hosts (jax.device_put would check that every host passed the same whole array)."""
+    """Host arrays onto their shardings (a tree of them, or a prefix: one sharding for a subtree).
+    Each process hands over only the blocks its own devices hold, so with several hosts every host
+    feeds its own rows and nothing is compared or sent across hosts (jax.device_put would check
+    that every host passed the same whole array)."""
     def one(value, where):
         value = np.asarray(value)
         return jax.make_array_from_callback(value.shape, where, lambda index: value[index])

@@ -19,7 +19,7 @@ from armu_jax import sharding
 from armu_jax.hf_io import parse_dtype
 from armu_jax.model import LlamaForCausalLM
 from armu_jax.model_config import ModelConfig
-from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss
+from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss, without_first_token
 from armu_jax.optimizer import make_optimizer
 from armu_jax.params import merge, take, trainable_names
 
@@ -66,12 +66,8 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation, control_v
                            method=LlamaForCausalLM.run_layers)
 
     def norm_weight(w, mask):
-        """The weight of the adaptive norm: with norm_skip_first, each row's first real token
-        (the attention sink, whose norm is ~6x the others' on SmolLM2) is left out."""
-        if not spec.norm_skip_first:
-            return w
-        first = jnp.argmax(mask, axis=1)
-        return w * (jnp.arange(w.shape[1])[None, :] != first[:, None])
+        """The weight of the adaptive norm: with norm_skip_first, without each row's first real token."""
+        return without_first_token(w, mask) if spec.norm_skip_first else w
 
     def step(state, frozen_params, batch):
         topic = batch["topic"]

@@ -83,13 +83,14 @@ def build_checkpoint(directory: Path) -> Path:
 def peak_of_run(model: str, code: Path, out: Path) -> tuple[float, float]:
     """(peak RSS in GiB, seconds) of one run as a child process."""
     env = {**os.environ, "PYTHONPATH": str(code), "JAX_PLATFORMS": "cpu"}
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe: nobody reads a pipe while wait4 waits
     began = time.time()
-    child = subprocess.Popen([sys.executable, "-m", "armu_jax.main", f"--model={model}", *RUN_FLAGS,
-                              f"--output_dir={out}"], env=env, cwd=code, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
+    with log.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "armu_jax.main", f"--model={model}", *RUN_FLAGS,
+                                  f"--output_dir={out}"], env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
     if status:
-        raise SystemExit(f"run on {model} failed: {child.stderr.read()[-2000:]}")
+        raise SystemExit(f"run on {model} failed: {log.read_text()[-2000:]}")
     return usage.ru_maxrss / 2**20, time.time() - began
 
 
@@ -97,8 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose armu_jax is measured")
     args = parser.parse_args()
-    from armu_jax.embedded import smollm2_dir
-    cache = Path(os.environ.get("ARMU_CACHE", Path.home() / ".cache" / "armu_jax")) / "bench"
+    from armu_jax.embedded import cache_dir, smollm2_dir
+    cache = cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     print("building the random 1.3B checkpoint (once)...", file=sys.stderr)
     big = build_checkpoint(cache / "llama-1.3b-random-bf16")

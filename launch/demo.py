@@ -91,17 +91,15 @@ ATTACK_NOTE = "u ablated after layer l; relearning: 10 unused forget-topic texts
 
 def attack_results(run_dir: Path, scorer, results: dict, name: str, limit: int) -> dict:
     """The demo's attacks on one run, scored on demo_bio (original and unlearned scores reused)."""
-    from armu_jax.attack import AttackedRun, attack_texts, recovered, run_attacks
+    from armu_jax.attack import AttackedRun, attack_texts, recovery, run_attacks
     cfg = config_with(**ATTACK_SETTINGS)
     target = AttackedRun(str(run_dir))
     tasks = [t.limited(limit) for t in load_tasks(["demo_bio"])]
     known = {"original": {"demo_bio": results["original"]["demo_bio"]}, "unlearned": {"demo_bio": results[name]["demo_bio"]}}
-    scores, _, _ = run_attacks(cfg, target, scorer, tasks, attack_texts(cfg, target), NLL_TOKENS, known)
-    o, u = scores["original"]["demo_bio"], scores["unlearned"]["demo_bio"]
-    return {attack: {**scores[attack]["demo_bio"],
-                     "recovered_acc": recovered(o["acc"], u["acc"], scores[attack]["demo_bio"]["acc"], 1 / o["n"]),
-                     "recovered_nll": recovered(o["nll"], u["nll"], scores[attack]["demo_bio"]["nll"], 0.01)}
-            for attack in ATTACK_SETTINGS["attacks"]}
+    scores, _, _ = run_attacks(cfg, target, tasks, attack_texts(cfg, target), NLL_TOKENS, known, scorer)
+    fractions = recovery(scores)
+    return {attack: {**scores[attack]["demo_bio"], "recovered_acc": fractions[attack]["demo_bio"]["acc"],
+                     "recovered_nll": fractions[attack]["demo_bio"]["nll"]} for attack in ATTACK_SETTINGS["attacks"]}
 
 
 def format_attacks(attacks: dict) -> str:

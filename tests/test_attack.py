@@ -2,14 +2,12 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from armu_jax.attack import (AttackedRun, ablation_variables, attack_cli, lm_loss, relearn, relearn_names,
-                             _right_padded)
+from armu_jax.attack import AttackedRun, ablation_variables, attack_cli, relearn, relearn_names, _right_padded
 from armu_jax.config import config_with
 from armu_jax.data import load_tokenizer, read_corpus
 from armu_jax.errors import UserError
