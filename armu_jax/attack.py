@@ -301,7 +301,7 @@ def attack_cli(cfg: RunConfig) -> None:
     tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
     texts = attack_texts(cfg, target)
     began = time.time()
-    results, losses, arrays = run_attacks(cfg, target, tasks, texts)
+    results, losses, arrays = run_attacks(cfg, target, tasks, texts, cfg.eval_nll_tokens)
     report = make_report(cfg, target, results, losses, texts, time.time() - began)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(report, indent=2))

@@ -19,7 +19,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def setting(kind: str, default, help: str, choices=None, restartable: bool = False):
-    """A RunConfig field. kind: bool, int, float, str, enum, list (strings), ints, topic_floats or
+    """A RunConfig field. kind: bool, int, float, str, enum, list (strings), ints, floats, topic_floats or
     topic_ints (one value per forget topic, or one for all). restartable: may differ on --resume
     (output, logging, evaluation), every other setting must match the run's flags.txt."""
     return field(metadata={"kind": kind, "default": default, "help": help, "choices": choices,
@@ -31,8 +31,9 @@ class RunConfig:
     mode: str = setting("enum", "train", "train: unlearn; eval: native JAX evaluation of --model; "
                         "lm_eval: lm-eval's hf backend on --model; compile: ahead-of-time compile report of "
                         "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export; norms: "
-                        "every layer's activation norm on the corpora (choosing c).",
-                        ["train", "eval", "lm_eval", "compile", "attack", "norms"], True)
+                        "every layer's activation norm on the corpora (choosing c); sweep: layers x methods, each cell a run "
+                        "evaluated on --eval_tasks.",
+                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep"], True)
     method: str = setting("enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
     model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
@@ -91,6 +92,17 @@ class RunConfig:
     eval_limit: int = setting("int", 0, "Items per evaluation task (0: all).", restartable=True)
     eval_batch_size: int = setting("int", 16, "Sequences per evaluation batch.", restartable=True)
     export: bool = setting("bool", True, "Write the final HF export to <output_dir>/hf.", restartable=True)
+    eval_nll_tokens: int = setting("int", 128, "Held-out NLL over each text's first N tokens.", restartable=True)
+    sweep_layers: str = setting("str", None, "--mode=sweep: unlearn layers, START:STOP:STEP (Python range, "
+                                "STOP excluded) or a list 3,7,11 (default: --layer_id). The updated layers keep "
+                                "their offsets from --layer_id (default l-2, l-1, l).", restartable=True)
+    sweep_methods: tuple = setting("list", ["rmu", "adaptive_rmu"], "--mode=sweep: methods.", restartable=True)
+    sweep_steering_coeffs: tuple = setting("floats", None, "--mode=sweep: RMU's c values, each for every topic "
+                                           "(default: --steering_coeffs).", restartable=True)
+    sweep_betas: tuple = setting("floats", None, "--mode=sweep: Adaptive RMU's beta values (default: --beta).",
+                                 restartable=True)
+    sweep_alphas: tuple = setting("floats", None, "--mode=sweep: alpha values, each for every topic (default: "
+                                  "--alpha).", restartable=True)
     norms_texts: int = setting("int", 64, "--mode=norms: texts of each corpus.", restartable=True)
     run_dir: str = setting("str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
                            "hf/).", restartable=True)
@@ -126,7 +138,7 @@ class RunConfig:
 SETTINGS = {f.name: f.metadata for f in dataclasses.fields(RunConfig)}
 _DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "str": flags.DEFINE_string, "list": flags.DEFINE_list, "ints": flags.DEFINE_list,
-           "topic_floats": flags.DEFINE_list, "topic_ints": flags.DEFINE_list}
+           "topic_floats": flags.DEFINE_list, "topic_ints": flags.DEFINE_list, "floats": flags.DEFINE_list}
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -162,6 +174,8 @@ def _parse(name: str, kind: str, value, n_topics: int):
         return tuple(str(v) for v in value)
     if kind == "ints":
         return _numbers(name, value, int, None)
+    if kind == "floats":
+        return _numbers(name, value, float, None)
     return _numbers(name, value, float if kind == "topic_floats" else int, n_topics)
 
 
@@ -189,7 +203,7 @@ def _override(values: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         if key not in SETTINGS:
             raise UserError(f"unknown setting {key!r}")
-        is_list = SETTINGS[key]["kind"] in ("list", "ints", "topic_floats", "topic_ints")
+        is_list = SETTINGS[key]["kind"] in ("list", "ints", "floats", "topic_floats", "topic_ints")
         if is_list and isinstance(value, str):
             value = value.split(",")
         values[key] = [str(v) for v in value] if is_list and value is not None else value
@@ -251,8 +265,8 @@ def validate(cfg: RunConfig, model_cfg=None) -> None:
         raise UserError(f"--max_num_batches={cfg.max_num_batches}: must be at least 1")
     if cfg.pad_multiple < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 0:
         raise UserError("--pad_multiple and --log_every must be >= 1, --checkpoint_every >= 0")
-    if cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.eval_batch_size < 1:
-        raise UserError("--eval_every and --eval_limit must be >= 0, --eval_batch_size >= 1")
+    if cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.eval_batch_size < 1 or cfg.eval_nll_tokens < 2:
+        raise UserError("--eval_every and --eval_limit must be >= 0, --eval_batch_size >= 1, --eval_nll_tokens >= 2")
     if cfg.lr <= 0:
         raise UserError(f"--lr={cfg.lr}: must be > 0")
     if cfg.resume and cfg.overwrite:

@@ -163,6 +163,7 @@ class UnlearningData:
         self.retain_max_len = retain_max_len
         self.pad_multiple = pad_multiple
         self.loss_mask = loss_mask
+        self._batches: dict[int, Batch] = {}  # tokenized once (a sweep's cells reuse them)
 
     @property
     def n_topics(self) -> int:
@@ -173,11 +174,13 @@ class UnlearningData:
         return min([max_num_batches] + [len(c) for c in self.forget] + [len(c) for c in self.retain])
 
     def batch(self, step: int) -> Batch:
-        topic, index = step % self.n_topics, step // self.n_topics
-        make = lambda texts, max_len: tokenize(self.tokenizer, texts, max_len, self.rows,
-                                               self.pad_multiple, self.loss_mask)
-        return Batch(topic, make(self.forget[topic][index], self.forget_max_len[topic]),
-                     make(self.retain[topic][index], self.retain_max_len))
+        if step not in self._batches:
+            topic, index = step % self.n_topics, step // self.n_topics
+            make = lambda texts, max_len: tokenize(self.tokenizer, texts, max_len, self.rows,
+                                                   self.pad_multiple, self.loss_mask)
+            self._batches[step] = Batch(topic, make(self.forget[topic][index], self.forget_max_len[topic]),
+                                        make(self.retain[topic][index], self.retain_max_len))
+        return self._batches[step]
 
 
 def load_tokenizer(model_dir: Path):

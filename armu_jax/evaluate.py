@@ -7,14 +7,17 @@ the context's tokens; no special tokens), truncated from the left to the model's
 and scored by the summed log-probability of the continuation tokens. acc takes the argmax,
 acc_norm the argmax of log-likelihood per character of the choice (without the delimiter).
 
-Speed: requests are sorted by length and batched with few padded shapes (see _bucket), and
-the LM head and log-softmax run only at the scored positions, not over the whole sequence;
-requests that differ only in a one-token continuation (A/B/C/D) share one forward.
+Speed: requests with the same context are one sequence, the context once and every continuation
+behind it (a shared prefix: each continuation attends to the context and to itself, with the
+positions it would have alone), and such sequences are packed several to a row (attention stays
+within each); rows have few padded shapes (see _bucket), and the LM head and log-softmax run
+only at the scored positions, not over the whole sequence.
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -42,23 +45,67 @@ def _bucket(length: int, least: int) -> int:
 
 
 @partial(jax.jit, static_argnums=0)
-def _scored_logprobs(model, params, ids, mask, at, targets):
-    """log p(targets[b, k, c] | ids[b, :at[b, c] + 1]): [B, K, C] in float32 (K target sets per row)."""
-    logits = model.apply(params, ids, mask, at, method=LlamaForCausalLM.logits_at)
+def _scored_logprobs(model, params, ids, positions, segment, branch, at, targets):
+    """log p(targets[b, c] | what position at[b, c] sees) of packed rows: [B, C] in float32."""
+    logits = model.apply(params, ids, positions, segment, branch, at, method=LlamaForCausalLM.logits_packed)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, C, V]
-    return jnp.take_along_axis(logp[:, None], targets[..., None], axis=-1)[..., 0]
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+@dataclass
+class _Item:
+    """A prefix and the continuations scored behind it; each continuation is scored whole (its first
+    token at the prefix's last position), so a continuation of n tokens adds n - 1 to the row."""
+    prefix: tuple[int, ...]
+    branches: list[tuple[int, ...]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(b) - 1 for b in self.branches)
+
+    @property
+    def entries(self) -> int:
+        return sum(len(b) for b in self.branches)
+
+
+def _pack(items: list[_Item], pack_tokens: int, window: int = 64) -> list[tuple[int, list[int]]]:
+    """Rows (length, item indices): longest items first, each into the first of the last `window`
+    open rows with room, else a new row of bucketed length max(its length, pack_tokens). With
+    pack_tokens 0 every item gets its own row (as lm-eval)."""
+    rows: list[tuple[int, list[int]]] = []
+    free: list[int] = []
+    for i in sorted(range(len(items)), key=lambda i: -items[i].length):
+        length = items[i].length
+        for r in range(max(0, len(rows) - window), len(rows)):
+            if pack_tokens and free[r] >= length:
+                rows[r][1].append(i)
+                free[r] -= length
+                break
+        else:
+            size = _bucket(max(length, pack_tokens), 16)
+            rows.append((size, [i]))
+            free.append(size - length)
+    return rows
 
 
 class Scorer:
-    """Batched, jitted log-likelihoods of token sequences on one model."""
+    """Batched, jitted log-likelihoods of token sequences on one model.
+
+    Requests with the same context are one sequence: the context once, each continuation behind it
+    (shared prefix), and several such sequences are packed into rows of about pack_tokens tokens
+    (pack_tokens=0: one request per row, no sharing, lm-eval's layout).
+    """
 
     def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_length: int = 2048,
-                 mesh=None):
+                 mesh=None, pack_tokens: int = 256):
         self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.mesh = mesh
         # On a mesh the rows of a batch are split over data x fsdp (params are laid out by the caller).
         self.batch_size = sharding.batch_rows(mesh, batch_size) if mesh is not None else batch_size
         self.rows = sharding.batch_sharding(mesh) if mesh is not None else None
         self.max_length = max_length
+        self.pack_tokens = pack_tokens
+        self.tokens_run = 0  # token positions run through the model, padding included (bench/eval_speed.py)
 
     # -- lm-eval's request encoding (HFLM._encode_pair and _loglikelihood_tokens' truncation)
     def _tokens(self, text: str) -> list[int]:
@@ -75,55 +122,85 @@ class Scorer:
         whole, ctx = self._tokens(context + continuation), self._tokens(context)
         return ctx, whole[len(ctx):]
 
-    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
-        """Model input and how many of its last positions are scored (lm-eval's left truncation)."""
-        inp = (context + continuation)[-(self.max_length + 1):][:-1]
-        return inp, len(continuation)
+    def _split(self, context: list[int], continuation: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prefix, continuation) after lm-eval's left truncation of context + continuation to
+        max_length + 1 tokens (the model sees all but the last)."""
+        whole = (context + continuation)[-(self.max_length + 1):]
+        if len(continuation) >= len(whole):
+            raise UserError(f"a continuation of {len(continuation)} tokens does not fit the model's "
+                            f"{self.max_length}-token context")
+        return tuple(whole[:-len(continuation)]), tuple(continuation)
 
     # -- scoring
-    def _score_rows(self, rows: list[tuple[list[int], list[int], list[int]]], desc: str) -> list[np.ndarray]:
-        """rows: (input tokens, positions scored, target tokens); per row the target log-probs.
-
-        Rows with the same input and positions (e.g. one MMLU question's four one-letter answers)
-        share one forward: each is a target set of that sequence.
-        """
-        groups: dict[tuple, list[int]] = {}
-        for i, (tokens, positions, _) in enumerate(rows):
-            groups.setdefault((tuple(tokens), tuple(positions)), []).append(i)
-        keys = sorted(groups, key=lambda key: -len(key[0]))
-        out: list[np.ndarray | None] = [None] * len(rows)
+    def _score(self, items: list[_Item], desc: str) -> list[list[np.ndarray]]:
+        """Per item, per branch: the log-probability of each of its tokens."""
+        by_size: dict[int, list[list[int]]] = {}  # rows of one length batch together
+        for size, members in _pack(items, self.pack_tokens):
+            by_size.setdefault(size, []).append(members)
+        batches = [(size, group[k:k + self.batch_size]) for size, group in by_size.items()
+                   for k in range(0, len(group), self.batch_size)]
+        out: list[list[np.ndarray | None]] = [[None] * len(item.branches) for item in items]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        bs = self.batch_size
-        for start in tqdm(range(0, len(keys), bs), desc=desc, leave=False, unit="batch"):
-            chunk = keys[start:start + bs]
-            length = _bucket(max(len(tokens) for tokens, _ in chunk), 16)
-            width = _bucket(max(len(positions) for _, positions in chunk), 8)
-            sets = _bucket(max(len(groups[key]) for key in chunk), 1)
-            ids = np.full((bs, length), pad, np.int32)
-            mask = np.zeros((bs, length), np.int32)
-            at = np.zeros((bs, width), np.int32)
-            targets = np.zeros((bs, sets, width), np.int32)
-            for r, (tokens, positions) in enumerate(chunk):
-                ids[r, :len(tokens)], mask[r, :len(tokens)] = tokens, 1
-                at[r, :len(positions)] = positions
-                for k, i in enumerate(groups[(tokens, positions)]):
-                    targets[r, k, :len(rows[i][2])] = rows[i][2]
+        for length, members_of_rows in tqdm(batches, desc=desc, leave=False, unit="batch"):
+            n_rows = min(_bucket(len(members_of_rows), 1), self.batch_size)  # a last, partial batch: fewer rows
+            if self.mesh is not None:
+                n_rows = sharding.batch_rows(self.mesh, n_rows)
+            self.tokens_run += n_rows * length
+            width = _bucket(max(sum(items[i].entries for i in members) for members in members_of_rows), 8)
+            ids = np.full((n_rows, length), pad, np.int32)
+            positions = np.zeros((n_rows, length), np.int32)
+            segment = np.full((n_rows, length), -1, np.int32)
+            branch = np.zeros((n_rows, length), np.int32)
+            at = np.zeros((n_rows, width), np.int32)
+            targets = np.zeros((n_rows, width), np.int32)
+            where = []  # (row, first entry, item, branch, tokens)
+            for r, members in enumerate(members_of_rows):
+                cursor = entry = 0
+                for s, i in enumerate(members):
+                    item = items[i]
+                    p = len(item.prefix)
+                    ids[r, cursor:cursor + p] = item.prefix
+                    positions[r, cursor:cursor + p] = np.arange(p)
+                    segment[r, cursor:cursor + p] = s
+                    last = cursor + p - 1  # the prefix's last token predicts each branch's first
+                    cursor += p
+                    for b, tokens in enumerate(item.branches):
+                        m = len(tokens) - 1
+                        ids[r, cursor:cursor + m] = tokens[:-1]
+                        positions[r, cursor:cursor + m] = np.arange(p, p + m)
+                        segment[r, cursor:cursor + m] = s
+                        branch[r, cursor:cursor + m] = b + 1
+                        at[r, entry] = last
+                        at[r, entry + 1:entry + 1 + m] = np.arange(cursor, cursor + m)
+                        targets[r, entry:entry + m + 1] = tokens
+                        where.append((r, entry, i, b, m + 1))
+                        entry += m + 1
+                        cursor += m
+            arrays = (ids, positions, segment, branch, at, targets)
             if self.rows is not None:
-                ids, mask, at, targets = sharding.place((ids, mask, at, targets), (self.rows,) * 4)
-            logp = np.asarray(_scored_logprobs(self.model, self.params, ids, mask, at, targets), np.float64)
-            for r, key in enumerate(chunk):
-                for k, i in enumerate(groups[key]):
-                    out[i] = logp[r, k, :len(key[1])]
+                arrays = sharding.place(arrays, (self.rows,) * 6)
+            logp = np.asarray(_scored_logprobs(self.model, self.params, *arrays), np.float64)
+            for r, entry, i, b, n in where:
+                out[i][b] = logp[r, entry:entry + n]
         return out
 
     def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
         """Summed log-probability of each continuation given its context, as lm-eval's loglikelihood."""
-        rows = []
+        items: list[_Item] = []
+        index: dict[tuple, int] = {}  # prefix -> item (packing: shared; else one item per request)
+        slots = []
         for context, continuation in pairs:
-            ctx, cont = self._encode_pair(context, continuation)
-            inp, n = self._row(ctx, cont)
-            rows.append((inp, list(range(len(inp) - n, len(inp))), cont))
-        return np.array([float(lp.sum()) for lp in self._score_rows(rows, desc)], np.float64)
+            prefix, cont = self._split(*self._encode_pair(context, continuation))
+            key = prefix if self.pack_tokens else len(items)
+            if key not in index:
+                index[key] = len(items)
+                items.append(_Item(prefix, []))
+            item = items[index[key]]
+            if cont not in item.branches:
+                item.branches.append(cont)
+            slots.append((index[key], item.branches.index(cont)))
+        scores = self._score(items, desc)
+        return np.array([float(scores[i][b].sum()) for i, b in slots], np.float64)
 
     def multiple_choice(self, task: Task) -> dict:
         """acc (and acc_norm) of a task, with each doc's log-likelihoods and predictions."""
@@ -149,10 +226,10 @@ class Scorer:
     def nll_per_token(self, texts: list[str], max_tokens: int = 128, desc: str = "nll") -> float:
         """Mean negative log-likelihood per predicted token of the texts (each cut to max_tokens)."""
         encoded = [self._tokens(t)[:max_tokens] for t in texts]
-        rows = [(e[:-1], list(range(len(e) - 1)), e[1:]) for e in encoded if len(e) >= 2]
-        if not rows:
+        items = [_Item(tuple(e[:1]), [tuple(e[1:])]) for e in encoded if len(e) >= 2]
+        if not items:
             raise UserError("no held-out text of at least 2 tokens to compute NLL on")
-        logps = self._score_rows(rows, desc)
+        logps = [branches[0] for branches in self._score(items, desc)]
         return float(-sum(lp.sum() for lp in logps) / sum(len(lp) for lp in logps))
 
 
@@ -229,7 +306,7 @@ def evaluate_cli(cfg) -> None:
         raise UserError(f"{Path(cfg.output_dir) / 'eval.json'} exists; choose a new --output_dir")
     began = time.time()
     scorer = scorer_for(model_dir, parse_dtype(cfg.dtype), cfg.eval_batch_size, mesh=sharding.make_mesh(cfg.mesh))
-    results = evaluate_tasks(scorer, tasks, limit=cfg.eval_limit)
+    results = evaluate_tasks(scorer, tasks, limit=cfg.eval_limit, nll_tokens=cfg.eval_nll_tokens)
     print(format_table(results))
     print(f"native evaluation: {time.time() - began:.1f} s")
     if cfg.output_dir:

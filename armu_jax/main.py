@@ -28,6 +28,9 @@ def dispatch() -> None:
     elif cfg.mode == "norms":
         from armu_jax.norms import norms_cli
         norms_cli(cfg)
+    elif cfg.mode == "sweep":
+        from armu_jax.sweep import sweep_cli
+        sweep_cli(cfg)
     elif cfg.mode == "attack":
         from armu_jax.attack import attack_cli
         attack_cli(cfg)

@@ -157,8 +157,9 @@ class LlamaModel(nn.Module):
                        for i in range(self.cfg.num_hidden_layers)]
         self.norm = RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
-    def run_layers(self, h, attention_mask, positions, start: int, end: int):
-        """Layers start..end (inclusive) applied to the residual stream h: [B, T, D]."""
+    def run_layers(self, h, attention_mask, positions, start: int, end: int, allowed=None):
+        """Layers start..end (inclusive) applied to the residual stream h: [B, T, D]. Attention is causal
+        over the attention_mask's tokens, or follows `allowed` [B, T(query), T(key)] when given."""
         length = h.shape[1]
         if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
             raise ValueError(f"sequence length {length} exceeds the model's sliding window "
@@ -167,8 +168,9 @@ class LlamaModel(nn.Module):
         freqs = positions.astype(rope_dtype)[..., None] * rope_inv_freq(self.cfg, rope_dtype)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
+        if allowed is None:
+            causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+            allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
         ablate = self.has_variable("ablation", "directions")  # --mode=attack's direction ablation
         for index in range(start, end + 1):
             h = self.layers[index](h, cos, sin, allowed)
@@ -177,9 +179,9 @@ class LlamaModel(nn.Module):
                 h = h - (h @ q) @ q.T
         return h
 
-    def __call__(self, input_ids, attention_mask, positions, upto: int | None = None):
+    def __call__(self, input_ids, attention_mask, positions, upto: int | None = None, allowed=None):
         last = self.cfg.num_hidden_layers - 1 if upto is None else upto
-        h = self.run_layers(self.embed_tokens(input_ids), attention_mask, positions, 0, last)
+        h = self.run_layers(self.embed_tokens(input_ids), attention_mask, positions, 0, last, allowed)
         return h if upto is not None else self.norm(h)
 
 
@@ -212,10 +214,20 @@ class LlamaForCausalLM(nn.Module):
         attention_mask, positions = _defaults(input_ids, attention_mask, positions)
         return self._head(self.model(input_ids, attention_mask, positions))
 
-    def logits_at(self, input_ids, attention_mask, at):
-        """Logits [B, C, V] at positions at: [B, C] only (the LM head is not run elsewhere)."""
-        attention_mask, positions = _defaults(input_ids, attention_mask, None)
-        h = self.model(input_ids, attention_mask, positions)
+    def logits_packed(self, input_ids, positions, segment, branch, at):
+        """Logits [B, C, V] at positions at: [B, C] of packed rows (the native evaluator's layout).
+
+        A row holds several sequences (segment: [B, T] their index in the row, -1 on padding), each a
+        shared prefix (branch 0) followed by branches 1, 2, ... (e.g. a question's context once and
+        its four answers behind it). A token sees the earlier tokens of its own segment that are in
+        the prefix or in its own branch; positions restart for every branch after the prefix, so each
+        branch is computed exactly as if it followed the prefix alone.
+        """
+        index = jnp.arange(input_ids.shape[1])
+        allowed = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+                   & (index[None, None, :] <= index[None, :, None])
+                   & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
+        h = self.model(input_ids, None, positions, allowed=allowed)
         return self._head(jnp.take_along_axis(h, at[..., None], axis=1))
 
     def hidden_upto(self, input_ids, attention_mask=None, positions=None, *, layer: int):

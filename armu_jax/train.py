@@ -91,14 +91,66 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
+class Shared:
+    """What the runs of one process share: the loaded model, tokenizer, corpora, tokenized batches and
+    compiled steps. A standalone run makes its own; a sweep (armu_jax.sweep) passes one to every
+    cell, so a cell costs its steps and nothing is loaded, tokenized or compiled twice.
+
+    keep_full: load the whole model once (a sweep evaluates every cell on it) instead of layers 0..l.
+    """
+
+    def __init__(self, keep_full: bool = False):
+        self.keep_full = keep_full
+        self.models: dict = {}
+        self.corpora: dict = {}
+        self.tokenizers: dict = {}
+        self.datasets: dict = {}
+        self.steps: dict = {}  # build_step's cache
+
+    def params(self, model_dir: Path, dtype, upto_layer, mesh):
+        """load_hf's params (layers 0..upto_layer, or all): each tensor straight onto its shards."""
+        key = (str(model_dir), dtype, mesh)
+        if self.keep_full or upto_layer is None:
+            if key not in self.models:
+                self.models[key] = load_hf(model_dir, dtype, mesh=mesh)[1]
+            return self.models[key]
+        return load_hf(model_dir, dtype, upto_layer=upto_layer, mesh=mesh)[1]
+
+    def corpus(self, spec: str, min_len: int) -> list[str]:
+        if (spec, min_len) not in self.corpora:
+            self.corpora[spec, min_len] = read_corpus(spec, min_len)
+        return self.corpora[spec, min_len]
+
+    def tokenizer(self, model_dir: Path):
+        if str(model_dir) not in self.tokenizers:
+            self.tokenizers[str(model_dir)] = load_tokenizer(model_dir)
+        return self.tokenizers[str(model_dir)]
+
+    def data(self, cfg: RunConfig, model_dir: Path, rows: int) -> UnlearningData:
+        key = (str(model_dir), cfg.forget_corpora, cfg.retain_corpora, cfg.min_len, cfg.batch_size,
+               cfg.forget_max_len, cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows)
+        if key not in self.datasets:
+            self.datasets[key] = UnlearningData(
+                self.tokenizer(model_dir), [self.corpus(c, cfg.min_len) for c in cfg.forget_corpora],
+                [self.corpus(c, cfg.min_len) for c in cfg.retain_corpora], cfg.batch_size,
+                list(cfg.forget_max_len), cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows=rows)
+        return self.datasets[key]
+
+
 def run(cfg: RunConfig) -> Path:
     """Run the unlearning job described by cfg; returns the run directory."""
+    return train(cfg)[0]
+
+
+def train(cfg: RunConfig, shared: Shared | None = None) -> tuple[Path, dict]:
+    """Run the unlearning job described by cfg: (run directory, the trained leaves {name: array})."""
+    shared = shared or Shared()
     model_dir = resolve_model(cfg.model)
     model_cfg = ModelConfig.from_dir(model_dir)
     validate(cfg, model_cfg)
     out = rundir.check(cfg)
-    forget = [read_corpus(c, cfg.min_len) for c in cfg.forget_corpora]
-    retain = [read_corpus(c, cfg.min_len) for c in cfg.retain_corpora]
+    for spec in (*cfg.forget_corpora, *cfg.retain_corpora):  # bad corpora fail here, before anything loads
+        shared.corpus(spec, cfg.min_len)
     n = cfg.n_topics
     vectors = (load_control_vectors(cfg.control_vectors, n, model_cfg.hidden_size) if cfg.control_vectors
                else draw_control_vectors(cfg.seed, n, model_cfg.hidden_size))
@@ -109,14 +161,12 @@ def run(cfg: RunConfig) -> Path:
     dtype = parse_dtype(cfg.dtype)
     # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read,
     # each tensor straight onto its shards.
-    _, params = load_hf(model_dir, dtype, upto_layer=None if cfg.eval_every else cfg.layer_id, mesh=mesh)
+    params = shared.params(model_dir, dtype, None if cfg.eval_every else cfg.layer_id, mesh)
     frozen = truncate(params, cfg.layer_id)
     if cfg.resume:
         vectors = np.load(out / "control_vectors.npy", allow_pickle=False)
-    compiled = build_step(cfg, model_cfg, frozen, mesh, vectors)
-    tokenizer = load_tokenizer(model_dir)
-    data = UnlearningData(tokenizer, forget, retain, cfg.batch_size, list(cfg.forget_max_len),
-                          cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows=compiled.rows)
+    compiled = build_step(cfg, model_cfg, frozen, mesh, vectors, cache=shared.steps)
+    data = shared.data(cfg, model_dir, compiled.rows)
     num_steps = data.num_steps(cfg.max_num_batches)
     eval_tasks = None
     if cfg.eval_every:  # bad evaluation files fail here, before the run directory is written
@@ -141,11 +191,11 @@ def run(cfg: RunConfig) -> Path:
             frozen = truncate(evaluator.full, cfg.layer_id)
         del params
         frozen = jax.device_put(frozen, compiled.params_shardings)
-        _loop(cfg, out, compiled, frozen, data, num_steps, evaluator, is_main)
+        trained = _loop(cfg, out, compiled, frozen, data, num_steps, evaluator, is_main)
     finally:
         if lock:
             lock.release()
-    return out
+    return out, trained
 
 
 def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int, evaluator, is_main: bool):
@@ -217,6 +267,7 @@ def _loop(cfg, out: Path, compiled, frozen, data: UnlearningData, num_steps: int
             writer.close()
     if cfg.export:
         export(resolve_model(cfg.model), out / "hf", state["trainable"], cfg.export_dtype)
+    return state["trainable"]
 
 
 def _save(checkpointer: Checkpointer, step: int, state, saved, out: Path) -> None:

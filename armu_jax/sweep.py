@@ -1,0 +1,345 @@
+"""--mode=sweep: the paper's experiment (which layer, which method) in one command and one process.
+
+Cells are layers (--sweep_layers) x methods (--sweep_methods) x RMU's c (--sweep_steering_coeffs)
+or Adaptive RMU's beta (--sweep_betas) x alpha (--sweep_alphas), every other setting from the
+flagfile. Each cell is a full run (train.train) in <output_dir>/cells/<name>/, then the native
+evaluator on --eval_tasks. The model, tokenizer, corpora, tokenized batches, compiled steps (one
+per layer and shape: the method and its numbers are arguments of the step) and the evaluator are
+built once (train.Shared) and reused by every cell.
+
+Restart: rerun the same command. A cell with result.json is done and skipped; a cell killed midway
+resumes from its last checkpoint; a failed cell is recorded ("failed: ...") and tried again on the
+next run. Writes sweep.csv (a row per cell), sweep.md (table and the claim below) and sweep.png
+(forget and retain accuracy vs layer, RMU vs Adaptive RMU, with chance and the original model).
+
+The claim (Adaptive RMU's): at a layer, Adaptive RMU forgets more than RMU (lower mean accuracy on
+the forget tasks) while its mean retain accuracy is within 2 points of the original model's.
+Retain tasks are demo_retain and mmlu*; every other task is a forget task.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, validate
+from armu_jax.errors import RunFailure, UserError
+
+FIXED_COLUMNS = ("layer", "method", "coeff", "beta", "alpha", "status")
+TAIL_COLUMNS = ("forget_loss", "retain_loss", "seconds", "train_seconds", "eval_seconds", "first_step_seconds")
+METRICS = ("acc", "acc_norm", "nll")
+RETAIN_WITHIN = 0.02  # the claim's retain tolerance: 2 points of accuracy
+
+
+@dataclass(frozen=True)
+class Cell:
+    layer: int
+    method: str
+    coeff: float | None  # RMU's c (every topic)
+    beta: float | None  # Adaptive RMU's beta
+    alpha: tuple[float, ...]  # per topic
+
+    @property
+    def name(self) -> str:
+        knob = f"c{self.coeff:g}" if self.method == "rmu" else f"b{self.beta:g}"
+        return f"l{self.layer:02d}_{self.method}_{knob}_a{'-'.join(f'{a:g}' for a in dict.fromkeys(self.alpha))}"
+
+    @property
+    def setting(self) -> str:
+        """The cell without its layer: one line of the figure."""
+        knob = f"c={self.coeff:g}" if self.method == "rmu" else f"beta={self.beta:g}"
+        return f"{self.method} {knob} alpha={'/'.join(f'{a:g}' for a in dict.fromkeys(self.alpha))}"
+
+
+def parse_layers(spec: str | None, default: int, num_layers: int) -> list[int]:
+    """START:STOP:STEP (Python range) or a comma list; every layer must exist in the model."""
+    if not spec:
+        return [default]
+    try:
+        if ":" in spec:
+            parts = [int(p) for p in spec.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1):
+                raise ValueError
+            layers = list(range(*parts))
+        else:
+            layers = [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--sweep_layers={spec}: expected START:STOP:STEP (e.g. 3:28:2) or a list (3,7,11)") from None
+    if not layers:
+        raise UserError(f"--sweep_layers={spec} names no layer")
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise UserError(f"--sweep_layers={spec}: layers {bad} are outside the model's {num_layers} layers "
+                        f"(0..{num_layers - 1})")
+    return list(dict.fromkeys(layers))
+
+
+def plan(cfg: RunConfig, num_layers: int) -> list[Cell]:
+    bad = [m for m in cfg.sweep_methods if m not in ("rmu", "adaptive_rmu")]
+    if bad or not cfg.sweep_methods:
+        raise UserError(f"--sweep_methods={','.join(cfg.sweep_methods)}: choose from rmu, adaptive_rmu")
+    layers = parse_layers(cfg.sweep_layers, cfg.layer_id, num_layers)
+    alphas = [(a,) * cfg.n_topics for a in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
+    cells = []
+    for layer in layers:
+        for method in dict.fromkeys(cfg.sweep_methods):
+            for alpha in alphas:
+                if method == "rmu":
+                    coeffs = cfg.sweep_steering_coeffs or [cfg.steering_coeffs[0]]
+                    if not cfg.sweep_steering_coeffs and len(set(cfg.steering_coeffs)) > 1:
+                        raise UserError("--mode=sweep runs RMU with one c for every topic; give --sweep_steering_coeffs")
+                    cells += [Cell(layer, method, float(c), None, alpha) for c in coeffs]
+                else:
+                    cells += [Cell(layer, method, None, float(b), alpha) for b in cfg.sweep_betas or [cfg.beta]]
+    return cells
+
+
+def cell_config(cfg: RunConfig, cell: Cell, directory: Path) -> RunConfig:
+    """The flagfile's run at this cell: the updated layers keep their offsets from --layer_id."""
+    offsets = [u - cfg.layer_id for u in cfg.update_layer_ids]
+    done = directory.is_dir() and (directory / "checkpoints").is_dir() and (directory / "flags.txt").is_file()
+    started = directory.is_dir() and any(directory.iterdir())
+    n = cfg.n_topics
+    return dataclasses.replace(
+        cfg, mode="train", method=cell.method, layer_id=cell.layer,
+        update_layer_ids=tuple(cell.layer + o for o in offsets if cell.layer + o >= 0),
+        steering_coeffs=(cell.coeff,) * n if cell.coeff is not None else cfg.steering_coeffs,
+        beta=cell.beta if cell.beta is not None else cfg.beta, alpha=cell.alpha, output_dir=str(directory),
+        resume=done, overwrite=started and not done, allow_flag_changes=False, export=False, eval_every=0)
+
+
+def is_retain_task(name: str) -> bool:
+    return name == "demo_retain" or name.startswith("mmlu")
+
+
+def summary(results: dict) -> dict:
+    """Mean acc and NLL over the forget tasks and over the retain tasks."""
+    out = {}
+    for side, names in (("forget", [t for t in results if not is_retain_task(t)]),
+                        ("retain", [t for t in results if is_retain_task(t)])):
+        out[f"{side}_acc"] = float(np.mean([results[t]["acc"] for t in names])) if names else None
+        nll = [results[t]["nll"] for t in names if "nll" in results[t]]
+        out[f"{side}_nll"] = float(np.mean(nll)) if nll else None
+    return out
+
+
+def claim(rows: list[dict], original: dict) -> list[dict]:
+    """Per (RMU setting, Adaptive RMU setting) with the same alpha: at how many layers swept with both
+    Adaptive RMU has lower mean forget accuracy and retain accuracy within 2 points of the original."""
+    base = summary(original)
+    ok = [r for r in rows if r["status"] == "ok"]
+    out = []
+    for rmu_setting in dict.fromkeys(r["setting"] for r in ok if r["method"] == "rmu"):
+        for ada_setting in dict.fromkeys(r["setting"] for r in ok if r["method"] == "adaptive_rmu"):
+            rmu = {r["layer"]: r for r in ok if r["setting"] == rmu_setting}
+            ada = {r["layer"]: r for r in ok if r["setting"] == ada_setting}
+            if rmu_setting.split("alpha=")[1] != ada_setting.split("alpha=")[1]:
+                continue
+            layers = sorted(set(rmu) & set(ada))
+            wins = [l for l in layers if ada[l]["forget_acc"] < rmu[l]["forget_acc"]
+                    and (base["retain_acc"] is None or ada[l]["retain_acc"] >= base["retain_acc"] - RETAIN_WITHIN - 1e-9)]
+            out.append({"rmu": rmu_setting, "adaptive_rmu": ada_setting, "layers": layers, "wins": wins,
+                        "count": len(wins), "of": len(layers)})
+    return out
+
+
+def _metrics_of(run_dir: Path, n_topics: int) -> dict:
+    """Final forget/retain loss (mean over the last step of each topic), the coefficient each topic
+    used (mean), and the first step's time beyond a typical step's (its compilation, if any)."""
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = records[-n_topics:]
+    times = np.diff([0.0] + [r["seconds"] for r in records])
+    typical = float(np.median(times[1:])) if len(times) > 1 else 0.0
+    return {"forget_loss": float(np.mean([r["forget_loss"] for r in last])),
+            "retain_loss": float(np.mean([r["retain_loss"] for r in last])),
+            "coeff_used": float(np.mean([r["coeff"] for r in last])),
+            "first_step_seconds": round(float(times[0]) - typical, 2) if len(times) else None}
+
+
+def _row(cell: Cell, status: str, results: dict | None = None, **extra) -> dict:
+    row = {"layer": cell.layer, "method": cell.method, "coeff": cell.coeff, "beta": cell.beta,
+           "alpha": "/".join(f"{a:g}" for a in dict.fromkeys(cell.alpha)), "status": status,
+           "setting": cell.setting, "name": cell.name, "results": results or {}}
+    if results:
+        row.update(summary(results))
+    row.update(extra)
+    return row
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def csv_text(rows: list[dict], tasks: list[str]) -> str:
+    columns = [*FIXED_COLUMNS, *(f"{t}/{m}" for t in tasks for m in METRICS), *TAIL_COLUMNS]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    fmt = lambda v: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+    for r in rows:
+        coeff = r["coeff"] if r["coeff"] is not None else r.get("coeff_used")  # Adaptive: the c it derived
+        values = [r["layer"], r["method"], fmt(coeff), fmt(r["beta"]), r["alpha"], r["status"]]
+        values += [fmt(r["results"].get(t, {}).get(m)) for t in tasks for m in METRICS]
+        values += [fmt(r.get(k)) for k in TAIL_COLUMNS]
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+def markdown(rows: list[dict], original: dict, claims: list[dict]) -> str:
+    base = summary(original)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    nll = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = ["| layer | method | coeff | beta | alpha | forget acc | retain acc | forget NLL | retain NLL | status |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| - | original | - | - | - | {pct(base['forget_acc'])} | {pct(base['retain_acc'])} | "
+             f"{nll(base['forget_nll'])} | {nll(base['retain_nll'])} | - |"]
+    for r in rows:
+        coeff = r["coeff"] if r["coeff"] is not None else r.get("coeff_used")
+        coeff = "-" if coeff is None else f"{coeff:.4g}"
+        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
+        lines.append(f"| {r['layer']} | {r['method']} | {coeff} | {beta} | {r['alpha']} | {pct(r.get('forget_acc'))} | {pct(r.get('retain_acc'))} | "
+                     f"{nll(r.get('forget_nll'))} | {nll(r.get('retain_nll'))} | {r['status']} |")
+    lines.append("")
+    for c in claims:
+        share = f" ({100 * c['count'] / c['of']:.0f}%)" if c["of"] else ""
+        wins = ", ".join(map(str, c["wins"])) or "none"
+        lines.append(f"Adaptive RMU ({c['adaptive_rmu']}) forgets more than RMU ({c['rmu']}) with retain within "
+                     f"{100 * RETAIN_WITHIN:.0f} points of the original at {c['count']} of {c['of']} layers{share}: "
+                     f"{wins}.")
+    return "\n".join(lines)
+
+
+def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base = summary(original)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    ok = [r for r in rows if r["status"] == "ok"]
+    settings = list(dict.fromkeys(r["setting"] for r in ok))
+    for k, setting in enumerate(settings):
+        mine = sorted((r for r in ok if r["setting"] == setting), key=lambda r: r["layer"])
+        style = "-o" if mine[0]["method"] == "adaptive_rmu" else "--s"
+        for ax, key in ((axes[0], "forget_acc"), (axes[1], "retain_acc")):
+            ax.plot([r["layer"] for r in mine], [100 * r[key] for r in mine], style, color=f"C{k}",
+                    markersize=4, label=setting)
+    for ax, key, title in ((axes[0], "forget_acc", "forget tasks: mean accuracy (lower: more forgotten)"),
+                           (axes[1], "retain_acc", "retain tasks: mean accuracy (higher: kept)")):
+        ax.axhline(100 * chance, color="gray", linestyle=":", linewidth=1, label="chance")
+        if base[key] is not None:
+            ax.axhline(100 * base[key], color="black", linestyle="--", linewidth=1, label="original")
+        ax.set_xlabel("unlearn layer l (updated: its window below l)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_cli(cfg: RunConfig) -> list[dict]:
+    """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
+    from armu_jax import rundir, sharding
+    from armu_jax.embedded import resolve_model
+    from armu_jax.evaluate import evaluate_tasks, scorer_for
+    from armu_jax.hf_io import parse_dtype
+    from armu_jax.model_config import ModelConfig
+    from armu_jax.params import merge
+    from armu_jax.tasks import load_tasks
+    from armu_jax.train import Shared, train
+
+    if not cfg.output_dir:
+        raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
+    out = Path(cfg.output_dir)
+    model_dir = resolve_model(cfg.model)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    cells = plan(cfg, model_cfg.num_hidden_layers)
+    for cell in cells:  # every cell's settings are checked before the first one runs
+        validate(cell_config(cfg, cell, out / "cells" / cell.name), model_cfg)
+    tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
+    saved = out / "sweep_flags.txt"
+    if saved.is_file():
+        changed = differences(from_flagfile(saved), cfg)
+        if changed and not cfg.allow_flag_changes:
+            raise UserError(f"{out} holds a sweep with other settings: " + "; ".join(changed) + "; rerun with "
+                            f"--flagfile={saved} (the --sweep_* flags may change), choose a new --output_dir, "
+                            "or add --allow_flag_changes")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output_dir {out} exists, is not empty and holds no sweep; choose a new directory")
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(out)
+    try:
+        saved.write_text(flagfile_text(cfg))
+        shared = Shared(keep_full=True)
+        dtype = parse_dtype(cfg.dtype)
+        mesh = sharding.make_mesh(cfg.mesh)
+        full = shared.params(model_dir, dtype, None, mesh)
+        scorer = scorer_for(model_dir, dtype, cfg.eval_batch_size, params=full, mesh=mesh)
+        evaluate = lambda: evaluate_tasks(scorer, tasks, nll_tokens=cfg.eval_nll_tokens)
+        original_file = out / "original.json"
+        if original_file.is_file():
+            original = json.loads(original_file.read_text())
+        else:
+            print("evaluating the original model")
+            original = evaluate()
+            _write_atomically(original_file, json.dumps(original, indent=2))
+        chance = float(np.mean([1 / len(t.choices(d)) for t in tasks if not is_retain_task(t.name) for d in t.docs]
+                               or [0.25]))
+        rows = []
+        bar = tqdm(cells, desc="sweep", unit="cell")
+        for cell in bar:
+            directory = out / "cells" / cell.name
+            result_file = directory / "result.json"
+            if result_file.is_file():
+                row = json.loads(result_file.read_text())
+                if row["status"] == "ok":
+                    rows.append(row)
+                    continue
+            began = time.time()
+            try:
+                run_dir, trained = train(cell_config(cfg, cell, directory), shared)
+                trained_at = time.time()
+                scorer.params = merge(full, trained)
+                results = evaluate()
+                done = time.time()
+                row = _row(cell, "ok", results, **_metrics_of(run_dir, cfg.n_topics),
+                           train_seconds=round(trained_at - began, 1), eval_seconds=round(done - trained_at, 1),
+                           seconds=round(done - began, 1))
+            except (UserError, RunFailure, ValueError, RuntimeError, OSError) as err:
+                line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                row = _row(cell, f"failed: {line}", seconds=round(time.time() - began, 1))
+                bar.write(f"{cell.name}: failed: {line}")
+            finally:
+                scorer.params = full
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_atomically(result_file, json.dumps(row, indent=2))
+            rows.append(row)
+            if row["status"] == "ok":
+                bar.write(f"{cell.name}: forget acc {100 * row['forget_acc']:.1f}, retain acc "
+                          f"{100 * row['retain_acc']:.1f} ({row['seconds']:.0f} s)" if row["retain_acc"] is not None
+                          else f"{cell.name}: forget acc {100 * row['forget_acc']:.1f} ({row['seconds']:.0f} s)")
+            _write_atomically(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
+        bar.close()
+        claims = claim(rows, original)
+        table = markdown(rows, original, claims)
+        _write_atomically(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
+        _write_atomically(out / "sweep.md", table + "\n")
+        plot_sweep(out / "sweep.png", rows, original, chance)
+        print(table)
+        failed = sum(r["status"] != "ok" for r in rows)
+        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}"
+              + (f"; {failed} cell(s) failed: rerun the same command to try them again" if failed else ""))
+        return rows
+    finally:
+        lock.release()

@@ -1,0 +1,115 @@
+"""--mode=sweep: layers x methods in one process; a killed sweep continues without redoing finished
+cells, and a cell is the run it names (same numbers as that run started alone)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from armu_jax.config import config_with
+from armu_jax.errors import UserError
+from armu_jax.sweep import claim, parse_layers, plan
+from armu_jax.train import run
+from helpers import tiny_hf_model
+from test_unlearning import _with_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layers_and_cells():
+    assert parse_layers("3:28:2", 7, 30) == list(range(3, 28, 2))
+    assert parse_layers("3,7,11", 7, 30) == [3, 7, 11]
+    assert parse_layers(None, 7, 30) == [7]
+    for bad in ("3:40:2", "a:b", "5:3", "3:9:0"):
+        with pytest.raises(UserError):
+            parse_layers(bad, 7, 30)
+    cfg = config_with(sweep_layers="5,9", sweep_betas=[2, 5], sweep_steering_coeffs=[6.5], alpha=[1800, 1200])
+    cells = plan(cfg, 30)
+    assert [(c.layer, c.method, c.coeff, c.beta) for c in cells] == [
+        (5, "rmu", 6.5, None), (5, "adaptive_rmu", None, 2.0), (5, "adaptive_rmu", None, 5.0),
+        (9, "rmu", 6.5, None), (9, "adaptive_rmu", None, 2.0), (9, "adaptive_rmu", None, 5.0)]
+    assert cells[0].alpha == (1800.0, 1200.0) and cells[0].name == "l05_rmu_c6.5_a1800-1200"
+    assert len({c.name for c in cells}) == len(cells)
+
+
+def test_claim_counts_layers_where_adaptive_forgets_more_and_keeps_retain():
+    original = {"demo_bio": {"acc": 0.5}, "demo_retain": {"acc": 0.6}}
+
+    def row(layer, method, forget, retain, status="ok"):
+        setting = f"{method} alpha=1"
+        return {"layer": layer, "method": method, "status": status, "setting": setting,
+                "forget_acc": forget, "retain_acc": retain}
+    rows = [row(3, "rmu", 0.40, 0.60), row(3, "adaptive_rmu", 0.30, 0.59),   # wins
+            row(5, "rmu", 0.30, 0.60), row(5, "adaptive_rmu", 0.35, 0.60),   # forgets less
+            row(7, "rmu", 0.45, 0.60), row(7, "adaptive_rmu", 0.25, 0.57),   # retain lost 3 points
+            row(9, "rmu", 0.45, 0.60), row(9, "adaptive_rmu", 0.25, 0.60, "failed: x")]
+    (result,) = claim(rows, original)
+    assert result["layers"] == [3, 5, 7] and result["wins"] == [3] and result["count"] == 1 and result["of"] == 3
+
+
+def _flagfile(tmp_path, model) -> Path:
+    flags = tmp_path / "sweep.flags"
+    flags.write_text("\n".join([
+        f"--model={model}", "--layer_id=3", "--lr=1e-3", "--alpha=50", "--steering_coeffs=20", "--beta=3",
+        "--forget_max_len=32", "--retain_max_len=32", "--pad_multiple=32", "--max_num_batches=6",
+        "--checkpoint_every=2", "--eval_tasks=demo_bio,demo_retain", "--eval_limit=4", "--eval_nll_tokens=16"]) + "\n")
+    return flags
+
+
+def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2_dir):
+    model = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "armu_jax.main", f"--flagfile={_flagfile(tmp_path, model)}", "--mode=sweep",
+           "--sweep_layers=1:4", f"--output_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(out.glob("cells/*/result.json"))) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finished = {p.parent.name: (p.read_text(), (p.parent / "metrics.jsonl").stat().st_mtime_ns)
+                for p in out.glob("cells/*/result.json")}
+    assert 2 <= len(finished) < 6, "the sweep should have been killed midway"
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    for name, (result, mtime) in finished.items():  # finished cells: neither rerun nor rewritten
+        assert (out / "cells" / name / "result.json").read_text() == result
+        assert (out / "cells" / name / "metrics.jsonl").stat().st_mtime_ns == mtime
+        assert f"{name}: forget acc" not in second.stderr + second.stdout
+
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["layer"]), r["method"]) for r in rows] == [(l, m) for l in (1, 2, 3)
+                                                              for m in ("rmu", "adaptive_rmu")]
+    columns = list(rows[0])
+    assert columns[:6] == ["layer", "method", "coeff", "beta", "alpha", "status"]
+    for task in ("demo_bio", "demo_retain"):
+        assert {f"{task}/acc", f"{task}/acc_norm", f"{task}/nll"} <= set(columns)
+    assert {"forget_loss", "retain_loss", "seconds"} <= set(columns)
+    assert all(r["status"] == "ok" for r in rows)
+    assert {float(r["coeff"]) for r in rows if r["method"] == "rmu"} == {20.0}
+    assert (out / "sweep.png").stat().st_size > 10_000 and "of 3 layers" in (out / "sweep.md").read_text()
+    # Every cell has 6 steps, once each (a cell killed midway resumed from its checkpoint).
+    for r in rows:
+        cell = out / "cells" / f"l{int(r['layer']):02d}_{r['method']}_" \
+            f"{'c20' if r['method'] == 'rmu' else 'b3'}_a50"
+        assert [json.loads(l)["step"] for l in (cell / "metrics.jsonl").read_text().splitlines()] == list(range(6))
+
+    # A cell is the run it names: Adaptive RMU at layer 3 ran on the step compiled for RMU's cell
+    # at layer 3 (its method and numbers are arguments); started alone it logs the same numbers.
+    alone = tmp_path / "alone"
+    run(config_with(model=str(model), method="adaptive_rmu", layer_id=3, lr=1e-3, alpha=[50], beta=3,
+                    forget_max_len=[32], retain_max_len=32, pad_multiple=32, max_num_batches=6,
+                    checkpoint_every=0, output_dir=str(alone), export=False))
+    ours = [json.loads(l) for l in (out / "cells" / "l03_adaptive_rmu_b3_a50" / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(l) for l in (alone / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-12), (a["step"], key)
