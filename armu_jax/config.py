@@ -101,8 +101,8 @@ class RunConfig:
                                            "(default: --steering_coeffs).", restartable=True)
     sweep_betas: tuple = setting("floats", None, "--mode=sweep: Adaptive RMU's beta values (default: --beta).",
                                  restartable=True)
-    sweep_alphas: tuple = setting("floats", None, "--mode=sweep: alpha values, each for every topic (default: "
-                                  "--alpha).", restartable=True)
+    sweep_alphas: tuple = setting("list", None, "--mode=sweep: alpha values, each for every topic or one per "
+                                  "topic joined by / (1800/300) (default: --alpha).", restartable=True)
     norms_texts: int = setting("int", 64, "--mode=norms: texts of each corpus.", restartable=True)
     run_dir: str = setting("str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
                            "hf/).", restartable=True)

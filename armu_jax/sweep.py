@@ -82,12 +82,23 @@ def parse_layers(spec: str | None, default: int, num_layers: int) -> list[int]:
     return list(dict.fromkeys(layers))
 
 
+def _alpha(spec: str, n_topics: int) -> tuple[float, ...]:
+    """One --sweep_alphas entry: a value for every topic, or one per topic joined by /."""
+    try:
+        values = tuple(float(v) for v in spec.split("/"))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, n_topics) or any(v < 0 for v in values):
+        raise UserError(f"--sweep_alphas entry {spec!r}: give a number >= 0 or {n_topics} joined by / (one per topic)")
+    return values * n_topics if len(values) == 1 else values
+
+
 def plan(cfg: RunConfig, num_layers: int) -> list[Cell]:
     bad = [m for m in cfg.sweep_methods if m not in ("rmu", "adaptive_rmu")]
     if bad or not cfg.sweep_methods:
         raise UserError(f"--sweep_methods={','.join(cfg.sweep_methods)}: choose from rmu, adaptive_rmu")
     layers = parse_layers(cfg.sweep_layers, cfg.layer_id, num_layers)
-    alphas = [(a,) * cfg.n_topics for a in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
+    alphas = [_alpha(spec, cfg.n_topics) for spec in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
     cells = []
     for layer in layers:
         for method in dict.fromkeys(cfg.sweep_methods):

@@ -35,6 +35,11 @@ def test_layers_and_cells():
         (9, "rmu", 6.5, None), (9, "adaptive_rmu", None, 2.0), (9, "adaptive_rmu", None, 5.0)]
     assert cells[0].alpha == (1800.0, 1200.0) and cells[0].name == "l05_rmu_c6.5_a1800-1200"
     assert len({c.name for c in cells}) == len(cells)
+    per_topic = plan(config_with(sweep_alphas=["1800/300", "900"], sweep_methods=["rmu"]), 30)
+    assert [c.alpha for c in per_topic] == [(1800.0, 300.0), (900.0, 900.0)]
+    for bad in ("1/2/3", "x", "-5"):
+        with pytest.raises(UserError):
+            plan(config_with(sweep_alphas=[bad]), 30)
 
 
 def test_claim_counts_layers_where_adaptive_forgets_more_and_keeps_retain():
