@@ -269,8 +269,14 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     from armu_jax.tasks import load_tasks
     from armu_jax.train import Shared, train
 
+    from armu_jax import hosts
     if not cfg.output_dir:
         raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
+    if cfg.overwrite:
+        raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
+    if hosts.several():
+        raise UserError("--mode=sweep runs in one process (its cells may use all of its devices via --mesh); "
+                        "start it without --num_processes/--multihost")
     out = Path(cfg.output_dir)
     model_dir = resolve_model(cfg.model)
     model_cfg = ModelConfig.from_dir(model_dir)

@@ -118,3 +118,23 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
     for a, b in zip(ours, theirs):
         for key in ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-12), (a["step"], key)
+
+
+def test_sweep_refuses_a_directory_it_did_not_write_and_changed_settings(tmp_path):
+    from armu_jax.config import flagfile_text
+    from armu_jax.sweep import sweep_cli
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no sweep"):
+        sweep_cli(config_with(mode="sweep", output_dir=str(other)))
+    assert (other / "notes.txt").read_text() == "mine"
+    started = tmp_path / "sweep"
+    started.mkdir()
+    (started / "sweep_flags.txt").write_text(flagfile_text(config_with(mode="sweep", output_dir=str(started))))
+    with pytest.raises(UserError, match="--lr"):
+        sweep_cli(config_with(mode="sweep", lr=1e-3, output_dir=str(started)))
+    with pytest.raises(UserError, match="--sweep_layers=3:99"):
+        sweep_cli(config_with(mode="sweep", sweep_layers="3:99", output_dir=str(started)))
+    with pytest.raises(UserError, match="new --output_dir"):
+        sweep_cli(config_with(mode="sweep", overwrite=True, output_dir=str(started)))
