@@ -13,7 +13,8 @@ next run. Writes sweep.csv (a row per cell), sweep.md (table and the claim below
 (forget and retain accuracy vs layer, RMU vs Adaptive RMU, with chance and the original model).
 
 The claim (Adaptive RMU's): at a layer, Adaptive RMU forgets more than RMU (lower mean accuracy on
-the forget tasks) while its mean retain accuracy is within 2 points of the original model's.
+the forget tasks) while its mean retain accuracy is within 2 points of the original model's; and,
+finer, the same by held-out NLL (higher forget NLL, retain NLL within +0.05 nat/token).
 Retain tasks are demo_retain and mmlu*; every other task is a forget task.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ FIXED_COLUMNS = ("layer", "method", "coeff", "beta", "alpha", "status")
 TAIL_COLUMNS = ("forget_loss", "retain_loss", "seconds", "train_seconds", "eval_seconds", "first_step_seconds")
 METRICS = ("acc", "acc_norm", "nll")
 RETAIN_WITHIN = 0.02  # the claim's retain tolerance: 2 points of accuracy
+RETAIN_NLL_WITHIN = 0.05  # and by held-out NLL: +0.05 nat/token
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,13 @@ def claim(rows: list[dict], original: dict) -> list[dict]:
             layers = sorted(set(rmu) & set(ada))
             wins = [l for l in layers if ada[l]["forget_acc"] < rmu[l]["forget_acc"]
                     and (base["retain_acc"] is None or ada[l]["retain_acc"] >= base["retain_acc"] - RETAIN_WITHIN - 1e-9)]
+            # The same question asked of held-out NLL (finer than 40 questions' accuracy): a forget NLL
+            # more than 0.05 nat/token above RMU's with the retain NLL within +0.05 of the original.
+            wins_nll = [l for l in layers if None not in (ada[l]["forget_nll"], rmu[l]["forget_nll"])
+                        and ada[l]["forget_nll"] > rmu[l]["forget_nll"] + RETAIN_NLL_WITHIN
+                        and (base["retain_nll"] is None or ada[l]["retain_nll"] <= base["retain_nll"] + RETAIN_NLL_WITHIN)]
             out.append({"rmu": rmu_setting, "adaptive_rmu": ada_setting, "layers": layers, "wins": wins,
-                        "count": len(wins), "of": len(layers)})
+                        "count": len(wins), "of": len(layers), "wins_nll": wins_nll})
     return out
 
 
@@ -227,6 +234,11 @@ def markdown(rows: list[dict], original: dict, claims: list[dict]) -> str:
         lines.append(f"Adaptive RMU ({c['adaptive_rmu']}) forgets more than RMU ({c['rmu']}) with retain within "
                      f"{100 * RETAIN_WITHIN:.0f} points of the original at {c['count']} of {c['of']} layers{share}: "
                      f"{wins}.")
+        if c["of"]:
+            lines.append(f"By held-out NLL (forget NLL more than {RETAIN_NLL_WITHIN} above RMU's, retain NLL within "
+                         f"+{RETAIN_NLL_WITHIN} nat/token of the original): "
+                         f"{len(c['wins_nll'])} of {c['of']} layers ({100 * len(c['wins_nll']) / c['of']:.0f}%): "
+                         f"{', '.join(map(str, c['wins_nll'])) or 'none'}.")
     return "\n".join(lines)
 
 
@@ -235,23 +247,27 @@ def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     base = summary(original)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     ok = [r for r in rows if r["status"] == "ok"]
-    settings = list(dict.fromkeys(r["setting"] for r in ok))
-    for k, setting in enumerate(settings):
+    panels = ((axes[0], "forget_acc", 100, "forget tasks: mean accuracy % (lower: more forgotten)"),
+              (axes[1], "retain_acc", 100, "retain tasks: mean accuracy % (higher: kept)"),
+              (axes[2], "forget_nll", 1, "forget tasks: held-out NLL per token (higher: more forgotten)"))
+    for k, setting in enumerate(dict.fromkeys(r["setting"] for r in ok)):
         mine = sorted((r for r in ok if r["setting"] == setting), key=lambda r: r["layer"])
         style = "-o" if mine[0]["method"] == "adaptive_rmu" else "--s"
-        for ax, key in ((axes[0], "forget_acc"), (axes[1], "retain_acc")):
-            ax.plot([r["layer"] for r in mine], [100 * r[key] for r in mine], style, color=f"C{k}",
-                    markersize=4, label=setting)
-    for ax, key, title in ((axes[0], "forget_acc", "forget tasks: mean accuracy (lower: more forgotten)"),
-                           (axes[1], "retain_acc", "retain tasks: mean accuracy (higher: kept)")):
-        ax.axhline(100 * chance, color="gray", linestyle=":", linewidth=1, label="chance")
+        for ax, key, scale, _ in panels:
+            if all(r.get(key) is not None for r in mine):
+                ax.plot([r["layer"] for r in mine], [scale * r[key] for r in mine], style, color=f"C{k}",
+                        markersize=4, label=setting)
+    for ax, key, scale, title in panels:
+        if key.endswith("acc"):
+            ax.axhline(100 * chance, color="gray", linestyle=":", linewidth=1, label="chance")
         if base[key] is not None:
-            ax.axhline(100 * base[key], color="black", linestyle="--", linewidth=1, label="original")
-        ax.set_xlabel("unlearn layer l (updated: its window below l)")
-        ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("accuracy (%)")
+            ax.axhline(scale * base[key], color="black", linestyle="--", linewidth=1, label="original")
+        ax.set_xlabel("unlearn layer l (updated: the layers below it, by --update_layer_ids' offsets)")
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylim(0, 100)
+    axes[1].set_ylim(0, 100)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -43,18 +43,19 @@ def test_layers_and_cells():
 
 
 def test_claim_counts_layers_where_adaptive_forgets_more_and_keeps_retain():
-    original = {"demo_bio": {"acc": 0.5}, "demo_retain": {"acc": 0.6}}
+    original = {"demo_bio": {"acc": 0.5, "nll": 3.0}, "demo_retain": {"acc": 0.6, "nll": 3.0}}
 
-    def row(layer, method, forget, retain, status="ok"):
+    def row(layer, method, forget, retain, forget_nll=3.0, retain_nll=3.0, status="ok"):
         setting = f"{method} alpha=1"
-        return {"layer": layer, "method": method, "status": status, "setting": setting,
-                "forget_acc": forget, "retain_acc": retain}
-    rows = [row(3, "rmu", 0.40, 0.60), row(3, "adaptive_rmu", 0.30, 0.59),   # wins
-            row(5, "rmu", 0.30, 0.60), row(5, "adaptive_rmu", 0.35, 0.60),   # forgets less
-            row(7, "rmu", 0.45, 0.60), row(7, "adaptive_rmu", 0.25, 0.57),   # retain lost 3 points
-            row(9, "rmu", 0.45, 0.60), row(9, "adaptive_rmu", 0.25, 0.60, "failed: x")]
+        return {"layer": layer, "method": method, "status": status, "setting": setting, "forget_acc": forget,
+                "retain_acc": retain, "forget_nll": forget_nll, "retain_nll": retain_nll}
+    rows = [row(3, "rmu", 0.40, 0.60), row(3, "adaptive_rmu", 0.30, 0.59, 5.0, 3.04),  # wins (both)
+            row(5, "rmu", 0.30, 0.60, 4.0), row(5, "adaptive_rmu", 0.35, 0.60, 3.5),  # forgets less
+            row(7, "rmu", 0.45, 0.60), row(7, "adaptive_rmu", 0.25, 0.57, 4.0, 3.06),  # retain lost
+            row(9, "rmu", 0.45, 0.60), row(9, "adaptive_rmu", 0.25, 0.60, status="failed: x")]
     (result,) = claim(rows, original)
     assert result["layers"] == [3, 5, 7] and result["wins"] == [3] and result["count"] == 1 and result["of"] == 3
+    assert result["wins_nll"] == [3]
 
 
 def _flagfile(tmp_path, model) -> Path:
