@@ -137,12 +137,19 @@ class Scorer:
         by_size: dict[int, list[list[int]]] = {}  # rows of one length batch together
         for size, members in _pack(items, self.pack_tokens):
             by_size.setdefault(size, []).append(members)
-        batches = [(size, group[k:k + self.batch_size]) for size, group in by_size.items()
-                   for k in range(0, len(group), self.batch_size)]
+        batches = []
+        for size, group in by_size.items():
+            # Rows longer than pack_tokens come fewer to a batch (about batch_size x pack_tokens tokens):
+            # the attention scores grow with rows x length^2, and on a CPU their memory traffic, not the
+            # dense layers, then sets the pace.
+            per_batch = self.batch_size if not self.pack_tokens else \
+                max(1, min(self.batch_size, self.batch_size * self.pack_tokens // size))
+            batches += [(size, group[k:k + per_batch]) for k in range(0, len(group), per_batch)]
         out: list[list[np.ndarray | None]] = [[None] * len(item.branches) for item in items]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for length, members_of_rows in tqdm(batches, desc=desc, leave=False, unit="batch"):
-            n_rows = min(_bucket(len(members_of_rows), 1), self.batch_size)  # a last, partial batch: fewer rows
+            n_rows = len(members_of_rows)
+            n_rows = n_rows if n_rows in (1, self.batch_size) else min(_bucket(n_rows, 1), self.batch_size)
             if self.mesh is not None:
                 n_rows = sharding.batch_rows(self.mesh, n_rows)
             self.tokens_run += n_rows * length
