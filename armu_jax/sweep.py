@@ -276,7 +276,7 @@ def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> N
 
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
-    from armu_jax import rundir, sharding
+    from armu_jax import hosts, rundir, sharding
     from armu_jax.embedded import resolve_model
     from armu_jax.evaluate import evaluate_tasks, scorer_for
     from armu_jax.hf_io import parse_dtype
@@ -285,7 +285,6 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     from armu_jax.tasks import load_tasks
     from armu_jax.train import Shared, train
 
-    from armu_jax import hosts
     if not cfg.output_dir:
         raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
     if cfg.overwrite:
