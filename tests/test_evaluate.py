@@ -57,7 +57,7 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     docs = [d for d in mmlu_task().docs if d["subject"] == "college_biology"][:8]
     wmdp.write_text("".join(json.dumps({k: d[k] for k in ("question", "choices", "answer")}) + "\n" for d in docs))
     specs = ["demo", "mmlu", f"wmdp_bio:{wmdp}"]
-    limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "mmlu": 57, "wmdp_bio": 8}  # mmlu: 1 per subject
+    limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "mmlu": 30, "wmdp_bio": 8}  # mmlu: 30 subjects
     tasks = [t.limited(limits[t.name]) for t in load_tasks(specs)]
     scorer = scorer_for(smollm2_dir, batch_size=8)
     native = {t.name: scorer.multiple_choice(t) for t in tasks}
@@ -150,7 +150,7 @@ def test_shared_prefix_scores_as_one_request_per_row(smollm2_dir):
     alone = Scorer(packed.model, packed.params, packed.tokenizer, 8, packed.max_length, pack_tokens=0)
     nudged = Scorer(packed.model, jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), packed.params),
                     packed.tokenizer, 8, packed.max_length)
-    for task in (demo_task("bio").limited(12), mmlu_task().limited(8)):
+    for task in (demo_task("bio").limited(10), mmlu_task().limited(6)):
         requests = task.requests()
         ours, reference = packed.loglikelihoods(requests), alone.loglikelihoods(requests)
         drift = np.abs(nudged.loglikelihoods(requests) - ours).max()

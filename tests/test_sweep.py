@@ -71,17 +71,17 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
     model = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "armu_jax.main", f"--flagfile={_flagfile(tmp_path, model)}", "--mode=sweep",
-           "--sweep_layers=1:4", f"--output_dir={out}"]
+           "--sweep_layers=2:4", f"--output_dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(list(out.glob("cells/*/result.json"))) < 2 and first.poll() is None and time.time() < deadline:
+    while not list(out.glob("cells/*/result.json")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     first.wait()
     finished = {p.parent.name: (p.read_text(), (p.parent / "metrics.jsonl").stat().st_mtime_ns)
                 for p in out.glob("cells/*/result.json")}
-    assert 2 <= len(finished) < 6, "the sweep should have been killed midway"
+    assert 1 <= len(finished) < 4, "the sweep should have been killed midway"
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -92,7 +92,7 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
 
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(int(r["layer"]), r["method"]) for r in rows] == [(l, m) for l in (1, 2, 3)
+    assert [(int(r["layer"]), r["method"]) for r in rows] == [(l, m) for l in (2, 3)
                                                               for m in ("rmu", "adaptive_rmu")]
     columns = list(rows[0])
     assert columns[:6] == ["layer", "method", "coeff", "beta", "alpha", "status"]
@@ -101,7 +101,7 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
     assert {"forget_loss", "retain_loss", "seconds"} <= set(columns)
     assert all(r["status"] == "ok" for r in rows)
     assert {float(r["coeff"]) for r in rows if r["method"] == "rmu"} == {20.0}
-    assert (out / "sweep.png").stat().st_size > 10_000 and "of 3 layers" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 10_000 and "of 2 layers" in (out / "sweep.md").read_text()
     # Every cell has 6 steps, once each (a cell killed midway resumed from its checkpoint).
     for r in rows:
         cell = out / "cells" / f"l{int(r['layer']):02d}_{r['method']}_" \
