@@ -148,8 +148,7 @@ class Scorer:
         out: list[list[np.ndarray | None]] = [[None] * len(item.branches) for item in items]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for length, members_of_rows in tqdm(batches, desc=desc, leave=False, unit="batch"):
-            n_rows = len(members_of_rows)
-            n_rows = n_rows if n_rows in (1, self.batch_size) else min(_bucket(n_rows, 1), self.batch_size)
+            n_rows = min(_bucket(len(members_of_rows), 1), self.batch_size)  # a last, partial batch: fewer rows
             if self.mesh is not None:
                 n_rows = sharding.batch_rows(self.mesh, n_rows)
             self.tokens_run += n_rows * length
