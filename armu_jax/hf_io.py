@@ -1,12 +1,16 @@
 """Hugging Face checkpoints in and out: safetensors only (never pickle), a key map plus transposes.
 
-HF stores linear weights as (out, in); Flax kernels are (in, out). Embeddings and norms are
-stored as they are. Tied embeddings have no `lm_head.weight` in either direction.
+HF stores linear weights as (out, in); Flax kernels are (in, out). Embeddings, norms and biases are
+stored as they are. Tied embeddings have no `lm_head.weight` in either direction. Fused projections
+(Phi-3's `qkv_proj` and `gate_up_proj`) are row blocks of one stored tensor: each block loads as its
+own parameter (q/k/v_proj, gate/up_proj), read straight from its rows, and is fused again on export.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,8 +23,7 @@ from jax.sharding import NamedSharding
 from armu_jax import tensor_files
 from armu_jax.errors import RunFailure, UserError
 from armu_jax.model_config import ModelConfig
-from armu_jax.params import (expected_paths, flatten, hf_key_to_path, name_of, needed_upto, path_to_hf_key,
-                             unflatten)
+from armu_jax.params import flatten, hf_key_to_path, name_of, needed_upto, path_to_hf_key, unflatten
 from armu_jax.sharding import param_spec
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -63,21 +66,59 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     cfg = ModelConfig.from_dir(model_dir)
+    expected = set(expected_paths(cfg))
     flat = {}
-    for stored, key, path, transpose in _stored_params(model_dir, cfg):
+    for stored, key, path, transpose, rows in _stored_params(model_dir, cfg):
+        if path not in expected:
+            raise UserError(f"{model_dir}: tensor {key} is not a parameter of this {cfg.family} config "
+                            "(config.json and the weights disagree, e.g. on attention_bias or tied embeddings)")
         if upto_layer is None or needed_upto(path, upto_layer):
-            flat[path] = _place(stored, key, path, transpose, np.dtype(dtype), mesh)
-    expected = [p for p in expected_paths(cfg.num_hidden_layers, cfg.tie_word_embeddings)
-                if upto_layer is None or needed_upto(p, upto_layer)]
-    missing = sorted(set(expected) - set(flat))
+            flat[path] = _place(stored, key, path, transpose, rows, np.dtype(dtype), mesh)
+    missing = sorted(p for p in expected - set(flat) if upto_layer is None or needed_upto(p, upto_layer))
     if missing:
         raise UserError(f"{model_dir} lacks {len(missing)} parameters, e.g. {path_to_hf_key(missing[0])[0]}")
     return cfg, unflatten(flat)
 
 
+def expected_paths(cfg: ModelConfig) -> list:
+    """Every parameter path of the decoder for this config (the model's own tree, not a hand-kept list):
+    one layer's parameters are traced abstractly and repeated for each layer."""
+    from armu_jax.model import LlamaForCausalLM, abstract_params
+    one = dataclasses.replace(cfg, num_hidden_layers=1, layer_types=cfg.layer_types[:1])
+    paths = []
+    for path in flatten(abstract_params(LlamaForCausalLM(one))):
+        if path[1:2] == ("layers_0",):
+            paths += [(path[0], f"layers_{i}", *path[2:]) for i in range(cfg.num_hidden_layers)]
+        else:
+            paths.append(path)
+    return paths
+
+
+def fused_parts(cfg: ModelConfig, key: str) -> list[tuple[str, int, int]] | None:
+    """(key of the part, first row, end row) of each projection fused into a stored tensor (Phi-3's
+    qkv_proj, gate_up_proj), or None for an ordinary tensor."""
+    match = re.fullmatch(r"(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight", key)
+    if not match:
+        return None
+    prefix, name = match.groups()
+    if name == "self_attn.qkv_proj" and cfg.fused_qkv:
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        blocks = [("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)]
+    elif name == "mlp.gate_up_proj" and cfg.fused_gate_up:
+        blocks = [("mlp.gate_proj", cfg.intermediate_size), ("mlp.up_proj", cfg.intermediate_size)]
+    else:
+        return None
+    parts, start = [], 0
+    for part, rows in blocks:
+        parts.append((f"{prefix}{part}.weight", start, start + rows))
+        start += rows
+    return parts
+
+
 def _stored_params(model_dir: Path, cfg: ModelConfig):
-    """(file, key, Flax path, transpose) of every parameter tensor in the checkpoint, in file order
-    (rotary caches and a tied model's lm_head are not parameters)."""
+    """(file, key, Flax path, transpose, rows) of every parameter tensor in the checkpoint, in file order
+    (rotary caches and a tied model's lm_head are not parameters); rows: the (start, end) block of a
+    fused tensor that holds the parameter, else None."""
     for file in _weight_files(model_dir):
         try:
             stored = tensor_files.StoredTensors(file)
@@ -86,16 +127,28 @@ def _stored_params(model_dir: Path, cfg: ModelConfig):
         for key in stored.keys():
             if key.endswith("rotary_emb.inv_freq"):
                 continue
+            parts = fused_parts(cfg, key)
+            if parts is not None:
+                if stored.shape(key)[0] != parts[-1][2]:
+                    raise UserError(f"{file}: {key} has {stored.shape(key)[0]} rows, the config implies {parts[-1][2]}")
+                for part, start, end in parts:
+                    path, transpose = hf_key_to_path(part)
+                    yield stored, key, path, transpose, (start, end)
+                continue
             path, transpose = hf_key_to_path(key)
             if cfg.tie_word_embeddings and path == ("lm_head", "kernel"):
                 continue
-            yield stored, key, path, transpose
+            yield stored, key, path, transpose, None
 
 
-def _place(stored: tensor_files.StoredTensors, key: str, path, transpose: bool, dtype: np.dtype, mesh) -> jax.Array:
-    """One stored tensor as a jax.Array: each addressable device's block is read from the file
-    (HF's (out, in) slice for a (in, out) kernel block), cast on the host and placed on its device."""
+def _place(stored: tensor_files.StoredTensors, key: str, path, transpose: bool, rows, dtype: np.dtype,
+           mesh) -> jax.Array:
+    """One stored tensor (or the rows of it a fused projection gives this parameter) as a jax.Array:
+    each addressable device's block is read from the file (HF's (out, in) slice for a (in, out) kernel
+    block), cast on the host and placed on its device."""
     shape = stored.shape(key)
+    if rows is not None:
+        shape = (rows[1] - rows[0],) + shape[1:]
     if transpose:
         shape = shape[::-1]
     if mesh is None:
@@ -103,45 +156,93 @@ def _place(stored: tensor_files.StoredTensors, key: str, path, transpose: bool, 
     else:
         where = NamedSharding(mesh, param_spec(name_of(path), shape, mesh))
 
+    def stored_index(index):
+        index = index[::-1] if transpose else tuple(index)
+        if rows is None:
+            return index
+        first, *rest = index
+        begin, end, _ = first.indices(rows[1] - rows[0])
+        return (slice(rows[0] + begin, rows[0] + end), *rest)
+
     def block(index):
-        if transpose:
-            return np.ascontiguousarray(stored.read(key, index[::-1]).T.astype(dtype))
-        return stored.read(key, index).astype(dtype)
+        values = stored.read(key, stored_index(index))
+        return np.ascontiguousarray(values.T.astype(dtype)) if transpose else values.astype(dtype)
     return jax.make_array_from_callback(shape, where, block)
 
 
 def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
               overwrite: bool = False) -> Path:
-    """Write a params tree as a HF directory (config + tokenizer files copied from source_dir), atomically."""
+    """Write a params tree as a HF directory (config + tokenizer files copied from source_dir), atomically;
+    projections the family stores fused are fused again."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
-    entries = []
+    cfg = ModelConfig.from_dir(source_dir)
+    tensors = {}
     for path, value in flatten(params).items():
         key, transpose = path_to_hf_key(path)
-        shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
-        host = lambda value=value, transpose=transpose: _host(value, transpose, np_dtype)
-        entries.append((key, shape, np_dtype, host))
+        tensors[key] = (value, transpose)
+    entries = []
+    for key in list(tensors):
+        fused = _fused_key(cfg, key)
+        if fused is None:
+            value, transpose = tensors[key]
+            shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
+            host = lambda value=value, transpose=transpose: _host(value, transpose, np_dtype)
+            entries.append((key, shape, np_dtype, host))
+        elif fused[1] == 0:  # the first part writes the fused tensor
+            parts = fused_parts(cfg, fused[0])
+            values = [tensors[part][0] for part, *_ in parts]
+            shape = (parts[-1][2], values[0].shape[0])
+            host = lambda values=values: np.concatenate([_host(v, True, np_dtype) for v in values])
+            entries.append((fused[0], shape, np_dtype, host))
     _write_atomically({"model.safetensors": entries}, source_dir, out_dir, dtype)
     return out_dir
+
+
+def _fused_key(cfg: ModelConfig, key: str) -> tuple[str, int] | None:
+    """(the stored fused key, first row) of a parameter the family stores fused, else None."""
+    match = re.fullmatch(r"(model\.layers\.\d+\.)(self_attn|mlp)\.\w+_proj\.weight", key)
+    if not match:
+        return None
+    fused = match.group(1) + ("self_attn.qkv_proj.weight" if match.group(2) == "self_attn" else "mlp.gate_up_proj.weight")
+    for part, start, _ in fused_parts(cfg, fused) or ():
+        if part == key:
+            return fused, start
+    return None
 
 
 def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    dtype: str = "float32", overwrite: bool = True) -> Path:
     """The source checkpoint with the trained tensors (param name -> host array) swapped in, as a HF
     directory: streamed file by file, tensor by tensor, with the source's file layout, so the
-    host holds one tensor at a time and no device holds anything."""
+    host holds one tensor at a time and no device holds anything. A fused tensor with a trained part
+    is read and that part's rows replaced."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
     cfg = ModelConfig.from_dir(source_dir)
     files: dict[str, list] = {}
     unused = set(trained)
-    for stored, key, path, transpose in _stored_params(source_dir, cfg):
+    replaced: dict[str, list] = {}  # fused key -> [(rows, trained name)]
+    order = {}  # stored key -> its file, in file order
+    for stored, key, path, transpose, rows in _stored_params(source_dir, cfg):
         name = name_of(path)
+        order.setdefault(key, stored)
         if name in trained:
             unused.discard(name)
+            replaced.setdefault(key, []).append((rows, name, transpose))
+    for key, stored in order.items():
+        swaps = replaced.get(key)
+        if swaps and swaps[0][0] is None:  # a whole tensor trained
+            _, name, transpose = swaps[0]
             host = lambda value=trained[name], transpose=transpose: _host(value, transpose, np_dtype)
+        elif swaps:
+            def host(stored=stored, key=key, swaps=swaps):
+                values = stored.read(key).astype(np_dtype)
+                for (start, end), name, transpose in swaps:
+                    values[start:end] = _host(trained[name], transpose, np_dtype)
+                return values
         elif stored.dtype(key) == np_dtype:  # unchanged and already in the export dtype: bytes copied
             host = stored.raw(key)
         else:

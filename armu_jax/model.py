@@ -1,4 +1,5 @@
-"""A Flax (linen) port of Hugging Face's Llama/Mistral decoder, with HF parameter names.
+"""A Flax (linen) port of Hugging Face's decoders (Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3, OLMo-2), with HF
+parameter names: one decoder, each family's differences being ModelConfig fields (families.py).
 
 Parameter paths mirror HF's keys (`model/layers_7/mlp/down_proj/kernel` is
 `model.layers.7.mlp.down_proj.weight` transposed), RoPE is HF's `rotate_half` form, and
@@ -17,16 +18,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from armu_jax.model_config import ModelConfig
+from armu_jax.model_config import ModelConfig, Rope
 
 
-def rope_inv_freq(cfg: ModelConfig, dtype=jnp.float32) -> jnp.ndarray:
-    """HF's inverse frequencies, including the linear and Llama-3 scalings."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=dtype) / cfg.head_dim))
-    if cfg.rope_type == "linear":
-        return inv_freq / cfg.rope_scaling[0]
-    if cfg.rope_type == "llama3":
-        factor, low_freq_factor, high_freq_factor, old_context = cfg.rope_scaling
+def rope_inv_freq(rope: Rope, head_dim: int, dtype=jnp.float32, long: bool = False) -> jnp.ndarray:
+    """HF's inverse frequencies of the rotated part of a head, with the linear, Llama-3 and LongRoPE
+    scalings (long: LongRoPE's long factors, which transformers takes beyond the original context)."""
+    dim = int(head_dim * rope.fraction)
+    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, dim, 2, dtype=dtype) / dim))
+    if rope.type == "linear":
+        return inv_freq / rope.scaling[0]
+    if rope.type == "llama3":
+        factor, low_freq_factor, high_freq_factor, old_context = rope.scaling
         low_freq_wavelen = old_context / low_freq_factor
         high_freq_wavelen = old_context / high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -35,7 +38,26 @@ def rope_inv_freq(cfg: ModelConfig, dtype=jnp.float32) -> jnp.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return jnp.where(is_medium, smoothed, scaled)
+    if rope.type == "longrope":
+        short, long_factors, _ = rope.scaling
+        ext = jnp.asarray(long_factors if long else short, dtype)
+        return 1.0 / (ext * rope.theta ** (jnp.arange(0, dim, 2, dtype=dtype) / dim))
     return inv_freq
+
+
+def rope_tables(rope: Rope, head_dim: int, positions, dtype):
+    """(cos, sin) [B, T, rotary dim] at the positions, as HF's rotary embedding gives them."""
+    rope_dtype = jnp.promote_types(dtype, jnp.float32)  # as HF: angles in at least float32
+    inv_freq = rope_inv_freq(rope, head_dim, rope_dtype)
+    if rope.type == "longrope":  # transformers switches to the long factors past the original context
+        beyond = jnp.max(positions) + 1 > rope.scaling[2]
+        inv_freq = jnp.where(beyond, rope_inv_freq(rope, head_dim, rope_dtype, long=True), inv_freq)
+    freqs = positions.astype(rope_dtype)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def rotate_half(x):
@@ -44,21 +66,32 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, T, H, hd]; cos/sin: [B, T, hd]."""
+    """x: [B, T, H, hd]; cos/sin: [B, T, rotary dim]; dimensions past the rotary ones pass unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm as each family writes it: scale by (offset + weight), Gemma's offset being 1; Llama casts the
+    normalised x to the compute dtype before the weight, Gemma and OLMo-2 multiply in float32 first."""
     eps: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    offset: float = 0.0
+    weight_first: bool = False
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * x32.astype(self.dtype)
+        if self.weight_first:
+            return ((self.offset + weight.astype(jnp.float32)) * x32).astype(self.dtype)
+        scale = weight.astype(self.dtype) if not self.offset else (self.offset + weight).astype(self.dtype)
+        return scale * x32.astype(self.dtype)
 
 
 def blocked_dot_general(block: int):
@@ -84,10 +117,14 @@ def blocked_dot_general(block: int):
     return dot_general
 
 
-def _dense(features, name, dtype, param_dtype, dot_block=0):
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+def _dense(features, name, dtype, param_dtype, dot_block=0, bias=False):
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=nn.initializers.normal(0.02),
                     dot_general=blocked_dot_general(dot_block) if dot_block else None)
+
+
+def _softcap(x, cap):
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class _Block(nn.Module):
@@ -97,8 +134,13 @@ class _Block(nn.Module):
     param_dtype: jnp.dtype
     dot_block: int = 0
 
-    def dense(self, features: int, name: str):
-        return _dense(features, name, self.dtype, self.param_dtype, self.dot_block)
+    def dense(self, features: int, name: str, prefix: str):
+        return _dense(features, name, self.dtype, self.param_dtype, self.dot_block,
+                      bias=f"{prefix}.{name}" in self.cfg.biases)
+
+    def norm(self, name: str):
+        return RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, self.cfg.norm_offset,
+                       self.cfg.norm_weight_first, name=name)
 
 
 class Attention(_Block):
@@ -106,45 +148,64 @@ class Attention(_Block):
     def __call__(self, x, cos, sin, allowed):
         cfg = self.cfg
         batch, length, _ = x.shape
-        kv, hd = cfg.num_key_value_heads, cfg.head_dim
-        groups = cfg.num_attention_heads // kv
-        q = self.dense(cfg.num_attention_heads * hd, "q_proj")(x)
-        k = self.dense(kv * hd, "k_proj")(x)
-        v = self.dense(kv * hd, "v_proj")(x)
-        q = apply_rope(q.reshape(batch, length, cfg.num_attention_heads, hd), cos, sin)
-        k = apply_rope(k.reshape(batch, length, kv, hd), cos, sin)
+        heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        groups = heads // kv
+        q = self.dense(heads * hd, "q_proj", "self_attn")(x)
+        k = self.dense(kv * hd, "k_proj", "self_attn")(x)
+        v = self.dense(kv * hd, "v_proj", "self_attn")(x)
+        if cfg.qk_norm == "full":  # OLMo-2: over the whole projection
+            q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
+        q, k = q.reshape(batch, length, heads, hd), k.reshape(batch, length, kv, hd)
+        if cfg.qk_norm == "head":  # Qwen3, Gemma-3: per head, before RoPE
+            q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(batch, length, kv, hd)
         # Grouped-query attention without repeating K/V: query heads are [kv, groups].
         q = q.reshape(batch, length, kv, groups, hd)
         score_dtype = jnp.promote_types(self.dtype, jnp.float32)  # softmax in at least float32
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=score_dtype) / math.sqrt(hd)
+        scale = math.sqrt(cfg.query_pre_attn_scalar or hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=score_dtype) / scale
+        scores = _softcap(scores, cfg.attn_logit_softcapping)
         mask = allowed[:, None, None, :, :]
         scores = jnp.where(mask, scores, jnp.finfo(score_dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         # HF SDPA semantics: a query with no visible key (left padding) attends to nothing.
         probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_attention_heads * hd)
-        return self.dense(cfg.hidden_size, "o_proj")(out)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads * hd)
+        return self.dense(cfg.hidden_size, "o_proj", "self_attn")(out)
 
 
 class MLP(_Block):
     @nn.compact
     def __call__(self, x):
-        gate = self.dense(self.cfg.intermediate_size, "gate_proj")(x)
-        up = self.dense(self.cfg.intermediate_size, "up_proj")(x)
-        return self.dense(self.cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        gate = self.dense(self.cfg.intermediate_size, "gate_proj", "mlp")(x)
+        up = self.dense(self.cfg.intermediate_size, "up_proj", "mlp")(x)
+        act = nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.dense(self.cfg.hidden_size, "down_proj", "mlp")(act * up)
 
 
 class DecoderLayer(_Block):
+    """One layer; where its norms sit is the family's (cfg.layer_norms):
+    pre (Llama): h + attn(norm(h)), then h + mlp(norm(h));
+    sandwich (Gemma-2/3): h + post_norm(attn(norm(h))), then h + post_norm(mlp(pre_norm(h)));
+    post (OLMo-2): h + post_norm(attn(h)), then h + post_norm(mlp(h))."""
+
     @nn.compact
     def __call__(self, h, cos, sin, allowed):
-        norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        h = h + Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")(
-            norm("input_layernorm")(h), cos, sin, allowed)
-        return h + MLP(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="mlp")(norm("post_attention_layernorm")(h))
+        kind = self.cfg.layer_norms
+        attn = Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")
+        mlp = MLP(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="mlp")
+        if kind == "pre":
+            h = h + attn(self.norm("input_layernorm")(h), cos, sin, allowed)
+            return h + mlp(self.norm("post_attention_layernorm")(h))
+        x = h if kind == "post" else self.norm("input_layernorm")(h)
+        h = h + self.norm("post_attention_layernorm")(attn(x, cos, sin, allowed))
+        x = h if kind == "post" else self.norm("pre_feedforward_layernorm")(h)
+        return h + self.norm("post_feedforward_layernorm")(mlp(x))
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack of every family (the name is historical: Llama was the first)."""
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -155,25 +216,34 @@ class LlamaModel(nn.Module):
                                      param_dtype=self.param_dtype, embedding_init=nn.initializers.normal(0.02))
         self.layers = [DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.dot_block, name=f"layers_{i}")
                        for i in range(self.cfg.num_hidden_layers)]
-        self.norm = RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype)
+        self.norm = RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, self.cfg.norm_offset,
+                            self.cfg.norm_weight_first)
+
+    def embed(self, input_ids):
+        h = self.embed_tokens(input_ids)
+        if self.cfg.scale_embeddings:  # Gemma: x sqrt(hidden), the scale rounded to the compute dtype
+            h = h * jnp.asarray(self.cfg.hidden_size ** 0.5, jnp.float32).astype(h.dtype)
+        return h
 
     def run_layers(self, h, attention_mask, positions, start: int, end: int, allowed=None):
         """Layers start..end (inclusive) applied to the residual stream h: [B, T, D]. Attention is causal
-        over the attention_mask's tokens, or follows `allowed` [B, T(query), T(key)] when given."""
+        over the attention_mask's tokens, or follows `allowed` [B, T(query), T(key)] when given; sliding
+        layers further limit each query to keys fewer than the window positions before it."""
         length = h.shape[1]
-        if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
-            raise ValueError(f"sequence length {length} exceeds the model's sliding window "
-                             f"{self.cfg.sliding_window}; use a max length <= {self.cfg.sliding_window}")
-        rope_dtype = jnp.promote_types(self.dtype, jnp.float32)  # as HF: angles in at least float32
-        freqs = positions.astype(rope_dtype)[..., None] * rope_inv_freq(self.cfg, rope_dtype)
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
         if allowed is None:
             causal = jnp.tril(jnp.ones((length, length), dtype=bool))
             allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
+        kinds = {self.cfg.layer_type(i) for i in range(start, end + 1)}
+        masks = {"full": allowed}
+        if "sliding" in kinds:
+            distance = positions[:, :, None] - positions[:, None, :]
+            masks["sliding"] = allowed & (distance < self.cfg.sliding_window)
+        tables = {kind: rope_tables(self.cfg.rope_of(kind), self.cfg.head_dim, positions, self.dtype)
+                  for kind in kinds}
         ablate = self.has_variable("ablation", "directions")  # --mode=attack's direction ablation
         for index in range(start, end + 1):
-            h = self.layers[index](h, cos, sin, allowed)
+            kind = self.cfg.layer_type(index)
+            h = self.layers[index](h, *tables[kind], masks[kind])
             if ablate:  # h <- h - Q Q^T h with layer index's orthonormal Q [D, k] (zero: unchanged)
                 q = self.get_variable("ablation", "directions")[index].astype(h.dtype)
                 h = h - (h @ q) @ q.T
@@ -181,7 +251,7 @@ class LlamaModel(nn.Module):
 
     def __call__(self, input_ids, attention_mask, positions, upto: int | None = None, allowed=None):
         last = self.cfg.num_hidden_layers - 1 if upto is None else upto
-        h = self.run_layers(self.embed_tokens(input_ids), attention_mask, positions, 0, last, allowed)
+        h = self.run_layers(self.embed(input_ids), attention_mask, positions, 0, last, allowed)
         return h if upto is not None else self.norm(h)
 
 
@@ -206,8 +276,10 @@ class LlamaForCausalLM(nn.Module):
 
     def _head(self, h):
         if self.cfg.tie_word_embeddings:
-            return self.model.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            logits = self.model.embed_tokens.attend(h).astype(jnp.float32)
+        else:
+            logits = self.lm_head(h).astype(jnp.float32)
+        return _softcap(logits, self.cfg.final_logit_softcapping)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
         """Logits [B, T, V] in float32."""

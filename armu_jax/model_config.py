@@ -1,4 +1,10 @@
-"""The model's shape, read from (and written back to) a Hugging Face config.json."""
+"""The model's shape and features, read from a Hugging Face config.json (families.py says how per family).
+
+One decoder (model.py) serves every supported family; what differs between Llama, Qwen, Gemma, Phi-3
+and OLMo-2 is a handful of feature fields here: biases, q/k norms, where the norms sit, the norm's
+weight offset, embedding scale, attention scale and soft-caps, the activation, sliding-window layers
+and RoPE per layer type, and how the checkpoint stores fused projections.
+"""
 from __future__ import annotations
 
 import json
@@ -7,8 +13,21 @@ from pathlib import Path
 
 from armu_jax.errors import UserError
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+@dataclass(frozen=True)
+class Rope:
+    """One layer type's rotary embedding, as transformers computes it.
+
+    type: default, linear, llama3 or longrope. scaling: linear (factor,); llama3 (factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings); longrope (short_factor tuple, long_factor tuple,
+    original_max_position_embeddings). attention_factor multiplies cos and sin (longrope's; 1 otherwise).
+    fraction: the leading fraction of each head that is rotated (Phi-3's partial_rotary_factor).
+    """
+    theta: float = 10000.0
+    type: str = "default"
+    scaling: tuple = ()
+    attention_factor: float = 1.0
+    fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,51 +45,48 @@ class ModelConfig:
     rope_type: str = "default"
     # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings); unused by "default".
     rope_scaling: tuple = ()
+    # Window of the sliding-attention layers (a query sees itself and the window - 1 tokens before it).
     sliding_window: int | None = None
+    family: str = "llama"
+    # Per layer: "full" or "sliding" (empty: every layer full).
+    layer_types: tuple = ()
+    # RoPE of the full-attention layers, and of the sliding ones where it differs (Gemma-3's local base).
+    rope: Rope = Rope()
+    rope_local: Rope | None = None
+    # Projections with a bias, e.g. ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") for Qwen2.
+    biases: tuple = ()
+    qk_norm: str = "none"  # none; head: RMSNorm over head_dim before RoPE (Qwen3, Gemma-3); full: over the projection (OLMo-2)
+    norm_offset: float = 0.0  # the norm scales by (offset + weight): Gemma's 1 + w
+    norm_weight_first: bool = False  # weight * x in float32, then cast (Gemma, OLMo-2); else cast, then weight * x
+    layer_norms: str = "pre"  # pre: Llama; sandwich: Gemma-2/3's four norms; post: OLMo-2's post-norms only
+    scale_embeddings: bool = False  # embeddings x sqrt(hidden) (Gemma)
+    query_pre_attn_scalar: float | None = None  # scores / sqrt(this) (Gemma); default head_dim
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    activation: str = "silu"  # silu or gelu_tanh
+    fused_qkv: bool = False  # the checkpoint stores self_attn.qkv_proj (Phi-3)
+    fused_gate_up: bool = False  # the checkpoint stores mlp.gate_up_proj (Phi-3)
+
+    def layer_type(self, index: int) -> str:
+        return self.layer_types[index] if self.layer_types else "full"
+
+    def rope_of(self, layer_type: str) -> Rope:
+        return self.rope_local if layer_type == "sliding" and self.rope_local is not None else self.rope
 
     @classmethod
     def from_hf_dict(cls, hf: dict) -> "ModelConfig":
-        if "auto_map" in hf:
-            raise UserError("config.json has auto_map (remote code); armu_jax never runs remote code. "
-                            f"Supported: {', '.join(SUPPORTED_ARCHITECTURES)} with the standard config")
-        archs = hf.get("architectures") or [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-                                             .get(hf.get("model_type"), str(hf.get("model_type")))]
-        if archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise UserError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-                            "(Llama-2/3, Mistral/Zephyr, SmolLM2)")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise UserError("attention_bias/mlp_bias models are not supported (Llama and Mistral use none)")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UserError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        scaling = ()
-        if rope_type == "linear":
-            scaling = (float(rope["factor"]),)
-        elif rope_type == "llama3":
-            scaling = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-                       float(rope["original_max_position_embeddings"]))
-        heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rope_type=rope_type,
-            rope_scaling=scaling,
-            sliding_window=hf.get("sliding_window") if archs[0] == "MistralForCausalLM" else None,
-        )
+        from armu_jax.families import model_config_fields
+        return cls(**model_config_fields(hf))
 
     @classmethod
     def from_dir(cls, path: Path) -> "ModelConfig":
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")
-        return cls.from_hf_dict(json.loads(config_file.read_text()))
+        try:
+            hf = json.loads(config_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{config_file} is not valid JSON ({err}); restore the model's config.json") from None
+        if not isinstance(hf, dict):
+            raise UserError(f"{config_file} does not hold a JSON object; restore the model's config.json")
+        return cls.from_hf_dict(hf)

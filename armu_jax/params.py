@@ -16,7 +16,7 @@ import jax
 from armu_jax.errors import UserError
 
 Path = tuple[str, ...]
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _FIXED = {"model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), False),
           "model.norm.weight": (("model", "norm", "weight"), False),
           "lm_head.weight": (("lm_head", "kernel"), True)}
@@ -49,17 +49,20 @@ def unflatten(flat: dict[Path, object]) -> dict:
 # ----------------------------------------------------------------------------- HF names
 
 def hf_key_to_path(key: str) -> tuple[Path, bool]:
-    """HF key -> (Flax param path, whether to transpose)."""
+    """HF key -> (Flax param path, whether to transpose). Norm weights and biases are stored as they
+    are, linear weights transposed."""
     if key in _FIXED:
         return _FIXED[key]
     match = _LAYER_KEY.fullmatch(key)
     if match:
-        layer, rest = match.groups()
+        layer, rest, kind = match.groups()
         parts = rest.split(".")
-        if parts[-1].endswith("layernorm"):
+        if kind == "bias":
+            return ("model", f"layers_{layer}", *parts, "bias"), False
+        if parts[-1].endswith("norm"):
             return ("model", f"layers_{layer}", *parts, "weight"), False
         return ("model", f"layers_{layer}", *parts, "kernel"), True
-    raise UserError(f"unexpected tensor {key!r} in the checkpoint; not a Llama/Mistral parameter")
+    raise UserError(f"unexpected tensor {key!r} in the checkpoint; not a parameter of a supported decoder")
 
 
 def path_to_hf_key(path: Path) -> tuple[str, bool]:
@@ -67,19 +70,8 @@ def path_to_hf_key(path: Path) -> tuple[str, bool]:
         if path == fixed:
             return key, transpose
     layer = path[1].removeprefix("layers_")
-    return f"model.layers.{layer}.{'.'.join(path[2:-1])}.weight", path[-1] == "kernel"
-
-
-def expected_paths(num_layers: int, tied: bool) -> list[Path]:
-    paths = [("model", "embed_tokens", "embedding"), ("model", "norm", "weight")]
-    for i in range(num_layers):
-        base = ("model", f"layers_{i}")
-        paths += [base + (n, "weight") for n in ("input_layernorm", "post_attention_layernorm")]
-        paths += [base + ("self_attn", p, "kernel") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        paths += [base + ("mlp", p, "kernel") for p in ("gate_proj", "up_proj", "down_proj")]
-    if not tied:
-        paths.append(("lm_head", "kernel"))
-    return paths
+    suffix = "bias" if path[-1] == "bias" else "weight"
+    return f"model.layers.{layer}.{'.'.join(path[2:-1])}.{suffix}", path[-1] == "kernel"
 
 
 def layer_of(path: Path) -> int | None:
@@ -90,15 +82,19 @@ def layer_of(path: Path) -> int | None:
 # ----------------------------------------------------------------------------- trainable leaves
 
 def trainable_names(params: dict, layers, names) -> list[str]:
-    """The names of the trainable leaves, e.g. mlp.down_proj of each updated layer."""
+    """The names of the trainable leaves, e.g. mlp.down_proj of each updated layer: a projection names
+    its kernel, a norm (post_feedforward_layernorm, self_attn.q_norm) its weight, and `X.bias` a bias."""
     present = {name_of(p) for p in flatten(params)}
     wanted = []
     for layer in layers:
         for name in names:
-            full = f"model/layers_{layer}/{name.replace('.', '/')}/kernel"
+            parts = name.split(".")
+            leaf = [] if parts[-1] in ("kernel", "weight", "bias") else ["weight" if parts[-1].endswith("norm")
+                                                                          else "kernel"]
+            full = "/".join(["model", f"layers_{layer}", *parts, *leaf])
             if full not in present:
-                raise UserError(f"--update_params: the model has no parameter {full} "
-                                "(use names like mlp.down_proj, mlp.up_proj, self_attn.o_proj)")
+                raise UserError(f"--update_params: the model has no parameter {full} (use names like mlp.down_proj, "
+                                "mlp.up_proj, self_attn.o_proj, post_feedforward_layernorm, self_attn.q_proj.bias)")
             wanted.append(full)
     return wanted
 

@@ -26,7 +26,8 @@ PARAM_RULES = (
     (r"model/embed_tokens/embedding", 0),  # (vocab, hidden)
     (r"lm_head/kernel", 1),  # (hidden, vocab)
     (r"model/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel", 0),  # (in, out)
-    (r".*(layernorm|norm)/weight", None),
+    (r"model/layers_\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/bias", None),  # (out,): small
+    (r".*(layernorm|norm)/weight", None),  # includes self_attn/q_norm, k_norm
 )
 
 
