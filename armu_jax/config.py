@@ -38,7 +38,10 @@ class RunConfig:
     model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
     update_layer_ids: tuple = setting("ints", None, "Layers whose parameters are updated (default l-2,l-1,l).")
-    update_params: tuple = setting("list", ["mlp.down_proj"], "Parameter names updated in those layers.")
+    update_params: tuple = setting("list", ["default"], "Parameter names updated in those layers: projections "
+                                   "(mlp.down_proj), norms (post_feedforward_layernorm) or biases (self_attn.q_proj.bias); "
+                                   "default: the family's (mlp.down_proj; Gemma-2/3 and OLMo-2 add "
+                                   "post_feedforward_layernorm, which re-normalises down_proj's output).")
     forget_corpora: tuple = setting("list", ["demo:bio", "demo:cyber"], "One forget corpus per topic.")
     retain_corpora: tuple = setting("list", ["demo:retain", "demo:retain"],
                                     "One retain corpus per topic (one value: all).")
@@ -283,9 +286,3 @@ def validate(cfg: RunConfig, model_cfg=None) -> None:
     layers = model_cfg.num_hidden_layers
     if cfg.layer_id >= layers:
         raise UserError(f"--layer_id={cfg.layer_id} is outside the model's {layers} layers (valid: 0..{layers - 1})")
-    window = model_cfg.sliding_window
-    longest = -(-max(*cfg.forget_max_len, cfg.retain_max_len) // cfg.pad_multiple) * cfg.pad_multiple
-    if window is not None and longest > window:
-        raise UserError(f"sequences of up to {longest} tokens (--forget_max_len/--retain_max_len padded to "
-                        f"--pad_multiple={cfg.pad_multiple}) exceed the model's sliding window of {window}, "
-                        f"which armu_jax does not implement; use lengths <= {window}")

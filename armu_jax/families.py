@@ -216,5 +216,8 @@ def _rope(rope: dict, hf: dict, head_dim: int) -> Rope:
     return Rope(theta, kind, scaling, float(attention_factor), fraction)
 
 
-def default_update_params(family_name: str) -> tuple:
-    return next(f.default_update_params for f in FAMILIES.values() if f.name == family_name)
+def update_params_for(names, model_cfg) -> tuple:
+    """--update_params as given, or the family's default for ("default",)."""
+    if tuple(names) != ("default",):
+        return tuple(names)
+    return next(f.default_update_params for f in FAMILIES.values() if f.name == model_cfg.family)

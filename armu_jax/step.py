@@ -19,6 +19,7 @@ import optax
 from armu_jax import sharding
 from armu_jax.hf_io import parse_dtype
 from armu_jax.model import LlamaForCausalLM
+from armu_jax.families import update_params_for
 from armu_jax.model_config import ModelConfig
 from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss, without_first_token
 from armu_jax.optimizer import make_optimizer
@@ -188,7 +189,7 @@ def build_step(cfg, model_cfg: ModelConfig, frozen, mesh: jax.sharding.Mesh,
         return cache[key].with_settings(cfg, control_vectors)
     dtype = parse_dtype(cfg.dtype)
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    names = tuple(trainable_names(frozen, cfg.update_layer_ids, cfg.update_params))
+    names = tuple(trainable_names(frozen, cfg.update_layer_ids, update_params_for(cfg.update_params, model_cfg)))
     optimizer = make_optimizer(cfg.optimizer, cfg.lr)
     init = lambda p: init_state(p, names, optimizer, cfg.n_topics)
     abstract_state = jax.eval_shape(init, frozen)

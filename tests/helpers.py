@@ -27,3 +27,54 @@ def tiny_hf_model(tmp: Path, arch: str = "llama", kv_heads: int = 2, tied: bool 
     out = tmp / f"{arch}-kv{kv_heads}-{'tied' if tied else 'untied'}"
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# One tiny random model per family beyond Llama/Mistral, each with the family's features switched on:
+# windows shorter than the test sequences, q/k/v biases, q/k norms, soft-caps, partial rotary, longrope.
+FAMILY_COMMON = dict(vocab_size=131, hidden_size=60, intermediate_size=97, num_hidden_layers=3, num_attention_heads=6,
+                     num_key_value_heads=2, head_dim=10, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                     max_position_embeddings=256)
+FAMILY_SETTINGS = {
+    "mistral": dict(sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+    "qwen3": dict(use_sliding_window=True, sliding_window=5, max_window_layers=2, tie_word_embeddings=True,
+                  num_key_value_heads=3),
+    "gemma2": dict(sliding_window=5, query_pre_attn_scalar=16, attn_logit_softcapping=1.5, final_logit_softcapping=0.5,
+                   num_key_value_heads=1),
+    "gemma3_text": dict(sliding_window=5, query_pre_attn_scalar=16, tie_word_embeddings=False,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 20000.0}}),
+    "phi3": dict(sliding_window=5, original_max_position_embeddings=8,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.6,
+                                  "short_factor": [1.0, 1.5, 2.0], "long_factor": [3.0, 5.0, 9.0],
+                                  "original_max_position_embeddings": 8}),
+    "olmo2": dict(rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=True),
+}
+
+
+def tiny_family_model(tmp: Path, family: str, seed: int = 0, vocab: int = 131, **overrides) -> Path:
+    """A tiny random transformers model of `family` (a model_type), norms and biases perturbed so that a
+    wrong placement shows; Gemma-2's q/k weights scaled so that its attention soft-cap binds."""
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(family, **{**FAMILY_COMMON, **FAMILY_SETTINGS[family],
+                                                          "vocab_size": vocab, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            if family == "gemma2" and (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")):
+                p.mul_(8.0)
+    out = tmp / f"{family}-{seed}-{vocab}"
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def with_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
+    """model_dir with the tokenizer files of tokenizer_dir (SmolLM2's: its vocabulary is 49152)."""
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, model_dir / name)
+    return model_dir

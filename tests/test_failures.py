@@ -145,16 +145,6 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path, smollm2_dir):
     assert steps == list(range(len(steps))) and (out / "checkpoints" / str(len(steps))).is_dir()
 
 
-def test_sequence_longer_than_the_sliding_window_is_refused_before_writing(tmp_path, smollm2_dir):
-    model = tiny_hf_model(tmp_path, "mistral", 2, layers=4, vocab=49152)  # sliding window 64
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, model / name)
-    out = tmp_path / "run"
-    settings = _settings(model, forget_max_len=[128], output_dir=str(out))
-    _one_error_line(_main(settings), 2, "exceed the model's sliding window of 64")
-    assert not out.exists()
-
-
 def test_corpus_files_follow_the_documented_rules(tmp_path, smollm2_dir):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nbroken \xff byte\n")
