@@ -32,8 +32,9 @@ class RunConfig:
                         "lm_eval: lm-eval's hf backend on --model; compile: ahead-of-time compile report of "
                         "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export; norms: "
                         "every layer's activation norm on the corpora (choosing c); sweep: layers x methods, each cell a run "
-                        "evaluated on --eval_tasks.",
-                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep"], True)
+                        "evaluated on --eval_tasks; parity: the Flax port against transformers on --model "
+                        "(logits, layers; exit 1 above the tolerance).",
+                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep", "parity"], True)
     method: str = setting("enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
     model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
     layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
@@ -126,6 +127,9 @@ class RunConfig:
     relearn_max_len: int = setting("int", 128, "Relearning and PCA: tokens per text.", restartable=True)
     attack_controls: bool = setting("bool", True, "Also relearn the original model (the controls).",
                                     restartable=True)
+    parity_texts: str = setting("str", None, "--mode=parity: texts to run (.txt one a line, or .jsonl with "
+                                "\"text\"); default: four built-in texts.", restartable=True)
+    parity_max_len: int = setting("int", 64, "--mode=parity: tokens per text (truncated).", restartable=True)
     profile_start_step: int = setting("int", -1, "Start an XLA profiler trace at this step (-1: off).",
                                       restartable=True)
     profile_num_steps: int = setting("int", 3, "Steps in the profiler trace.", restartable=True)

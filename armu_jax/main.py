@@ -34,6 +34,9 @@ def dispatch() -> None:
     elif cfg.mode == "attack":
         from armu_jax.attack import attack_cli
         attack_cli(cfg)
+    elif cfg.mode == "parity":
+        from armu_jax.parity import parity_cli
+        return parity_cli(cfg)
     elif cfg.mode == "lm_eval":
         from armu_jax.harness import lm_eval_cli
         lm_eval_cli(cfg)
