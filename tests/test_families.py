@@ -16,6 +16,7 @@ from armu_jax.hf_io import export_hf, load_hf
 from armu_jax.model import LlamaForCausalLM
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, unflatten
+from armu_jax.sharding import make_mesh, param_shardings
 from helpers import tiny_family_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,7 @@ def _switched_off(cfg, params, change):
 def test_family_logits_match_transformers_and_each_feature_matters(tmp_path, family):
     model_dir = tiny_family_model(tmp_path, family)
     cfg, params = load_hf(model_dir)
+    param_shardings(params, make_mesh("fsdp:2"))  # every parameter of the family has a sharding rule
     batches = _batches(cfg.vocab_size)
     want = _hf(model_dir, batches)
     drift = _max_diff([w for w, _ in _hf(model_dir, batches, perturb=True)], want, batches)
@@ -134,7 +136,6 @@ def test_families_export_back_and_transformers_reloads_them(tmp_path):
 
 def test_fused_rows_load_sharded_over_a_mesh(tmp_path):
     """Phi-3's qkv_proj/gate_up_proj blocks, read block by block onto 4 devices, equal the whole load."""
-    from armu_jax.sharding import make_mesh
     model_dir = tiny_family_model(tmp_path, "phi3", hidden_size=64, intermediate_size=96, head_dim=8,
                                   num_attention_heads=8, num_key_value_heads=4,
                                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
