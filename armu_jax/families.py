@@ -78,13 +78,16 @@ _MOE_MARKERS = ("moe", "mixtral", "expert")
 
 
 def family_of(hf: dict) -> tuple[str, Family]:
-    if "auto_map" in hf:
-        raise UserError("config.json has auto_map (remote code); armu_jax never runs remote code. "
-                        f"Supported: {SUPPORTED}")
+    """The family of a config.json. A supported architecture whose file also names remote code (auto_map,
+    as Phi-3.5's does on the hub) is read with armu_jax's own port, as transformers reads it without
+    trust_remote_code; any other auto_map is refused: armu_jax never runs remote code."""
     archs = hf.get("architectures") or [BY_MODEL_TYPE.get(hf.get("model_type"), str(hf.get("model_type")))]
     arch = archs[0]
-    if arch in FAMILIES:
+    if arch in FAMILIES and hf.get("model_type", FAMILIES[arch].model_type) == FAMILIES[arch].model_type:
         return arch, FAMILIES[arch]
+    if "auto_map" in hf:
+        raise UserError(f"config.json has auto_map (remote code) for {arch!r}; armu_jax never runs remote code. "
+                        f"Supported: {SUPPORTED}")
     if arch == "Gemma3ForConditionalGeneration":
         raise UserError("Gemma3ForConditionalGeneration (the multimodal 4B-27B checkpoints, language model under "
                         "language_model.*) is not supported; use a text-only Gemma3ForCausalLM checkpoint "
