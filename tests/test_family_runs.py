@@ -91,3 +91,41 @@ def test_native_answers_equal_lm_eval_on_gemma2(tmp_path, family_dirs):
         assert np.abs(lls_ours - lls_theirs).max() <= 2e-3
         assert [d["pred"] for d in ours["docs"]] == list(lls_theirs.argmax(1))
         assert ours["acc"] == results["results"][task.name]["acc,none"]
+
+
+def test_parity_mode_refuses_bad_input_before_writing(tmp_path, family_dirs):
+    from armu_jax.errors import UserError
+    model = str(family_dirs["qwen2"])
+    with pytest.raises(UserError, match="does not exist"):
+        parity_cli(config_with(mode="parity", model=model, parity_texts=str(tmp_path / "none.txt"),
+                               output_dir=str(tmp_path / "a")))
+    bad = tmp_path / "texts.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(UserError, match=r"texts.jsonl:2 is not a JSON object with a \"text\" field"):
+        parity_cli(config_with(mode="parity", model=model, parity_texts=str(bad), output_dir=str(tmp_path / "b")))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        parity_cli(config_with(mode="parity", model=model, output_dir=str(taken)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
+
+
+def test_unsupported_model_on_the_command_line_is_one_line_exit_2(tmp_path, family_dirs):
+    """A mixture-of-experts config.json given to a run: one error line, exit 2, no run directory."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    moe = tmp_path / "moe"
+    shutil.copytree(family_dirs["qwen3"], moe)
+    hf = json.loads((moe / "config.json").read_text())
+    hf.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=8)
+    (moe / "config.json").write_text(json.dumps(hf))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "armu_jax.main", f"--model={moe}", f"--output_dir={out}"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2 and lines[-1].startswith("error: ") and "mixture-of-experts" in lines[-1]
+    assert not any(line.startswith("Traceback") for line in lines) and not out.exists()
