@@ -79,7 +79,8 @@ class RunConfig:
     topology: str = setting("str", None, "--mode=compile: a TPU slice to compile for, e.g. v5e:2x4, v5e:4x4, "
                             "v4:2x2x1 (needs libtpu; default: this machine's devices).", restartable=True)
     xla_dump_dir: str = setting("str", None, "--mode=compile: dump the compiled HLO here.", restartable=True)
-    output_dir: str = setting("str", None, "Run directory (must be new or empty unless --resume/--overwrite).", True)
+    output_dir: str = setting("str", None, "Run directory (must be new or empty unless --resume/--overwrite).",
+                            restartable=True)
     checkpoint_every: int = setting("int", 50, "Checkpoint every N steps (0: only at the end).", restartable=True)
     keep_checkpoints: int = setting("int", 3, "Newest checkpoints kept.", restartable=True)
     resume: bool = setting("bool", False, "Continue the run in --output_dir from its last checkpoint.", restartable=True)
