@@ -33,8 +33,11 @@ def main() -> None:
     parser.add_argument("--out", default="compile_table.json")
     parser.add_argument("--families", action="store_true", help="the other families' rows")
     parser.add_argument("--topologies", default=None, help="comma-separated subset, e.g. v5e:2x4,cpu:1")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the rows' models")
     args = parser.parse_args()
     rows_wanted, topologies = (FAMILY_ROWS, FAMILY_TOPOLOGIES) if args.families else (ROWS, TOPOLOGIES)
+    if args.models:
+        rows_wanted = [r for r in rows_wanted if r[1] in args.models.split(",")]
     if args.topologies:
         topologies = [t for t in topologies if t[0] in args.topologies.split(",")]
     from armu_jax.compile_report import GIB, report
