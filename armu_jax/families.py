@@ -35,7 +35,7 @@ class Family:
     examples: str = ""
 
 
-_GEMMA = dict(norm_offset=1.0, norm_weight_first=True, scale_embeddings=True, activation="gelu_tanh")
+_GEMMA = dict(norm_offset=1.0, norm_weight_first=True, scale_embeddings=True)
 # Measured on tiny random models (bench/post_norm.py, README "Model families"): with the MLP output
 # re-normalised by post_feedforward_layernorm, updating down_proj alone cannot move the layer output
 # towards c*u; updating that norm's weight as well can.
@@ -122,7 +122,7 @@ def model_config_fields(hf: dict) -> dict:
         biases += ATTN
     if family.mlp_bias_key and hf.get("mlp_bias"):
         biases += MLP
-    features = {k: v for k, v in family.features.items() if k not in ("biases", "activation")}
+    features = {k: v for k, v in family.features.items() if k != "biases"}
     if family.name.startswith("gemma"):
         features.update(query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
                         attn_logit_softcapping=_optional_float(hf.get("attn_logit_softcapping")),
@@ -150,7 +150,9 @@ def _layer_types(hf: dict, family: Family, layers: int) -> tuple[tuple, int | No
         window = None
     if window is not None and (not isinstance(window, int) or window < 1):
         raise UserError(f"config.json: sliding_window is {window!r}; it must be a positive integer or null")
-    if "layer_types" in hf and hf["layer_types"] is not None:
+    if family.name in ("mistral", "phi3"):  # transformers reads only sliding_window there: every layer
+        types = ["sliding"] * layers
+    elif hf.get("layer_types") is not None:
         named = hf["layer_types"]
         unknown = sorted({t for t in named if t not in LAYER_TYPES})
         if unknown or len(named) != layers:
@@ -164,10 +166,10 @@ def _layer_types(hf: dict, family: Family, layers: int) -> tuple[tuple, int | No
     elif family.name == "gemma3":
         pattern = hf.get("sliding_window_pattern", 6)
         types = ["sliding" if (i + 1) % pattern else "full" for i in range(layers)]
-    else:  # Mistral, Phi-3: the window, where set, applies to every layer
-        types = ["sliding"] * layers
-    if family.name in ("mistral", "phi3") or window is None:  # transformers reads only sliding_window there
-        types = ["sliding" if window is not None else "full"] * layers
+    else:
+        types = ["full"] * layers
+    if window is None:
+        types = ["full"] * layers
     return (tuple(types) if "sliding" in types else ()), (window if "sliding" in types else None)
 
 

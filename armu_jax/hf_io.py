@@ -224,7 +224,7 @@ def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | 
     cfg = ModelConfig.from_dir(source_dir)
     files: dict[str, list] = {}
     unused = set(trained)
-    replaced: dict[str, list] = {}  # fused key -> [(rows, trained name)]
+    replaced: dict[str, list] = {}  # stored key -> [(rows or None, trained name, transpose)]
     order = {}  # stored key -> its file, in file order
     for stored, key, path, transpose, rows in _stored_params(source_dir, cfg):
         name = name_of(path)

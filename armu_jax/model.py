@@ -90,8 +90,7 @@ class RMSNorm(nn.Module):
         x32 = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.weight_first:
             return ((self.offset + weight.astype(jnp.float32)) * x32).astype(self.dtype)
-        scale = weight.astype(self.dtype) if not self.offset else (self.offset + weight).astype(self.dtype)
-        return scale * x32.astype(self.dtype)
+        return (self.offset + weight).astype(self.dtype) * x32.astype(self.dtype)
 
 
 def blocked_dot_general(block: int):
@@ -238,12 +237,13 @@ class LlamaModel(nn.Module):
         if "sliding" in kinds:
             distance = positions[:, :, None] - positions[:, None, :]
             masks["sliding"] = allowed & (distance < self.cfg.sliding_window)
-        tables = {kind: rope_tables(self.cfg.rope_of(kind), self.cfg.head_dim, positions, self.dtype)
-                  for kind in kinds}
+        # One (cos, sin) per distinct RoPE: Gemma-2's sliding and full layers share one, Gemma-3's do not.
+        tables = {rope: rope_tables(rope, self.cfg.head_dim, positions, self.dtype)
+                  for rope in {self.cfg.rope_of(kind) for kind in kinds}}
         ablate = self.has_variable("ablation", "directions")  # --mode=attack's direction ablation
         for index in range(start, end + 1):
             kind = self.cfg.layer_type(index)
-            h = self.layers[index](h, *tables[kind], masks[kind])
+            h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind])
             if ablate:  # h <- h - Q Q^T h with layer index's orthonormal Q [D, k] (zero: unchanged)
                 q = self.get_variable("ablation", "directions")[index].astype(h.dtype)
                 h = h - (h @ q) @ q.T
