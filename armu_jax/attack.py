@@ -20,9 +20,8 @@ original / unlearned / attacked accuracy and NLL and the recovered fraction of t
 """
 from __future__ import annotations
 
-import functools
-import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,14 +31,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from armu_jax import sharding
+from armu_jax import outputs, sharding
+from armu_jax.cache import ProcessCache
 from armu_jax.config import RunConfig, from_flagfile
-from armu_jax.data import load_tokenizer, read_corpus
+from armu_jax.data import read_corpus, tokenize
 from armu_jax.errors import UserError
-from armu_jax.hf_io import load_hf, parse_dtype
 from armu_jax.model import LlamaForCausalLM, abstract_params
 from armu_jax.model_config import ModelConfig
-from armu_jax.params import flatten, merge, name_of, take
+from armu_jax.params import merge, trainable_names
+from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
 
 ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain")
 RELEARN = {"relearn_forget": "forget", "relearn_retain": "retain"}
@@ -62,10 +62,13 @@ class AttackedRun:
         if not (self.dir / "control_vectors.npy").is_file():
             raise UserError(f"--run_dir {self.dir} has no control_vectors.npy; the ablation attacks need the run's "
                             "control vectors (a run written by armu_jax keeps them)")
+        from armu_jax.train import load_control_vectors
         self.cfg: RunConfig = from_flagfile(self.dir / "flags.txt")
         self.original = resolve_model(self.cfg.model)
         self.unlearned = self.dir / "hf"
-        self.vectors = np.load(self.dir / "control_vectors.npy", allow_pickle=False)
+        self.model_cfg = ModelConfig.from_dir(self.unlearned)
+        self.vectors = load_control_vectors(self.dir / "control_vectors.npy", self.cfg.n_topics,
+                                            self.model_cfg.hidden_size, what=f"--run_dir {self.dir}:")
 
     def texts_used(self, topic: int) -> int:
         """How many texts of each topic's corpora the run trained on (the reference's schedule)."""
@@ -104,9 +107,15 @@ def ablation_variables(params: dict, directions: np.ndarray, from_layer: int, nu
     return {**params, "ablation": {"model": {"directions": jnp.asarray(per_layer)}}}
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _hidden(model: LlamaForCausalLM, params, ids, mask, layer: int):
-    return model.apply(params, ids, mask, layer=layer, method=LlamaForCausalLM.hidden_upto)
+@partial(jax.jit, static_argnums=(0, 5))
+def _hidden(model: LlamaForCausalLM, params, ids, mask, positions, layer: int):
+    return model.apply(params, ids, mask, positions, layer=layer, method=LlamaForCausalLM.hidden_upto)
+
+
+def text_batch(tokenizer, texts: list[str], max_len: int, rows: int | None = None) -> dict:
+    """The texts as one right-padded batch of `rows` rows (data.tokenize, the one batcher): real tokens
+    at positions 0..n-1, as an unpadded forward sees them."""
+    return tokenize(tokenizer, texts, max_len, rows or len(texts), 1, "tokens", side="right")
 
 
 def layer_activations(model: LlamaForCausalLM, params: dict, tokenizer, texts: list[str], layer: int,
@@ -114,9 +123,9 @@ def layer_activations(model: LlamaForCausalLM, params: dict, tokenizer, texts: l
     """Layer-l residual-stream outputs on every real token of the texts: [tokens, D] float32."""
     rows = []
     for start in range(0, len(texts), batch_size):
-        ids, mask = _right_padded(tokenizer, texts[start:start + batch_size], max_len, batch_size)
-        h = np.asarray(_hidden(model, params, ids, mask, layer), np.float32)
-        rows.append(h[mask.astype(bool)])
+        b = text_batch(tokenizer, texts[start:start + batch_size], max_len, batch_size)
+        h = np.asarray(_hidden(model, params, b["input_ids"], b["attention_mask"], b["positions"], layer), np.float32)
+        rows.append(h[b["attention_mask"].astype(bool)])
     return np.concatenate(rows)
 
 
@@ -128,81 +137,63 @@ def principal_directions(unlearned: np.ndarray, original: np.ndarray, k: int) ->
 
 # ----------------------------------------------------------------------------- relearning
 
-def _right_padded(tokenizer, texts: list[str], max_len: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask [rows, L], texts right-padded with the pad (= eos) token, so real
-    tokens sit at positions 0..n-1 as in an unpadded forward; rows past the texts are empty."""
-    encoded = [tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"] for t in texts]
-    length = max(len(e) for e in encoded)
-    ids = np.full((rows, length), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    for r, e in enumerate(encoded):
-        ids[r, :len(e)], mask[r, :len(e)] = e, 1
-    return ids, mask
-
-
-def lm_loss(model: LlamaForCausalLM, params: dict, ids, mask):
-    """Mean next-token cross-entropy over real target tokens: transformers' loss with labels = ids
-    and pads set to -100."""
-    logits = model.apply(params, ids, mask)
+def lm_loss(model: LlamaForCausalLM, params: dict, batch: dict):
+    """Mean next-token cross-entropy over real (input, target) pairs: transformers' loss with labels =
+    ids and pads set to -100."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model.apply(params, ids, mask, batch["positions"])
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    weight = mask[:, 1:].astype(jnp.float32)
+    weight = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
     return jnp.sum(nll * weight) / jnp.sum(weight)
 
 
 def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...]) -> list[str]:
-    """The fine-tuned leaves: every parameter for `all`, else the named ones (mlp.down_proj, ...) of `layers`."""
-    every = [name_of(p) for p in flatten(params)]
-    if tuple(which) == ("all",):
-        return every
-    wanted = [f"model/layers_{l}/{w.replace('.', '/')}/kernel" for l in layers for w in which]
-    missing = [w for w in wanted if w not in every]
-    if missing:
-        raise UserError(f"--relearn_params: the model has no parameter {missing[0]}; use all, or names such as "
-                        "mlp.down_proj or self_attn.o_proj with --relearn_layers")
-    return wanted
+    """The fine-tuned leaves (--relearn_params in --relearn_layers; `all`: every parameter)."""
+    return trainable_names(params, layers, which, flag="--relearn_params")
 
 
-@functools.lru_cache(maxsize=4)
-def _relearn_program(model: LlamaForCausalLM, names: tuple[str, ...], mesh, lr: float, weight_decay: float):
-    """(optimizer, jitted step, params/state/batch shardings) for one model, parameter set and mesh:
-    built once, so later relearning runs (the controls, other corpora) reuse the compilation."""
-    optimizer = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-    abstract = abstract_params(model)
-    params_sh = sharding.param_shardings(abstract, mesh)
-    abstract_state = jax.eval_shape(lambda p: {"trainable": take(p, names), "opt_state": optimizer.init(take(p, names))},
-                                    abstract)
-    state_sh = sharding.state_shardings(abstract_state, mesh, names)
-    batch_sh = sharding.batch_sharding(mesh)
+@dataclass(frozen=True)
+class RelearnSpec:
+    """What a relearning program is compiled for (the process cache keys programs by it)."""
+    model: LlamaForCausalLM
+    names: tuple[str, ...]
+    mesh: jax.sharding.Mesh
+    lr: float
+    weight_decay: float
 
-    def step(state, params, batch):
-        loss, grads = jax.value_and_grad(lambda t: lm_loss(model, merge(params, t), batch["ids"], batch["mask"]))(
-            state["trainable"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        return {"trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state}, loss
-
-    jitted = jax.jit(step, in_shardings=(state_sh, params_sh, batch_sh),
-                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    return optimizer, jitted, params_sh, state_sh, batch_sh
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        """torch.optim.AdamW's update: decoupled weight decay, eps 1e-8."""
+        return optax.adamw(self.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=self.weight_decay)
 
 
-def relearn(model: LlamaForCausalLM, params: dict, names: list[str], ids: np.ndarray, mask: np.ndarray,
-            steps: int, lr: float, weight_decay: float, mesh=None) -> tuple[dict, list[float]]:
-    """`steps` AdamW steps (torch.optim.AdamW's update: decoupled decay, eps 1e-8) on one batch;
-    gradients and moments only for `names`, laid out like the unlearning step's. Returns the
-    fine-tuned params and the loss before each step."""
+def build_relearn_program(spec: RelearnSpec):
+    """The jitted relearning step (step.compile_trainer, as the unlearning step): state and moments only
+    for spec.names, laid out like the unlearning step's."""
+    optimizer = spec.optimizer
+    loss_fn = lambda trainable, state, params, batch: (lm_loss(spec.model, merge(params, trainable), batch), None)
+    init = lambda p: init_trainer_state(p, spec.names, optimizer)
+    return compile_trainer(trainer_step(loss_fn, optimizer), init, abstract_params(spec.model), spec.names,
+                           spec.mesh, sharding.batch_sharding(spec.mesh))
+
+
+def relearn(model: LlamaForCausalLM, params: dict, names: list[str], batch: dict, steps: int, lr: float,
+            weight_decay: float, mesh=None, cache: ProcessCache | None = None) -> tuple[dict, list[float]]:
+    """`steps` AdamW steps on one batch (text_batch) of the leaves `names`. Returns the fine-tuned params
+    and the loss before each step."""
     mesh = mesh or sharding.make_mesh("data:1")
-    rows = sharding.batch_rows(mesh, ids.shape[0])
-    optimizer, jitted, params_sh, state_sh, batch_sh = _relearn_program(model, tuple(names), mesh, lr, weight_decay)
-    params = jax.device_put(params, params_sh)
-    trainable = {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}  # donated below
-    state = jax.device_put({"trainable": trainable, "opt_state": optimizer.init(trainable)}, state_sh)
+    spec = RelearnSpec(model, tuple(names), mesh, lr, weight_decay)
+    program = (cache or ProcessCache()).relearn_program(spec)
+    params = jax.device_put(params, program.params_shardings)
+    state = program.init(params)
+    rows = sharding.batch_rows(mesh, batch["input_ids"].shape[0])
     pad = lambda a: np.concatenate([a, np.zeros((rows - a.shape[0], a.shape[1]), a.dtype)])
-    batch = sharding.place({"ids": pad(ids), "mask": pad(mask)}, batch_sh)
+    placed = sharding.place({k: pad(v) for k, v in batch.items()}, program.batch_shardings)
     losses = []
     with jax.set_mesh(mesh):
         for _ in tqdm(range(steps), desc="relearn", leave=False, unit="step"):
-            state, loss = jitted(state, params, batch)
+            state, loss = program.step(state, params, placed)
             losses.append(float(loss))
     return merge(params, state["trainable"]), losses
 
@@ -217,47 +208,37 @@ def recovered(original: float, unlearned: float, attacked: float, resolution: fl
 
 
 def _flat(results: dict) -> dict:
-    return {task: {k: r[k] for k in ("acc", "acc_norm", "nll", "n") if k in r} for task, r in results.items()}
-
-
-def check_attack_settings(cfg: RunConfig) -> None:
-    unknown = [a for a in cfg.attacks if a not in ATTACKS]
-    if unknown or not cfg.attacks:
-        raise UserError(f"--attacks: unknown attack {unknown[0] if unknown else '(none given)'}; "
-                        f"choose from {', '.join(ATTACKS)}")
-    if cfg.relearn_texts < 1 or cfg.relearn_steps < 0 or cfg.relearn_lr < 0 or cfg.ablate_k < 1:
-        raise UserError("--relearn_texts and --ablate_k must be >= 1, --relearn_steps and --relearn_lr >= 0")
+    return {task: {k: r[k] for k in ("acc", "acc_norm", "nll", "n", "role", "chance") if k in r}
+            for task, r in results.items()}
 
 
 def attack_texts(cfg: RunConfig, target: AttackedRun) -> dict:
     """The texts the attacks use ({"forget": [...], "retain": [...]}), drawn before anything runs."""
     corpora = {RELEARN[a] for a in cfg.attacks if a in RELEARN} | ({"forget"} if "ablate_pca" in cfg.attacks else set())
-    return {corpus: target.unused_texts(corpus, cfg.seed, cfg.relearn_texts) for corpus in sorted(corpora)}
+    return {corpus: target.unused_texts(corpus, cfg.attack_seed, cfg.relearn_texts) for corpus in sorted(corpora)}
 
 
 def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, nll_tokens: int = 128,
-                known: dict | None = None, scorer=None) -> tuple[dict, dict, dict]:
+                known: dict | None = None, cache: ProcessCache | None = None) -> tuple[dict, dict, dict]:
     """Evaluate the original and unlearned models (unless `known` has them), then each attack and
-    control, on one scorer (its params swapped; a caller's, or one made here on the original's
-    params). Returns (results, relearning losses, arrays)."""
-    from armu_jax.evaluate import evaluate_tasks, scorer_for
-    model_cfg = ModelConfig.from_dir(target.unlearned)
-    if target.vectors.shape[1] != model_cfg.hidden_size:
-        raise UserError(f"{target.dir / 'control_vectors.npy'} has vectors of size {target.vectors.shape[1]}, "
-                        f"the model's hidden size is {model_cfg.hidden_size}")
+    control, with one scorer (the cache's, for the original's shapes). Returns (results, relearning
+    losses, arrays)."""
+    from armu_jax.evaluate import EvalSpec, evaluate_tasks
+    from armu_jax.model import parse_dtype
+    cache = cache or ProcessCache()
+    model_cfg = target.model_cfg
     dtype = parse_dtype(cfg.dtype)
     mesh = sharding.make_mesh(cfg.mesh)
     model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    tokenizer = load_tokenizer(target.original)
+    tokenizer = cache.tokenizer(target.original)
     layer = target.cfg.layer_id
-    original = load_hf(target.original, dtype, mesh=mesh)[1]
-    unlearned = load_hf(target.unlearned, dtype, mesh=mesh)[1]
-    scorer = scorer or scorer_for(target.original, dtype, cfg.eval_batch_size, params=original, mesh=mesh)
+    original = cache.params(target.original, cfg.dtype, mesh)
+    unlearned = cache.params(target.unlearned, cfg.dtype, mesh)
+    scorer = cache.scorer(EvalSpec(str(target.original), cfg.dtype, cfg.eval_batch_size, mesh))
 
     def evaluate(name: str, variables: dict) -> dict:
-        scorer.params = variables
         print(f"evaluating: {name}")
-        return _flat(evaluate_tasks(scorer, tasks, nll_tokens=nll_tokens))
+        return _flat(evaluate_tasks(scorer, variables, tasks, nll_tokens=nll_tokens))
 
     results = dict(known or {})
     for name, variables in (("original", original), ("unlearned", unlearned)):
@@ -275,39 +256,37 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
             results[attack] = evaluate(attack, ablation_variables(unlearned, directions, layer,
                                                                   model_cfg.num_hidden_layers))
         else:
-            chosen = texts[RELEARN[attack]]
-            ids, mask = _right_padded(tokenizer, chosen, cfg.relearn_max_len, len(chosen))
+            batch = text_batch(tokenizer, texts[RELEARN[attack]], cfg.relearn_max_len)
             names = relearn_names(unlearned, cfg.relearn_params, cfg.relearn_layers or target.cfg.update_layer_ids)
             bases = [(attack, unlearned)] + ([(f"control: {attack} on original", original)] if cfg.attack_controls
                                              else [])
             for key, base in bases:
-                tuned, curve = relearn(model, base, names, ids, mask, cfg.relearn_steps, cfg.relearn_lr,
-                                       cfg.relearn_weight_decay, mesh)
+                tuned, curve = relearn(model, base, names, batch, cfg.relearn_steps, cfg.relearn_lr,
+                                       cfg.relearn_weight_decay, mesh, cache)
                 losses[key] = curve
                 results[key] = evaluate(key, tuned)
                 del tuned
     return results, losses, arrays
 
 
+PRODUCTS = ("attack.json", "attack.md", "attack.png")
+
+
 def attack_cli(cfg: RunConfig) -> None:
     """--mode=attack: every requested attack on the run's export (and the controls on the original
     model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
     from armu_jax.tasks import load_tasks
-    check_attack_settings(cfg)
     target = AttackedRun(cfg.run_dir)
-    out = Path(cfg.output_dir) if cfg.output_dir else target.dir / "attack"
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output_dir {out} exists and is not empty; choose a new directory")
-    tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
+    out = outputs.claim(cfg.output_dir or target.dir / "attack")
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
     texts = attack_texts(cfg, target)
     began = time.time()
     results, losses, arrays = run_attacks(cfg, target, tasks, texts, cfg.eval_nll_tokens)
     report = make_report(cfg, target, results, losses, texts, time.time() - began)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attack.json").write_text(json.dumps(report, indent=2))
+    outputs.write_json(out / "attack.json", report)
     for name, array in arrays.items():
-        np.save(out / f"{name}.npy", array)
-    (out / "attack.md").write_text(format_report(report) + "\n")
+        outputs.write_npy(out / f"{name}.npy", array)
+    outputs.write_text(out / "attack.md", format_report(report) + "\n")
     plot_report(out / "attack.png", report)
     print(format_report(report))
     print(f"wrote {out / 'attack.json'}, {out / 'attack.md'}, {out / 'attack.png'}")
@@ -330,7 +309,7 @@ def recovery(results: dict) -> dict:
 
 def make_report(cfg: RunConfig, target: AttackedRun, results: dict, losses: dict, texts: dict, seconds: float) -> dict:
     settings = {k: getattr(cfg, k) for k in ("attacks", "ablate_k", "relearn_texts", "relearn_steps", "relearn_lr",
-                                              "relearn_weight_decay", "relearn_params", "relearn_max_len", "seed",
+                                              "relearn_weight_decay", "relearn_params", "relearn_max_len", "attack_seed",
                                               "eval_tasks", "eval_limit", "dtype", "attack_controls")}
     settings["relearn_layers"] = list(cfg.relearn_layers or target.cfg.update_layer_ids)
     return {"run_dir": str(target.dir), "original_model": str(target.original), "unlearned_model": str(target.unlearned),
@@ -376,14 +355,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(path: Path, report: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_report(path: Path, report: dict) -> list[dict]:
+    """Accuracy and held-out NLL per task, a bar per model (original, unlearned, each attack and
+    control), with the tasks' chance level; returns what is drawn."""
     results = report["results"]
     names = list(results)
     tasks = list(results["original"])
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
+    fig, axes = outputs.figure(1, 2, figsize=(15, 4.8))
     width = 0.85 / len(names)
     for k, name in enumerate(names):
         xs = [i + k * width for i in range(len(tasks))]
@@ -392,9 +370,10 @@ def plot_report(path: Path, report: dict) -> None:
     for ax, title in ((axes[0], "accuracy (%)"), (axes[1], "held-out NLL per token")):
         ax.set_xticks([i + 0.425 - width / 2 for i in range(len(tasks))], tasks)
         ax.set_title(f"{report['method']}: {title}")
-    axes[0].axhline(25, color="gray", linestyle="--", linewidth=1, label="chance (4 choices)")
+    chances = [results["original"][t]["chance"] for t in tasks if "chance" in results["original"][t]]
+    if chances:
+        chance = 100 * float(np.mean(chances))
+        axes[0].axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.0f}%)")
     axes[0].set_ylim(0, 100)
     axes[0].legend(fontsize=7, ncol=2, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return outputs.save_figure(fig, path)

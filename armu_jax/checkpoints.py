@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the train state, restored onto the same shardings."""
+"""Orbax checkpoints of the train state, restored onto the same shardings.
+
+A save or close that fails (full disk, unwritable directory) is a RunFailure naming the last good
+checkpoint, which stays intact.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,20 +10,34 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from armu_jax.errors import RunFailure
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
 
 class Checkpointer:
     def __init__(self, directory: Path, keep: int):
-        # Synchronous: a save that fails (full disk, unwritable directory) raises at that step, so the
-        # run knows exactly which checkpoint is the last good one. The state saved is only the
-        # trainable leaves and their optimizer moments, small next to the model.
+        # Synchronous: a save that fails raises at that step, so the run knows exactly which checkpoint
+        # is the last good one. The state saved is only the trainable leaves and their optimizer
+        # moments, small next to the model.
+        self.directory = Path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        self.saved: int | None = None  # the step of the last good checkpoint (this run's or the resumed one)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+        except Exception as err:  # orbax wraps the OSError of a full or unwritable disk in several types
+            kept = f"the checkpoint of step {self.saved} is intact" if self.saved is not None else "no earlier checkpoint"
+            raise RunFailure(f"checkpoint of step {step} could not be written to {self.directory}: "
+                             f"{first_line(err)}; {kept}") from None
+        self.saved = step
 
     def restore(self, state_like, shardings):
         """The latest state, restored as arrays with the given shardings."""
@@ -27,8 +45,13 @@ class Checkpointer:
                                         state_like, shardings)
         step = self.manager.latest_step()
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        self.saved = step
         return restored["state"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as err:  # an asynchronous save that failed surfaces here
+            raise RunFailure(f"checkpoint could not be finished in {self.directory}: {first_line(err)}; "
+                             "earlier checkpoints are intact") from None

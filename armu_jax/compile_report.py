@@ -8,7 +8,6 @@ XLA's memory analysis gives the bytes per device, its cost analysis the FLOPs of
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +15,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from armu_jax import sharding
+from armu_jax import outputs, sharding
 from armu_jax.config import RunConfig, validate
 from armu_jax.embedded import resolve_model
 from armu_jax.errors import UserError
-from armu_jax.hf_io import parse_dtype
-from armu_jax.model import LlamaForCausalLM, abstract_params
+from armu_jax.model import abstract_params
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import truncate
-from armu_jax.step import build_step
+from armu_jax.step import StepSpec, build_step
 
 GIB = 1024 ** 3
 
@@ -65,12 +63,10 @@ def executable_flops(compiled) -> float:
 def abstract_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None):
     """(CompiledStep, frozen abstract params of layers 0..l) of cfg's step on its mesh over `devices`:
     built by step.build_step from shapes alone, nothing allocated."""
-    dtype = parse_dtype(cfg.dtype)
-    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    frozen = truncate(abstract_params(model), cfg.layer_id)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    spec = StepSpec.of(cfg, model_cfg, sharding.make_mesh(cfg.mesh, devices))
+    frozen = truncate(abstract_params(spec.model), cfg.layer_id)
     vectors = np.ones((cfg.n_topics, model_cfg.hidden_size), np.float32) / np.sqrt(model_cfg.hidden_size)
-    return build_step(cfg, model_cfg, frozen, mesh, vectors), frozen
+    return build_step(spec, frozen).with_settings(cfg, vectors), frozen
 
 
 def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir: str | None = None):
@@ -116,24 +112,19 @@ def format_report(rep: dict) -> str:
     fits = {True: "yes", False: "NO", None: "-"}[rep["fits"]]
     peak = f"{1e3 * rep['seconds_at_peak']:.1f}" if rep["seconds_at_peak"] is not None else "-"
     mesh = ",".join(f"{k}:{v}" for k, v in rep["mesh"].items())
-    return "\n".join([
-        "| topology | mesh | GiB/device (args + temps) | HBM GiB | fits | TFLOP/step | ms at peak |",
-        "|---|---|---|---|---|---|---|",
-        f"| {rep['topology']} | {mesh} | {per['total'] / GIB:.2f} ({per['arguments'] / GIB:.2f} + "
-        f"{per['temporaries'] / GIB:.2f}) | {hbm} | {fits} | {rep['flops_per_step'] / 1e12:.2f} | {peak} |"])
+    return outputs.markdown_table(
+        ["topology", "mesh", "GiB/device (args + temps)", "HBM GiB", "fits", "TFLOP/step", "ms at peak"],
+        [[rep["topology"], mesh, f"{per['total'] / GIB:.2f} ({per['arguments'] / GIB:.2f} + "
+          f"{per['temporaries'] / GIB:.2f})", hbm, fits, f"{rep['flops_per_step'] / 1e12:.2f}", peak]])
 
 
 def compile_cli(cfg: RunConfig) -> dict:
     """--mode=compile: print the table and write <output_dir>/compile.json (never overwritten)."""
     model_cfg = ModelConfig.from_dir(resolve_model(cfg.model))
     validate(cfg, model_cfg)
-    target = Path(cfg.output_dir) / "compile.json" if cfg.output_dir else None
-    if target is not None and target.exists():
-        raise UserError(f"{target} exists; choose a new --output_dir")
+    out = outputs.claim(cfg.output_dir, ("compile.json",)) if cfg.output_dir else None
     rep = report(cfg, model_cfg)
     print(format_report(rep))
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(rep, indent=2))
-        print(f"wrote {target}")
+    if out is not None:
+        print(f"wrote {outputs.write_json(out / 'compile.json', rep)}")
     return rep

@@ -8,6 +8,7 @@ flagfile with `from_flagfile(path, **overrides)` or start from the defaults with
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,124 +19,147 @@ from armu_jax.errors import UserError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def setting(kind: str, default, help: str, choices=None, restartable: bool = False):
-    """A RunConfig field. kind: bool, int, float, str, enum, list (strings), ints, floats, topic_floats or
-    topic_ints (one value per forget topic, or one for all). restartable: may differ on --resume
-    (output, logging, evaluation), every other setting must match the run's flags.txt."""
-    return field(metadata={"kind": kind, "default": default, "help": help, "choices": choices,
-                           "restartable": restartable})
+# The groups, in the order of --help and docs/flags.md. "training" is what an unlearning run is: --resume
+# compares it with the run's flags.txt; every other group may change between a run and its resumption.
+GROUPS = {
+    "mode": "What to do.",
+    "training": "The unlearning run: method, model, data, optimisation (--resume requires the same).",
+    "hosts": "Several processes (TPU pod workers, SLURM tasks, or started by hand).",
+    "output": "The run directory, checkpoints, export, logging and profiling.",
+    "evaluation": "The native evaluator and lm-eval (--mode=eval, lm_eval, sweep, attack, --eval_every).",
+    "compile": "--mode=compile: the ahead-of-time compile report.",
+    "sweep": "--mode=sweep: layers x methods x settings, each cell a run.",
+    "norms": "--mode=norms: every layer's activation norm on the corpora.",
+    "attack": "--mode=attack: ablation and relearning attacks on a run's export.",
+    "parity": "--mode=parity: the Flax port against transformers.",
+}
+
+
+def setting(group: str, kind: str, default, help: str, choices=None, bound: str | None = None):
+    """A RunConfig field. group: one of GROUPS. kind: bool, int, float, str, enum, list (strings), ints,
+    floats, topic_floats or topic_ints (one value per forget topic, or one for all). bound: ">=N" or
+    ">N", checked for the value (every value of a list) before anything runs."""
+    assert group in GROUPS, group
+    return field(metadata={"group": group, "kind": kind, "default": default, "help": help, "choices": choices,
+                           "bound": bound})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    mode: str = setting("enum", "train", "train: unlearn; eval: native JAX evaluation of --model; "
+    # -- mode
+    mode: str = setting("mode", "enum", "train", "train: unlearn; eval: native JAX evaluation of --model; "
                         "lm_eval: lm-eval's hf backend on --model; compile: ahead-of-time compile report of "
                         "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export; norms: "
                         "every layer's activation norm on the corpora (choosing c); sweep: layers x methods, each cell a run "
                         "evaluated on --eval_tasks; parity: the Flax port against transformers on --model "
                         "(logits, layers; exit 1 above the tolerance).",
-                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep", "parity"], True)
-    method: str = setting("enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
-    model: str = setting("str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
-    layer_id: int = setting("int", 7, "Unlearn layer l: its residual-stream output is steered.")
-    update_layer_ids: tuple = setting("ints", None, "Layers whose parameters are updated (default l-2,l-1,l).")
-    update_params: tuple = setting("list", ["default"], "Parameter names updated in those layers: projections "
+                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep", "parity"])
+    # -- training
+    method: str = setting("training", "enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
+    model: str = setting("training", "str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
+    layer_id: int = setting("training", "int", 7, "Unlearn layer l: its residual-stream output is steered.", bound=">=0")
+    update_layer_ids: tuple = setting("training", "ints", None, "Layers whose parameters are updated (default l-2,l-1,l).", bound=">=0")
+    update_params: tuple = setting("training", "list", ["default"], "Parameter names updated in those layers: projections "
                                    "(mlp.down_proj), norms (post_feedforward_layernorm) or biases (self_attn.q_proj.bias); "
                                    "default: the family's (mlp.down_proj; Gemma-2/3 and OLMo-2 add "
                                    "post_feedforward_layernorm, which re-normalises down_proj's output).")
-    forget_corpora: tuple = setting("list", ["demo:bio", "demo:cyber"], "One forget corpus per topic.")
-    retain_corpora: tuple = setting("list", ["demo:retain", "demo:retain"],
+    forget_corpora: tuple = setting("training", "list", ["demo:bio", "demo:cyber"], "One forget corpus per topic.")
+    retain_corpora: tuple = setting("training", "list", ["demo:retain", "demo:retain"],
                                     "One retain corpus per topic (one value: all).")
-    alpha: tuple = setting("topic_floats", ["1200"], "Retain weight per topic (one value: all).")
-    steering_coeffs: tuple = setting("topic_floats", ["6.5"], "RMU steering coefficient c per topic (one value: all).")
-    beta: float = setting("float", 5.0, "Adaptive RMU scale: coeff = beta * ||h_l^frozen||.")
-    adaptive_coeff: str = setting("enum", "first_batch", "per_batch: paper (frozen norm of every forget batch); "
+    alpha: tuple = setting("training", "topic_floats", ["1200"], "Retain weight per topic (one value: all).", bound=">=0")
+    steering_coeffs: tuple = setting("training", "topic_floats", ["6.5"], "RMU steering coefficient c per topic (one value: all).", bound=">=0")
+    beta: float = setting("training", "float", 5.0, "Adaptive RMU scale: coeff = beta * ||h_l^frozen||.", bound=">0")
+    adaptive_coeff: str = setting("training", "enum", "first_batch", "per_batch: paper (frozen norm of every forget batch); "
                                   "first_batch: public code.", ["per_batch", "first_batch"])
-    norm_skip_first: bool = setting("bool", False, "Exclude each row's first real token (the attention sink) "
+    norm_skip_first: bool = setting("training", "bool", False, "Exclude each row's first real token (the attention sink) "
                                     "from the adaptive norm.")
-    lr: float = setting("float", 5e-5, "Learning rate.")
-    batch_size: int = setting("int", 4, "Texts per forget/retain batch.")
-    max_num_batches: int = setting("int", 150, "Number of update steps (capped by the data).")
-    forget_max_len: tuple = setting("topic_ints", ["512", "768"], "Max tokens per forget topic (one value: all).")
-    retain_max_len: int = setting("int", 512, "Max tokens of retain texts.")
-    min_len: int = setting("int", 0, "Keep texts with more than this many characters.")
-    pad_multiple: int = setting("int", 128, "Pad batches to a multiple of this length (one compile per shape).")
-    seed: int = setting("int", 42, "Seed of the control vectors.")
-    loss_mask: str = setting("enum", "none", "none: reference (pads in the MSE); tokens: real tokens only; "
+    lr: float = setting("training", "float", 5e-5, "Learning rate.", bound=">0")
+    batch_size: int = setting("training", "int", 4, "Texts per forget/retain batch.", bound=">=1")
+    max_num_batches: int = setting("training", "int", 150, "Number of update steps (capped by the data).", bound=">=1")
+    forget_max_len: tuple = setting("training", "topic_ints", ["512", "768"], "Max tokens per forget topic (one value: all).", bound=">=1")
+    retain_max_len: int = setting("training", "int", 512, "Max tokens of retain texts.", bound=">=1")
+    min_len: int = setting("training", "int", 0, "Keep texts with more than this many characters.", bound=">=0")
+    pad_multiple: int = setting("training", "int", 128, "Pad batches to a multiple of this length (one compile per shape).", bound=">=1")
+    seed: int = setting("training", "int", 42, "Seed of the control vectors.", bound=">=0")
+    loss_mask: str = setting("training", "enum", "none", "none: reference (pads in the MSE); tokens: real tokens only; "
                              "tokens_after_first: real tokens except each row's first (the attention sink).",
                              ["none", "tokens", "tokens_after_first"])
-    optimizer: str = setting("enum", "hf_adamw", "hf_adamw: reference arithmetic.", ["hf_adamw", "adamw"])
-    dtype: str = setting("enum", "float32", "Parameter and compute dtype (training and evaluation).",
+    optimizer: str = setting("training", "enum", "hf_adamw", "hf_adamw: reference arithmetic.", ["hf_adamw", "adamw"])
+    dtype: str = setting("training", "enum", "float32", "Parameter and compute dtype (training and evaluation).",
                          ["float32", "bfloat16"])
-    export_dtype: str = setting("enum", None, "dtype of the HF export (default: --dtype).", DTYPE_NAMES, True)
-    mesh: str = setting("str", "data:1", "Device mesh, e.g. data:1, fsdp:-1, data:2,fsdp:4.")
-    multihost: bool = setting("bool", False, "Several processes (TPU pod workers, SLURM tasks): "
-                              "jax.distributed.initialize() finds the others from the environment.", restartable=True)
-    coordinator_address: str = setting("str", None, "Several processes started by hand: HOST:PORT of process 0 "
-                                       "(with --num_processes and --process_id).", restartable=True)
-    num_processes: int = setting("int", None, "Several processes started by hand: how many.", restartable=True)
-    process_id: int = setting("int", None, "Several processes started by hand: this one's index, 0..N-1.",
-                              restartable=True)
-    topology: str = setting("str", None, "--mode=compile: a TPU slice to compile for, e.g. v5e:2x4, v5e:4x4, "
-                            "v4:2x2x1 (needs libtpu; default: this machine's devices).", restartable=True)
-    xla_dump_dir: str = setting("str", None, "--mode=compile: dump the compiled HLO here.", restartable=True)
-    output_dir: str = setting("str", None, "Run directory (must be new or empty unless --resume/--overwrite).",
-                            restartable=True)
-    checkpoint_every: int = setting("int", 50, "Checkpoint every N steps (0: only at the end).", restartable=True)
-    keep_checkpoints: int = setting("int", 3, "Newest checkpoints kept.", restartable=True)
-    resume: bool = setting("bool", False, "Continue the run in --output_dir from its last checkpoint.", restartable=True)
-    allow_flag_changes: bool = setting("bool", False, "With --resume: continue although settings differ from "
-                                       "the run's flags.txt.", restartable=True)
-    overwrite: bool = setting("bool", False, "Delete a non-empty --output_dir and start afresh.", restartable=True)
-    control_vectors: str = setting("str", None, ".npy [n_topics, hidden] of unit rows, used instead of drawing.")
-    log_every: int = setting("int", 1, "Print/log metrics every N steps.", restartable=True)
-    eval_every: int = setting("int", 0, "Evaluate --eval_tasks every N steps during a run (0: never).",
-                              restartable=True)
-    eval_tasks: tuple = setting("list", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], wmdp_bio:FILE, "
+    mesh: str = setting("training", "str", "data:1", "Device mesh, e.g. data:1, fsdp:-1, data:2,fsdp:4.")
+    control_vectors: str = setting("training", "str", None, ".npy [n_topics, hidden] of unit rows, used instead of drawing.")
+    # -- hosts
+    multihost: bool = setting("hosts", "bool", False, "Several processes (TPU pod workers, SLURM tasks): "
+                              "jax.distributed.initialize() finds the others from the environment.")
+    coordinator_address: str = setting("hosts", "str", None, "Several processes started by hand: HOST:PORT of process 0 "
+                                       "(with --num_processes and --process_id).")
+    num_processes: int = setting("hosts", "int", None, "Several processes started by hand: how many.", bound=">=1")
+    process_id: int = setting("hosts", "int", None, "Several processes started by hand: this one's index, 0..N-1.", bound=">=0")
+    # -- output
+    export_dtype: str = setting("output", "enum", None, "dtype of the HF export (default: --dtype).", DTYPE_NAMES)
+    output_dir: str = setting("output", "str", None, "Run directory (must be new or empty unless --resume/--overwrite).")
+    checkpoint_every: int = setting("output", "int", 50, "Checkpoint every N steps (0: only at the end).", bound=">=0")
+    keep_checkpoints: int = setting("output", "int", 3, "Newest checkpoints kept.", bound=">=1")
+    resume: bool = setting("output", "bool", False, "Continue the run in --output_dir from its last checkpoint.")
+    allow_flag_changes: bool = setting("output", "bool", False, "With --resume: continue although settings differ from "
+                                       "the run's flags.txt.")
+    overwrite: bool = setting("output", "bool", False, "Delete a non-empty --output_dir and start afresh.")
+    log_every: int = setting("output", "int", 1, "Print/log metrics every N steps.", bound=">=1")
+    export: bool = setting("output", "bool", True, "Write the final HF export to <output_dir>/hf.")
+    profile_start_step: int = setting("output", "int", -1, "Start an XLA profiler trace at this step (-1: off).", bound=">=-1")
+    profile_num_steps: int = setting("output", "int", 3, "Steps in the profiler trace.", bound=">=1")
+    profile_compile: bool = setting("output", "bool", False, "Let the trace include the run's first step (its compilation); "
+                                    "by default a window starting there begins one step later.")
+    # -- evaluation
+    eval_every: int = setting("evaluation", "int", 0, "Evaluate --eval_tasks every N steps during a run (0: never).", bound=">=0")
+    eval_tasks: tuple = setting("evaluation", "list", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], wmdp_bio:FILE, "
                                 "wmdp_cyber:FILE, FILE.jsonl (WMDP format); with --mode=lm_eval also lm-eval "
-                                "task names.", restartable=True)
-    eval_limit: int = setting("int", 0, "Items per evaluation task (0: all).", restartable=True)
-    eval_batch_size: int = setting("int", 16, "Sequences per evaluation batch.", restartable=True)
-    export: bool = setting("bool", True, "Write the final HF export to <output_dir>/hf.", restartable=True)
-    eval_nll_tokens: int = setting("int", 128, "Held-out NLL over each text's first N tokens.", restartable=True)
-    sweep_layers: str = setting("str", None, "--mode=sweep: unlearn layers, START:STOP:STEP (Python range, "
+                                "task names.")
+    eval_limit: int = setting("evaluation", "int", 0, "Items per evaluation task (0: all).", bound=">=0")
+    eval_batch_size: int = setting("evaluation", "int", 16, "Sequences per evaluation batch.", bound=">=1")
+    eval_nll_tokens: int = setting("evaluation", "int", 128, "Held-out NLL over each text's first N tokens.", bound=">=2")
+    # -- compile
+    topology: str = setting("compile", "str", None, "--mode=compile: a TPU slice to compile for, e.g. v5e:2x4, v5e:4x4, "
+                            "v4:2x2x1 (needs libtpu; default: this machine's devices).")
+    xla_dump_dir: str = setting("compile", "str", None, "--mode=compile: dump the compiled HLO here.")
+    # -- sweep
+    sweep_layers: str = setting("sweep", "str", None, "--mode=sweep: unlearn layers, START:STOP:STEP (Python range, "
                                 "STOP excluded) or a list 3,7,11 (default: --layer_id). The updated layers keep "
-                                "their offsets from --layer_id (default l-2, l-1, l).", restartable=True)
-    sweep_methods: tuple = setting("list", ["rmu", "adaptive_rmu"], "--mode=sweep: methods.", restartable=True)
-    sweep_steering_coeffs: tuple = setting("floats", None, "--mode=sweep: RMU's c values, each for every topic "
-                                           "(default: --steering_coeffs).", restartable=True)
-    sweep_betas: tuple = setting("floats", None, "--mode=sweep: Adaptive RMU's beta values (default: --beta).",
-                                 restartable=True)
-    sweep_alphas: tuple = setting("list", None, "--mode=sweep: alpha values, each for every topic or one per "
-                                  "topic joined by / (1800/300) (default: --alpha).", restartable=True)
-    norms_texts: int = setting("int", 64, "--mode=norms: texts of each corpus.", restartable=True)
-    run_dir: str = setting("str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
-                           "hf/).", restartable=True)
-    attacks: tuple = setting("list", ["ablate_u", "ablate_pca", "relearn_forget", "relearn_retain"],
-                             "--mode=attack: ablate_u, ablate_pca, relearn_forget, relearn_retain.", restartable=True)
-    ablate_k: int = setting("int", 4, "ablate_pca: principal directions of (unlearned - original) layer-l "
-                            "activations on forget texts projected out.", restartable=True)
-    relearn_texts: int = setting("int", 10, "Relearning and PCA: texts (K) the run did not train on, drawn with --seed.",
-                                 restartable=True)
-    relearn_steps: int = setting("int", 5, "Relearning: AdamW steps (S), each over all K texts.", restartable=True)
-    relearn_lr: float = setting("float", 1e-5, "Relearning: learning rate.", restartable=True)
-    relearn_weight_decay: float = setting("float", 0.01, "Relearning: AdamW's decoupled weight decay.",
-                                          restartable=True)
-    relearn_params: tuple = setting("list", ["all"], "Relearning: all (every parameter), or names such as "
-                                    "mlp.down_proj in --relearn_layers.", restartable=True)
-    relearn_layers: tuple = setting("ints", None, "Relearning: layers of --relearn_params (default: the run's "
-                                    "updated layers).", restartable=True)
-    relearn_max_len: int = setting("int", 128, "Relearning and PCA: tokens per text.", restartable=True)
-    attack_controls: bool = setting("bool", True, "Also relearn the original model (the controls).",
-                                    restartable=True)
-    parity_texts: str = setting("str", None, "--mode=parity: texts to run (.txt one a line, or .jsonl with "
-                                "\"text\"); default: four built-in texts.", restartable=True)
-    parity_max_len: int = setting("int", 64, "--mode=parity: tokens per text (truncated).", restartable=True)
-    profile_start_step: int = setting("int", -1, "Start an XLA profiler trace at this step (-1: off).",
-                                      restartable=True)
-    profile_num_steps: int = setting("int", 3, "Steps in the profiler trace.", restartable=True)
-    profile_compile: bool = setting("bool", False, "Let the trace include the run's first step (its compilation); "
-                                    "by default a window starting there begins one step later.", restartable=True)
+                                "their offsets from --layer_id (default l-2, l-1, l).")
+    sweep_methods: tuple = setting("sweep", "list", ["rmu", "adaptive_rmu"], "--mode=sweep: methods.")
+    sweep_steering_coeffs: tuple = setting("sweep", "floats", None, "--mode=sweep: RMU's c values, each for every topic "
+                                           "(default: --steering_coeffs).", bound=">=0")
+    sweep_betas: tuple = setting("sweep", "floats", None, "--mode=sweep: Adaptive RMU's beta values (default: --beta).", bound=">0")
+    sweep_alphas: tuple = setting("sweep", "list", None, "--mode=sweep: alpha values, each for every topic or one per "
+                                  "topic joined by / (1800/300) (default: --alpha).")
+    # -- norms
+    norms_texts: int = setting("norms", "int", 64, "--mode=norms: texts of each corpus.", bound=">=1")
+    norms_batch_size: int = setting("norms", "int", 16, "--mode=norms: texts per forward batch.", bound=">=1")
+    # -- attack
+    run_dir: str = setting("attack", "str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
+                           "hf/).")
+    attacks: tuple = setting("attack", "list", ["ablate_u", "ablate_pca", "relearn_forget", "relearn_retain"],
+                             "--mode=attack: ablate_u, ablate_pca, relearn_forget, relearn_retain.")
+    ablate_k: int = setting("attack", "int", 4, "ablate_pca: principal directions of (unlearned - original) layer-l "
+                            "activations on forget texts projected out.", bound=">=1")
+    relearn_texts: int = setting("attack", "int", 10, "Relearning and PCA: texts (K) the run did not train on, drawn "
+                                 "with --attack_seed.", bound=">=1")
+    relearn_steps: int = setting("attack", "int", 5, "Relearning: AdamW steps (S), each over all K texts.", bound=">=0")
+    relearn_lr: float = setting("attack", "float", 1e-5, "Relearning: learning rate.", bound=">=0")
+    relearn_weight_decay: float = setting("attack", "float", 0.01, "Relearning: AdamW's decoupled weight decay.", bound=">=0")
+    relearn_params: tuple = setting("attack", "list", ["all"], "Relearning: all (every parameter), or names such as "
+                                    "mlp.down_proj in --relearn_layers.")
+    relearn_layers: tuple = setting("attack", "ints", None, "Relearning: layers of --relearn_params (default: the run's "
+                                    "updated layers).", bound=">=0")
+    relearn_max_len: int = setting("attack", "int", 128, "Relearning and PCA: tokens per text.", bound=">=2")
+    attack_seed: int = setting("attack", "int", 42, "--mode=attack: seed of the draw of the unused texts "
+                               "(relearning and PCA).", bound=">=0")
+    attack_controls: bool = setting("attack", "bool", True, "Also relearn the original model (the controls).")
+    # -- parity
+    parity_texts: str = setting("parity", "str", None, "--mode=parity: texts to run (.txt one a line, or .jsonl with "
+                                "\"text\"); default: four built-in texts.")
+    parity_max_len: int = setting("parity", "int", 64, "--mode=parity: tokens per text (truncated).", bound=">=1")
 
     @property
     def n_topics(self) -> int:
@@ -257,37 +281,123 @@ def flagfile_text(cfg: RunConfig) -> str:
 
 
 def differences(saved: RunConfig, now: RunConfig) -> list[str]:
-    """Settings (other than output, logging and evaluation) in which `now` differs from `saved`."""
+    """The training settings in which `now` differs from `saved` (what --resume refuses)."""
     return [f"--{name}: run has {getattr(saved, name)!r}, now {getattr(now, name)!r}"
             for name, meta in SETTINGS.items()
-            if not meta["restartable"] and getattr(saved, name) != getattr(now, name)]
+            if meta["group"] == "training" and getattr(saved, name) != getattr(now, name)]
+
+
+def _bound_error(name: str, value, bound: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"--{name}={value}: must be a finite number"
+    strict = not bound.startswith(">=")
+    limit = bound.lstrip(">=")
+    ok = value > float(limit) if strict else value >= float(limit)
+    return None if ok else f"--{name}={value}: must be {'>' if strict else 'at least'} {limit}"
+
+
+def check_bounds(cfg: RunConfig) -> None:
+    """Every numeric setting against its bound (and finite): one line naming the first that is not."""
+    for name, meta in SETTINGS.items():
+        value = getattr(cfg, name)
+        if value is None or meta["kind"] in ("bool", "str", "enum", "list"):
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            error = _bound_error(name, v, meta["bound"]) if meta["bound"] else (
+                f"--{name}={v}: must be a finite number" if isinstance(v, float) and not math.isfinite(v) else None)
+            if error:
+                raise UserError(error)
+
+
+def check_training(cfg: RunConfig) -> None:
+    if cfg.update_layer_ids and max(cfg.update_layer_ids) > cfg.layer_id:
+        raise UserError(f"--update_layer_ids={','.join(map(str, cfg.update_layer_ids))} include layers above "
+                        f"--layer_id={cfg.layer_id}; updated layers must be at or below the unlearn layer")
+    if not cfg.update_layer_ids:
+        raise UserError("--update_layer_ids is empty; name at least one layer at or below --layer_id")
+
+
+def check_output(cfg: RunConfig) -> None:
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+
+
+def check_attack(cfg: RunConfig) -> None:
+    from armu_jax.attack import ATTACKS
+    unknown = [a for a in cfg.attacks if a not in ATTACKS]
+    if unknown or not cfg.attacks:
+        raise UserError(f"--attacks: unknown attack {unknown[0] if unknown else '(none given)'}; "
+                        f"choose from {', '.join(ATTACKS)}")
+
+
+def check_sweep(cfg: RunConfig) -> None:
+    bad = [m for m in cfg.sweep_methods if m not in ("rmu", "adaptive_rmu")]
+    if bad or not cfg.sweep_methods:
+        raise UserError(f"--sweep_methods={','.join(cfg.sweep_methods)}: choose from rmu, adaptive_rmu")
+
+
+# Each group's checks beyond the bounds (which stand beside each setting); run on every RunConfig.
+CHECKS = {"training": check_training, "output": check_output, "attack": check_attack,
+          "sweep": check_sweep}
 
 
 def validate(cfg: RunConfig, model_cfg=None) -> None:
     """Checks on the config alone, and with the model's ModelConfig those that need the model."""
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size={cfg.batch_size}: must be at least 1")
-    if cfg.method == "adaptive_rmu" and cfg.beta <= 0:
-        raise UserError(f"--beta={cfg.beta}: must be > 0 (the paper uses 2, 3, 5 or 10)")
-    if cfg.max_num_batches < 1:
-        raise UserError(f"--max_num_batches={cfg.max_num_batches}: must be at least 1")
-    if cfg.pad_multiple < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 0:
-        raise UserError("--pad_multiple and --log_every must be >= 1, --checkpoint_every >= 0")
-    if cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.eval_batch_size < 1 or cfg.eval_nll_tokens < 2:
-        raise UserError("--eval_every and --eval_limit must be >= 0, --eval_batch_size >= 1, --eval_nll_tokens >= 2")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr={cfg.lr}: must be > 0")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-    if any(a < 0 for a in cfg.alpha):
-        raise UserError("--alpha values must be >= 0")
-    if any(l < 0 for l in cfg.update_layer_ids) or cfg.layer_id < 0:
-        raise UserError(f"--layer_id={cfg.layer_id} / --update_layer_ids must be >= 0")
-    if max(cfg.update_layer_ids) > cfg.layer_id:
-        raise UserError(f"--update_layer_ids={','.join(map(str, cfg.update_layer_ids))} include layers above "
-                        f"--layer_id={cfg.layer_id}; updated layers must be at or below the unlearn layer")
+    check_bounds(cfg)
+    for check in CHECKS.values():
+        check(cfg)
     if model_cfg is None:
         return
     layers = model_cfg.num_hidden_layers
     if cfg.layer_id >= layers:
         raise UserError(f"--layer_id={cfg.layer_id} is outside the model's {layers} layers (valid: 0..{layers - 1})")
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def _default_text(meta: dict) -> str:
+    value = meta["default"]
+    if value is None:
+        return "(none)"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def help_text() -> str:
+    """`python -m armu_jax.main --help`: the tool's settings by group (absl's own: --helpfull)."""
+    lines = ["python -m armu_jax.main [--flagfile=FILE] [--SETTING=VALUE ...]", "",
+             "Settings by group (docs/flags.md has the same reference; --helpfull adds absl's own flags)."]
+    for group, about in GROUPS.items():
+        lines += ["", f"{group}: {about}"]
+        for name, meta in SETTINGS.items():
+            if meta["group"] != group:
+                continue
+            extra = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+            bound = f" Must be {meta['bound']}." if meta["bound"] else ""
+            lines.append(f"  --{name} (default: {_default_text(meta)})")
+            lines.append(f"      {meta['help']}{extra}{bound}")
+    return "\n".join(lines) + "\n"
+
+
+def flags_reference() -> str:
+    """docs/flags.md, generated from the settings (a test fails when the file is stale)."""
+    lines = ["# Flag reference", "",
+             "Generated from `armu_jax/config.py` by `python -m armu_jax.config > docs/flags.md`; do not edit by hand.",
+             "Every setting is a flag of `python -m armu_jax.main` and a line of a flagfile (`--flagfile=FILE`).",
+             "`python -m armu_jax.main --help` prints the same by group.", ""]
+    for group, about in GROUPS.items():
+        lines += [f"## {group}", "", about, "", "| flag | default | help |", "|---|---|---|"]
+        for name, meta in SETTINGS.items():
+            if meta["group"] != group:
+                continue
+            extra = f" One of: {', '.join(f'`{c}`' for c in meta['choices'])}." if meta["choices"] else ""
+            bound = f" Must be {meta['bound']}." if meta["bound"] else ""
+            text = (meta["help"] + extra + bound).replace("|", "\\|")
+            lines.append(f"| `--{name}` | `{_default_text(meta)}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(flags_reference(), end="")

@@ -128,14 +128,28 @@ class Batch:
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int, batch_size: int, pad_multiple: int,
-             loss_mask: str) -> dict:
-    """Reference tokenization, then padded to [batch_size, L] with L a multiple of pad_multiple."""
+             loss_mask: str, side: str = "left") -> dict:
+    """The one batcher: reference tokenization (special tokens, right truncation at max_len), padded to
+    [batch_size, L] with L a multiple of pad_multiple. side "left": the reference's left padding
+    (the unlearning step, the norm profile); "right": real tokens first (relearning, PCA), so row r
+    holds what an unpadded forward of text r would. Positions count real tokens from 0 either way."""
+    if max_len < 1:
+        raise UserError(f"a maximum length of {max_len} tokens: must be at least 1")
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     rows, window = ids.shape
     length = -(-window // pad_multiple) * pad_multiple
     out_ids = np.full((batch_size, length), tokenizer.pad_token_id, dtype=np.int32)
     out_mask = np.zeros((batch_size, length), dtype=np.int32)
+    if side == "right":
+        for r in range(rows):
+            real = ids[r][mask[r] == 1]
+            out_ids[r, :len(real)], out_mask[r, :len(real)] = real, 1
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
+        if loss_mask != "tokens":
+            raise ValueError("right padding is for real tokens only (loss_mask='tokens')")
+        return {"input_ids": out_ids, "attention_mask": out_mask, "positions": np.array(positions),
+                "weight": out_mask.astype(np.float32)}
     out_ids[:rows, length - window:] = ids
     out_mask[:rows, length - window:] = mask
     positions = np.broadcast_to(np.arange(length, dtype=np.int32) - (length - window), (batch_size, length))
@@ -147,6 +161,27 @@ def tokenize(tokenizer, texts: list[str], max_len: int, batch_size: int, pad_mul
         weight = np.zeros((batch_size, length), dtype=np.float32)
         weight[:rows, length - window:] = 1.0
     return {"input_ids": out_ids, "attention_mask": out_mask, "positions": np.array(positions), "weight": weight}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the unlearning batches are tokenized for, built once from the settings (DataSpec.of):
+    UnlearningData.from_spec reads only this, and the process cache keys the batches by it."""
+    model_dir: str  # its tokenizer
+    forget_corpora: tuple[str, ...]
+    retain_corpora: tuple[str, ...]
+    min_len: int
+    batch_size: int
+    forget_max_len: tuple[int, ...]
+    retain_max_len: int
+    pad_multiple: int
+    loss_mask: str
+    rows: int  # rows of a device batch (>= batch_size, see sharding.batch_rows)
+
+    @classmethod
+    def of(cls, cfg, model_dir: Path, rows: int) -> "DataSpec":
+        return cls(str(model_dir), tuple(cfg.forget_corpora), tuple(cfg.retain_corpora), cfg.min_len, cfg.batch_size,
+                   tuple(cfg.forget_max_len), cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows)
 
 
 class UnlearningData:
@@ -164,6 +199,13 @@ class UnlearningData:
         self.pad_multiple = pad_multiple
         self.loss_mask = loss_mask
         self._batches: dict[int, Batch] = {}  # tokenized once (a sweep's cells reuse them)
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec, tokenizer, corpus=read_corpus) -> "UnlearningData":
+        """The batches of spec; corpus(spec, min_len) reads a corpus (the process cache passes its own)."""
+        return cls(tokenizer, [corpus(c, spec.min_len) for c in spec.forget_corpora],
+                   [corpus(c, spec.min_len) for c in spec.retain_corpora], spec.batch_size, list(spec.forget_max_len),
+                   spec.retain_max_len, spec.pad_multiple, spec.loss_mask, rows=spec.rows)
 
     @property
     def n_topics(self) -> int:
@@ -186,7 +228,14 @@ class UnlearningData:
 def load_tokenizer(model_dir: Path):
     """The model's tokenizer set up as the reference: pad = eos, left padding."""
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # transformers raises many types for a missing or damaged tokenizer
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{model_dir}: its tokenizer cannot be loaded ({type(err).__name__}: {line}); the model "
+                        "directory needs tokenizer.json or the tokenizer files of its family") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"{model_dir}: the tokenizer has no eos token, which armu_jax pads with (as the reference)")
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "right"

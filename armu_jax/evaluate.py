@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import sharding
+from armu_jax import outputs, sharding
 from armu_jax.errors import UserError
-from armu_jax.hf_io import parse_dtype
 from armu_jax.model import LlamaForCausalLM
 from armu_jax.params import merge
 from armu_jax.tasks import Task, load_tasks
@@ -89,16 +88,18 @@ def _pack(items: list[_Item], pack_tokens: int, window: int = 64) -> list[tuple[
 
 
 class Scorer:
-    """Batched, jitted log-likelihoods of token sequences on one model.
+    """Batched, jitted log-likelihoods of token sequences on one model's shapes; the params scored are
+    an argument of every method, so one Scorer (and its compiled shapes) serves every model of those
+    shapes (the original, an export, a sweep cell, an attacked model).
 
     Requests with the same context are one sequence: the context once, each continuation behind it
     (shared prefix), and several such sequences are packed into rows of about pack_tokens tokens
     (pack_tokens=0: one request per row, no sharing, lm-eval's layout).
     """
 
-    def __init__(self, model: LlamaForCausalLM, params, tokenizer, batch_size: int = 16, max_length: int = 2048,
+    def __init__(self, model: LlamaForCausalLM, tokenizer, batch_size: int = 16, max_length: int = 2048,
                  mesh=None, pack_tokens: int = 256):
-        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.mesh = mesh
         # On a mesh the rows of a batch are split over data x fsdp (params are laid out by the caller).
         self.batch_size = sharding.batch_rows(mesh, batch_size) if mesh is not None else batch_size
@@ -131,8 +132,12 @@ class Scorer:
                             f"{self.max_length}-token context")
         return tuple(whole[:-len(continuation)]), tuple(continuation)
 
+    def place(self, params):
+        """params laid out for this scorer: on its mesh by the sharding table (a no-op when they are)."""
+        return params if self.mesh is None else jax.device_put(params, sharding.param_shardings(params, self.mesh))
+
     # -- scoring
-    def _score(self, items: list[_Item], desc: str) -> list[list[np.ndarray]]:
+    def _score(self, params, items: list[_Item], desc: str) -> list[list[np.ndarray]]:
         """Per item, per branch: the log-probability of each of its tokens."""
         by_size: dict[int, list[list[int]]] = {}  # rows of one length batch together
         for size, members in _pack(items, self.pack_tokens):
@@ -185,12 +190,12 @@ class Scorer:
             arrays = (ids, positions, segment, branch, at, targets)
             if self.rows is not None:
                 arrays = sharding.place(arrays, (self.rows,) * 6)
-            logp = np.asarray(_scored_logprobs(self.model, self.params, *arrays), np.float64)
+            logp = np.asarray(_scored_logprobs(self.model, params, *arrays), np.float64)
             for r, entry, i, b, n in where:
                 out[i][b] = logp[r, entry:entry + n]
         return out
 
-    def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
+    def loglikelihoods(self, params, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
         """Summed log-probability of each continuation given its context, as lm-eval's loglikelihood."""
         items: list[_Item] = []
         index: dict[tuple, int] = {}  # prefix -> item (packing: shared; else one item per request)
@@ -205,12 +210,12 @@ class Scorer:
             if cont not in item.branches:
                 item.branches.append(cont)
             slots.append((index[key], item.branches.index(cont)))
-        scores = self._score(items, desc)
+        scores = self._score(params, items, desc)
         return np.array([float(scores[i][b].sum()) for i, b in slots], np.float64)
 
-    def multiple_choice(self, task: Task) -> dict:
-        """acc (and acc_norm) of a task, with each doc's log-likelihoods and predictions."""
-        ll = self.loglikelihoods(task.requests(), desc=task.name)
+    def multiple_choice(self, params, task: Task) -> dict:
+        """acc (and acc_norm) of a task under params, with each doc's log-likelihoods and predictions."""
+        ll = self.loglikelihoods(params, task.requests(), desc=task.name)
         acc = acc_norm = 0
         cursor = 0
         preds = []
@@ -224,32 +229,31 @@ class Scorer:
             acc_norm += pred_norm == doc["answer"]
             preds.append({"pred": pred, "pred_norm": pred_norm, "loglikelihoods": scores.tolist()})
         n = len(task.docs)
-        result = {"acc": acc / n, "n": n, "docs": preds}
+        result = {"acc": acc / n, "n": n, "role": task.role, "chance": task.chance, "docs": preds}
         if "acc_norm" in task.metrics:
             result["acc_norm"] = acc_norm / n
         return result
 
-    def nll_per_token(self, texts: list[str], max_tokens: int = 128, desc: str = "nll") -> float:
+    def nll_per_token(self, params, texts: list[str], max_tokens: int = 128, desc: str = "nll") -> float:
         """Mean negative log-likelihood per predicted token of the texts (each cut to max_tokens)."""
         encoded = [self._tokens(t)[:max_tokens] for t in texts]
         items = [_Item(tuple(e[:1]), [tuple(e[1:])]) for e in encoded if len(e) >= 2]
         if not items:
             raise UserError("no held-out text of at least 2 tokens to compute NLL on")
-        logps = [branches[0] for branches in self._score(items, desc)]
+        logps = [branches[0] for branches in self._score(params, items, desc)]
         return float(-sum(lp.sum() for lp in logps) / sum(len(lp) for lp in logps))
 
 
-def evaluate_tasks(scorer: Scorer, tasks: list[Task], limit: int = 0, nll: bool = True,
-                   nll_tokens: int = 128) -> dict:
-    """{task: {acc, acc_norm?, n, nll?}} for each task (nll, over each text's first nll_tokens
-    tokens, for tasks with held-out texts)."""
+def evaluate_tasks(scorer: Scorer, params, tasks: list[Task], nll: bool = True, nll_tokens: int = 128) -> dict:
+    """{task: {acc, acc_norm?, n, role, chance, nll?}} of params on each task (nll, over each text's
+    first nll_tokens tokens, for tasks with held-out texts). Limit tasks with load_tasks(limit=)."""
+    params = scorer.place(params)
     results = {}
     for task in tasks:
-        task = task.limited(limit)
-        res = scorer.multiple_choice(task)
+        res = scorer.multiple_choice(params, task)
         res.pop("docs")
         if nll and task.nll_texts:
-            res["nll"] = scorer.nll_per_token(task.nll_texts, nll_tokens, desc=f"{task.name} nll")
+            res["nll"] = scorer.nll_per_token(params, task.nll_texts, nll_tokens, desc=f"{task.name} nll")
         results[task.name] = res
     return results
 
@@ -260,34 +264,56 @@ def max_length_of(model_dir: Path) -> int:
     return int(config.get("max_position_embeddings") or 2048)
 
 
-def scorer_for(model_dir: Path, dtype=jnp.float32, batch_size: int = 16, params=None, mesh=None) -> Scorer:
-    """A Scorer of the HF model in model_dir (or of given params of its shape), in dtype; with a mesh,
-    the params are sharded by the sharding table and each batch's rows over data x fsdp."""
+@dataclass(frozen=True)
+class EvalSpec:
+    """What a Scorer is built for (the process cache keys scorers by it)."""
+    model_dir: str  # its config.json (shapes, max length) and tokenizer
+    dtype: str = "float32"
+    batch_size: int = 16
+    mesh: object = None
+    pack_tokens: int = 256
+
+    @classmethod
+    def of(cls, cfg, model_dir: Path, mesh=None) -> "EvalSpec":
+        return cls(str(model_dir), cfg.dtype, cfg.eval_batch_size, mesh)
+
+
+def build_scorer(spec: EvalSpec, tokenizer=None) -> Scorer:
+    """A Scorer for models of spec.model_dir's shapes, in spec.dtype; with a mesh, each batch's rows
+    are split over data x fsdp and params are placed by the sharding table."""
     from armu_jax.data import load_tokenizer
-    from armu_jax.hf_io import load_hf
+    from armu_jax.model import parse_dtype
     from armu_jax.model_config import ModelConfig
-    if params is None:
-        cfg, params = load_hf(model_dir, dtype, mesh=mesh)
-    else:
-        cfg = ModelConfig.from_dir(model_dir)
-    if mesh is not None:
-        params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    return Scorer(LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype), params, load_tokenizer(model_dir),
-                  batch_size, max_length_of(model_dir), mesh)
+    model_dir = Path(spec.model_dir)
+    dtype = parse_dtype(spec.dtype)
+    model = LlamaForCausalLM(ModelConfig.from_dir(model_dir), dtype=dtype, param_dtype=dtype)
+    return Scorer(model, tokenizer or load_tokenizer(model_dir), spec.batch_size, max_length_of(model_dir), spec.mesh,
+                  spec.pack_tokens)
+
+
+def scorer_for(model_dir: Path, dtype: str = "float32", batch_size: int = 16, mesh=None) -> Scorer:
+    """build_scorer(EvalSpec(model_dir, dtype, batch_size, mesh))."""
+    return build_scorer(EvalSpec(str(model_dir), dtype, batch_size, mesh))
+
+
+def load_params(model_dir: Path, dtype: str = "float32", mesh=None):
+    """The HF checkpoint in model_dir as Flax params (on mesh's shards when given)."""
+    from armu_jax.hf_io import load_hf
+    from armu_jax.model import parse_dtype
+    return load_hf(model_dir, parse_dtype(dtype), mesh=mesh)[1]
 
 
 class InRunEvaluator:
     """--eval_every: the native evaluator on the current weights, as flat metrics for the run log."""
 
-    def __init__(self, model_dir: Path, full_params, dtype, tasks: list[Task], batch_size: int = 16, mesh=None):
-        self.tasks = tasks
-        self.scorer = scorer_for(model_dir, dtype, batch_size, params=full_params, mesh=mesh)
-        self.full = self.scorer.params
+    def __init__(self, scorer: Scorer, full_params, tasks: list[Task], nll_tokens: int = 128):
+        self.scorer, self.tasks, self.nll_tokens = scorer, tasks, nll_tokens
+        self.full = scorer.place(full_params)
 
     def __call__(self, trainable: dict) -> dict:
-        self.scorer.params = merge(self.full, trainable)
         record = {}
-        for name, res in evaluate_tasks(self.scorer, self.tasks).items():
+        results = evaluate_tasks(self.scorer, merge(self.full, trainable), self.tasks, nll_tokens=self.nll_tokens)
+        for name, res in results.items():
             for key in ("acc", "acc_norm", "nll"):
                 if key in res:
                     record[f"eval/{name}/{key}"] = res[key]
@@ -295,29 +321,24 @@ class InRunEvaluator:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| task | n | acc | acc_norm | NLL/token |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        norm = f"{100 * r['acc_norm']:.1f}" if "acc_norm" in r else "-"
-        nll = f"{r['nll']:.3f}" if "nll" in r else "-"
-        lines.append(f"| {name} | {r['n']} | {100 * r['acc']:.1f} | {norm} | {nll} |")
-    return "\n".join(lines)
+    rows = [[name, r["n"], f"{100 * r['acc']:.1f}", f"{100 * r['acc_norm']:.1f}" if "acc_norm" in r else "-",
+             f"{r['nll']:.3f}" if "nll" in r else "-"] for name, r in results.items()]
+    return outputs.markdown_table(["task", "n", "acc", "acc_norm", "NLL/token"], rows)
 
 
 def evaluate_cli(cfg) -> None:
     """--mode=eval: the native evaluator on --model over --eval_tasks; JSON to --output_dir/eval.json."""
-    from armu_jax.embedded import resolve_model
-    model_dir = resolve_model(cfg.model)
-    tasks = load_tasks(cfg.eval_tasks)  # bad task files fail here, before the model is loaded
-    if cfg.output_dir and (Path(cfg.output_dir) / "eval.json").exists():
-        raise UserError(f"{Path(cfg.output_dir) / 'eval.json'} exists; choose a new --output_dir")
+    from armu_jax.context import RunContext
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)  # bad task files fail here, before the model is loaded
+    out = outputs.claim(cfg.output_dir, ("eval.json",)) if cfg.output_dir else None
+    run = RunContext.of(cfg)
     began = time.time()
-    scorer = scorer_for(model_dir, parse_dtype(cfg.dtype), cfg.eval_batch_size, mesh=sharding.make_mesh(cfg.mesh))
-    results = evaluate_tasks(scorer, tasks, limit=cfg.eval_limit, nll_tokens=cfg.eval_nll_tokens)
+    scorer = build_scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
+    results = evaluate_tasks(scorer, load_params(run.model_dir, cfg.dtype, run.mesh), tasks,
+                             nll_tokens=cfg.eval_nll_tokens)
     print(format_table(results))
     print(f"native evaluation: {time.time() - began:.1f} s")
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"model": str(model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
-                                                   "results": results}, indent=2))
+    if out is not None:
+        outputs.write_json(out / "eval.json", {"model": str(run.model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
+                                               "results": results})
         print(f"wrote {out / 'eval.json'}")

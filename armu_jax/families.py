@@ -113,6 +113,10 @@ def model_config_fields(hf: dict) -> dict:
     if activation not in ACTIVATIONS:
         raise UserError(f"config.json: activation {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise UserError(f"config.json: num_key_value_heads is {kv_heads!r}; it must be a positive integer dividing "
+                        f"num_attention_heads ({heads})")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     layers = hf["num_hidden_layers"]
     layer_types, window = _layer_types(hf, family, layers)
@@ -130,7 +134,7 @@ def model_config_fields(hf: dict) -> dict:
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+        num_key_value_heads=kv_heads, head_dim=head_dim,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope.theta,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_type=rope.type,
         rope_scaling=rope.scaling, sliding_window=window, family=family.name, layer_types=layer_types,

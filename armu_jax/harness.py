@@ -8,14 +8,15 @@ clear error. lm-eval's results JSON is saved as <output_dir>/lm_eval_results.jso
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from armu_jax import outputs
 from armu_jax.config import SETTINGS
 from armu_jax.errors import UserError
 from armu_jax.runtime import go_offline
 from armu_jax.tasks import TASK_GRAMMAR, resolve_tasks, write_lm_eval_tasks
+
 
 def _check_builtin(names: list[str], task_manager) -> None:
     from lm_eval.tasks import get_task_dict
@@ -46,10 +47,8 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
-    output_dir = Path(output_dir)
+    output_dir = outputs.claim(output_dir, ("lm_eval_results.json",))
     target = output_dir / "lm_eval_results.json"
-    if target.exists():
-        raise UserError(f"{target} exists; choose a new --output_dir (results are never overwritten)")
     import lm_eval
     from lm_eval.tasks import TaskManager
     if builtin:
@@ -67,9 +66,7 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
         device=device, log_samples=log_samples)
     results["armu_jax"] = {"seconds": time.time() - began, "model": str(model_dir), "tasks": names + builtin}
     from lm_eval.utils import handle_non_serializable
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    tmp.replace(target)
+    outputs.write_json(target, results, default=handle_non_serializable)
     return results
 
 
@@ -98,12 +95,11 @@ def per_doc_predictions(results: dict, task: str) -> list[dict]:
 def lm_eval_cli(cfg) -> None:
     """--mode=lm_eval: lm-eval's hf backend on --model over --eval_tasks, results in --output_dir."""
     from armu_jax.embedded import resolve_model
-    if not cfg.output_dir:
-        raise UserError("--mode=lm_eval needs --output_dir for lm-eval's results JSON and task files")
     if cfg.mesh != SETTINGS["mesh"]["default"]:
         raise UserError(f"--mesh={cfg.mesh} applies to the JAX evaluator (--mode=eval); lm-eval's hf backend "
                         "places the torch model itself (on CUDA when torch has it)")
-    results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, Path(cfg.output_dir), cfg.eval_limit,
+    out = outputs.claim(cfg.output_dir, ("lm_eval_results.json",), purpose="lm-eval's results JSON and task files")
+    results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, out, cfg.eval_limit,
                           cfg.eval_batch_size, dtype=cfg.dtype)
     for task, row in summary(results).items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in row.items()))

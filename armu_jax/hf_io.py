@@ -22,19 +22,13 @@ from jax.sharding import NamedSharding
 
 from armu_jax import tensor_files
 from armu_jax.errors import RunFailure, UserError
+from armu_jax.model import parse_dtype
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, hf_key_to_path, name_of, needed_upto, path_to_hf_key, unflatten
 from armu_jax.sharding import param_spec
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def parse_dtype(name: str):
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

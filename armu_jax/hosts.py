@@ -19,6 +19,7 @@ import numpy as np
 
 from armu_jax.errors import UserError
 
+
 # Environment variables that say this process is one of several, with how to read the count: srun
 # sets SLURM_STEP_NUM_TASKS for the processes of a step (SLURM_NTASKS is also set for a batch
 # script's single process, which must not wait for peers), mpirun OMPI_COMM_WORLD_SIZE, and a

@@ -5,48 +5,50 @@ import sys
 
 from absl import app, flags, logging
 
-from armu_jax.config import define_flags, from_flag_values
+from armu_jax.config import define_flags, from_flag_values, help_text
 from armu_jax.errors import USAGE_EXIT, run_cli
 from armu_jax.runtime import enable_compilation_cache, go_offline
 
 define_flags()
 
 
-def dispatch() -> None:
+# Each mode's entry point, imported when it runs: cli(cfg) -> exit code (None: 0).
+MODES = {
+    "train": "armu_jax.train:train_cli",
+    "eval": "armu_jax.evaluate:evaluate_cli",
+    "lm_eval": "armu_jax.harness:lm_eval_cli",
+    "compile": "armu_jax.compile_report:compile_cli",
+    "norms": "armu_jax.norms:norms_cli",
+    "sweep": "armu_jax.sweep:sweep_cli",
+    "attack": "armu_jax.attack:attack_cli",
+    "parity": "armu_jax.parity:parity_cli",
+}
+
+
+def dispatch():
     cfg = from_flag_values(flags.FLAGS)
+    import importlib
+
     import jax
+
     from armu_jax import hosts
     hosts.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id, cfg.multihost)
     if cfg.dtype == "float32":  # exact float32 matmuls on GPU (no TF32) and TPU (no bf16 passes)
         jax.config.update("jax_default_matmul_precision", "highest")
-    if cfg.mode == "eval":
-        from armu_jax.evaluate import evaluate_cli
-        evaluate_cli(cfg)
-    elif cfg.mode == "compile":
-        from armu_jax.compile_report import compile_cli
-        compile_cli(cfg)
-    elif cfg.mode == "norms":
-        from armu_jax.norms import norms_cli
-        norms_cli(cfg)
-    elif cfg.mode == "sweep":
-        from armu_jax.sweep import sweep_cli
-        sweep_cli(cfg)
-    elif cfg.mode == "attack":
-        from armu_jax.attack import attack_cli
-        attack_cli(cfg)
-    elif cfg.mode == "parity":
-        from armu_jax.parity import parity_cli
-        return parity_cli(cfg)
-    elif cfg.mode == "lm_eval":
-        from armu_jax.harness import lm_eval_cli
-        lm_eval_cli(cfg)
-    else:
-        from armu_jax.train import run
-        print(f"armu_jax: run written to {run(cfg)}")
+    module, name = MODES[cfg.mode].split(":")
+    result = getattr(importlib.import_module(module), name)(cfg)
+    return result if isinstance(result, int) else None
+
+
+HELP = ("--help", "-help", "-h", "--h", "-?", "--help=true", "--helpshort")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with its errors (unknown flag, bad value, missing flagfile) as one line, exit 2."""
+    """absl's flag parsing, with its errors (unknown flag, bad value, missing flagfile) as one line, exit 2;
+    --help prints the tool's settings by group (absl's own flags too: --helpfull)."""
+    if any(arg in HELP for arg in argv[1:]):
+        print(help_text(), end="")
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:

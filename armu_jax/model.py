@@ -18,7 +18,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from armu_jax.errors import UserError
 from armu_jax.model_config import ModelConfig, Rope
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(name: str):
+    """A dtype setting (--dtype, --export_dtype) as the jnp dtype."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def rope_inv_freq(rope: Rope, head_dim: int, dtype=jnp.float32, long: bool = False) -> jnp.ndarray:

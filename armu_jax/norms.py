@@ -10,7 +10,6 @@ use at that layer. Writes norms.json, norms.md and norms.png (norm vs layer, a l
 """
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -20,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import sharding
+from armu_jax import outputs
 from armu_jax.config import RunConfig
 from armu_jax.data import load_tokenizer, read_corpus, tokenize
-from armu_jax.errors import UserError
-from armu_jax.hf_io import load_hf, parse_dtype
-from armu_jax.model import DecoderLayer, LlamaForCausalLM
+from armu_jax.model import DecoderLayer, LlamaForCausalLM, parse_dtype
 from armu_jax.objective import without_first_token
 
 
@@ -72,33 +69,28 @@ def corpus_profile(model: LlamaForCausalLM, params, tokenizer, texts: list[str],
 
 def norms_cli(cfg: RunConfig) -> None:
     """--mode=norms over --model's layers; norms.json, norms.md, norms.png in --output_dir."""
-    from armu_jax.embedded import resolve_model
-    if not cfg.output_dir:
-        raise UserError("--mode=norms needs --output_dir for norms.json, norms.md and norms.png")
-    out = Path(cfg.output_dir)
-    if (out / "norms.json").exists():
-        raise UserError(f"{out / 'norms.json'} exists; choose a new --output_dir")
-    if cfg.norms_texts < 1:
-        raise UserError(f"--norms_texts={cfg.norms_texts}: must be at least 1")
-    model_dir = resolve_model(cfg.model)
+    from armu_jax.context import RunContext
+    from armu_jax.evaluate import load_params
+    products = ("norms.json", "norms.md", "norms.png")
+    out = outputs.claim(cfg.output_dir, products, purpose="the directory for norms.json, norms.md and norms.png")
+    run = RunContext.of(cfg)
     corpora = {spec: (read_corpus(spec, cfg.min_len)[:cfg.norms_texts], max_len)
                for spec, max_len in zip((*cfg.forget_corpora, cfg.retain_corpora[0]),
                                         (*cfg.forget_max_len, cfg.retain_max_len))}
     began = time.time()
     dtype = parse_dtype(cfg.dtype)
-    model_cfg, params = load_hf(model_dir, dtype, mesh=sharding.make_mesh(cfg.mesh))
-    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    tokenizer = load_tokenizer(model_dir)
-    profiles = {spec: corpus_profile(model, params, tokenizer, texts, max_len, cfg.eval_batch_size,
+    params = load_params(run.model_dir, cfg.dtype, run.mesh)
+    model = LlamaForCausalLM(run.model_cfg, dtype=dtype, param_dtype=dtype)
+    tokenizer = load_tokenizer(run.model_dir)
+    profiles = {spec: corpus_profile(model, params, tokenizer, texts, max_len, cfg.norms_batch_size,
                                      cfg.pad_multiple, desc=spec) for spec, (texts, max_len) in corpora.items()}
     for profile in profiles.values():
         norm = profile["mean_skip_first"] if cfg.norm_skip_first else profile["mean"]
         profile["coeff"] = [None if n is None else cfg.beta * n for n in norm]
-    report = {"model": str(model_dir), "dtype": cfg.dtype, "beta": cfg.beta, "norm_skip_first": cfg.norm_skip_first,
+    report = {"model": str(run.model_dir), "dtype": cfg.dtype, "beta": cfg.beta, "norm_skip_first": cfg.norm_skip_first,
               "texts_per_corpus": cfg.norms_texts, "corpora": profiles, "seconds": round(time.time() - began, 1)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "norms.json").write_text(json.dumps(report, indent=2))
-    (out / "norms.md").write_text(format_norms(report) + "\n")
+    outputs.write_json(out / "norms.json", report)
+    outputs.write_text(out / "norms.md", format_norms(report) + "\n")
     plot_norms(out / "norms.png", report)
     print(format_norms(report))
     print(f"wrote {out / 'norms.json'}, {out / 'norms.md'}, {out / 'norms.png'} ({report['seconds']} s)")
@@ -106,23 +98,18 @@ def norms_cli(cfg: RunConfig) -> None:
 
 def format_norms(report: dict) -> str:
     names = list(report["corpora"])
-    head = "| layer | " + " | ".join(f"{n} norm / w/o first / spread / coeff" for n in names) + " |"
-    lines = [f"Mean token norm of each layer's output (beta = {report['beta']}; coeff = beta x "
-             f"{'norm without the first token' if report['norm_skip_first'] else 'norm'}).", "",
-             head, "|---" * (1 + len(names)) + "|"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
-    for layer in range(len(next(iter(report["corpora"].values()))["mean"])):
-        cells = [" / ".join(fmt(p[k][layer]) for k in ("mean", "mean_skip_first", "std", "coeff"))
-                 for p in report["corpora"].values()]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[layer] + [" / ".join(fmt(p[k][layer]) for k in ("mean", "mean_skip_first", "std", "coeff"))
+                       for p in report["corpora"].values()]
+            for layer in range(len(next(iter(report["corpora"].values()))["mean"]))]
+    table = outputs.markdown_table(["layer"] + [f"{n} norm / w/o first / spread / coeff" for n in names], rows)
+    return (f"Mean token norm of each layer's output (beta = {report['beta']}; coeff = beta x "
+            f"{'norm without the first token' if report['norm_skip_first'] else 'norm'}).\n\n" + table)
 
 
-def plot_norms(path: Path, report: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+def plot_norms(path: Path, report: dict) -> list[dict]:
+    """norm vs layer, a line per corpus (all tokens, and without the first); returns what is drawn."""
+    fig, ax = outputs.figure(figsize=(8, 4.5))
     for k, (name, p) in enumerate(report["corpora"].items()):
         layers = range(len(p["mean"]))
         ax.plot(layers, p["mean"], color=f"C{k}", label=f"{name}: all tokens")
@@ -133,6 +120,4 @@ def plot_norms(path: Path, report: dict) -> None:
     ax.set_yscale("log")
     ax.set_title(f"{Path(report['model']).name}: residual-stream norm by layer")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return outputs.save_figure(fig, path)

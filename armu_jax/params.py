@@ -81,10 +81,14 @@ def layer_of(path: Path) -> int | None:
 
 # ----------------------------------------------------------------------------- trainable leaves
 
-def trainable_names(params: dict, layers, names) -> list[str]:
+def trainable_names(params: dict, layers, names, flag: str = "--update_params") -> list[str]:
     """The names of the trainable leaves, e.g. mlp.down_proj of each updated layer: a projection names
-    its kernel, a norm (post_feedforward_layernorm, self_attn.q_norm) its weight, and `X.bias` a bias."""
-    present = {name_of(p) for p in flatten(params)}
+    its kernel, a norm (post_feedforward_layernorm, self_attn.q_norm) its weight, and `X.bias` a bias;
+    names ("all",): every leaf of params (relearning everything). flag: the setting, for the error."""
+    every = [name_of(p) for p in flatten(params)]
+    if tuple(names) == ("all",):
+        return every
+    present = set(every)
     wanted = []
     for layer in layers:
         for name in names:
@@ -93,7 +97,7 @@ def trainable_names(params: dict, layers, names) -> list[str]:
                                                                           else "kernel"]
             full = "/".join(["model", f"layers_{layer}", *parts, *leaf])
             if full not in present:
-                raise UserError(f"--update_params: the model has no parameter {full} (use names like mlp.down_proj, "
+                raise UserError(f"{flag}: the model has no parameter {full} (use names like mlp.down_proj, "
                                 "mlp.up_proj, self_attn.o_proj, post_feedforward_layernorm, self_attn.q_proj.bias)")
             wanted.append(full)
     return wanted

@@ -73,8 +73,9 @@ def _transformers_side(model_dir: Path, ids, mask, dtype: str):
 def _flax_side(model_dir: Path, ids, mask, dtype: str):
     import jax
     import jax.numpy as jnp
-    from armu_jax.hf_io import load_hf, parse_dtype
-    from armu_jax.model import DecoderLayer, LlamaForCausalLM
+
+    from armu_jax.hf_io import load_hf
+    from armu_jax.model import DecoderLayer, LlamaForCausalLM, parse_dtype
     jdtype = parse_dtype(dtype)
     cfg, params = load_hf(model_dir, jdtype)
     model = LlamaForCausalLM(cfg, dtype=jdtype, param_dtype=jdtype)
@@ -114,16 +115,12 @@ def compare(want_logits, got_logits, want_hidden, got_hidden, mask, dtype: str) 
 
 def parity_cli(cfg) -> int:
     """--mode=parity on --model: prints the comparison, writes the files, returns 1 above the tolerance."""
+    from armu_jax import outputs
     from armu_jax.data import load_tokenizer
     from armu_jax.embedded import resolve_model
     from armu_jax.model_config import ModelConfig
-    if not cfg.output_dir:
-        raise UserError("--mode=parity needs --output_dir for parity.json, tokens.npy, mask.npy and logits.npy")
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output_dir {out} exists and is not empty; choose a new --output_dir")
-    if cfg.parity_max_len < 1:
-        raise UserError(f"--parity_max_len={cfg.parity_max_len}: must be at least 1")
+    out = outputs.claim(cfg.output_dir, purpose="--mode=parity writes parity.json, tokens.npy, mask.npy and "
+                        "logits.npy there")
     model_dir = resolve_model(cfg.model)
     model_cfg = ModelConfig.from_dir(model_dir)  # refuses an unsupported family before any work
     texts = read_texts(cfg.parity_texts)
@@ -137,12 +134,11 @@ def parity_cli(cfg) -> int:
               "length": int(ids.shape[1]), "real_tokens": int(mask.sum()),
               **compare(want_logits, got_logits, want_hidden, got_hidden, mask, cfg.dtype),
               "seconds": round(time.time() - began, 1)}
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        np.save(out / "tokens.npy", ids)
-        np.save(out / "mask.npy", mask)
-        np.save(out / "logits.npy", got_logits)
-        (out / "parity.json").write_text(json.dumps(report, indent=2))
+        outputs.write_npy(out / "tokens.npy", ids)
+        outputs.write_npy(out / "mask.npy", mask)
+        outputs.write_npy(out / "logits.npy", got_logits)
+        outputs.write_json(out / "parity.json", report)
     except OSError as err:
         raise RunFailure(f"parity: writing to {out} failed: {err.strerror}") from None
     departs = report["first_departing_layer"]

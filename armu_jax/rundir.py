@@ -6,6 +6,7 @@ checkpoints/ (orbax), hf/ (the final Hugging Face export), .lock (held by the ru
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,7 +36,30 @@ def check(cfg: RunConfig) -> Path:
             raise UserError(f"--resume with settings that differ from {out / 'flags.txt'}: " + "; ".join(changed)
                             + "; rerun with the run's settings (--flagfile=" + str(out / "flags.txt")
                             + " --resume) or add --allow_flag_changes to continue anyway")
+        read_metrics(out)  # a damaged log is refused now, before anything is written
     return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl's records. A last line cut short (the run was killed while writing it) is
+    dropped; any other line that is not a record is refused in one line."""
+    file = out / "metrics.jsonl"
+    if not file.exists():
+        return []
+    lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UserError(f"{file}:{number} is not a metrics record; the run directory is damaged: remove that "
+                            "line, or start a new run") from None
+        records.append(record)
+    return records
 
 
 class RunLock:

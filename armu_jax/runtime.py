@@ -1,9 +1,31 @@
 """Process set-up shared by every command: offline Hugging Face libraries and the XLA compilation cache."""
 from __future__ import annotations
 
+import glob
 import os
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def has_tpu() -> bool:
+    """A TPU is attached: its device files (/dev/accel* on v2-v4 and v5e, /dev/vfio/N on v5p and v6e) or
+    TPU_ACCELERATOR_TYPE (set on TPU VMs)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or os.environ.get("TPU_ACCELERATOR_TYPE"))
+
+
+def has_gpu() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/dri/renderD*") and glob.glob("/dev/kfd"))
+
+
+def choose_platforms() -> None:
+    """JAX_PLATFORMS=cpu on a machine with neither TPU nor GPU, unless the user set it. With libtpu
+    installed (for the compile reports) jax would otherwise initialise it at the first device query:
+    warnings about the accelerator type, an E0000 TPU_WORKER_HOSTNAMES error line, and libtpu's
+    machine-wide lock held for the whole process (a --mode=compile --topology beside it then fails).
+    Compiling for a TPU topology does not need the TPU platform (compile_report.topology_devices)."""
+    if "JAX_PLATFORMS" not in os.environ and not has_tpu() and not has_gpu():
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def go_offline() -> None:
@@ -26,6 +48,7 @@ def load_cached_dataset(name: str, config: str | None, split: str, what: str, fi
 def enable_compilation_cache() -> None:
     """Persist XLA compilations under the cache dir: a rerun skips recompiling the same shapes."""
     import jax
+
     from armu_jax.embedded import cache_dir
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -12,7 +12,8 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from armu_jax.errors import UserError
 from armu_jax.params import name_of, path_of_keys

@@ -17,9 +17,8 @@ import numpy as np
 import optax
 
 from armu_jax import sharding
-from armu_jax.hf_io import parse_dtype
-from armu_jax.model import LlamaForCausalLM
 from armu_jax.families import update_params_for
+from armu_jax.model import LlamaForCausalLM, parse_dtype
 from armu_jax.model_config import ModelConfig
 from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss, without_first_token
 from armu_jax.optimizer import make_optimizer
@@ -28,14 +27,37 @@ from armu_jax.params import merge, take, trainable_names
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What the step is compiled for (static under jit). The method and its numbers (beta, c, alpha,
-    the control vectors) are arguments instead, in the batch's "settings": one compiled step serves
-    every cell of a sweep over them (armu_jax.sweep)."""
-    model: LlamaForCausalLM
+    """What the step is compiled for, built once from the settings (StepSpec.of): build_step reads only
+    this, and the process cache (armu_jax.cache) keys compiled steps by it. The method and its
+    numbers (beta, c, alpha, the control vectors) are not in it: they ride in every batch's
+    "settings", so one compiled step serves every cell of a sweep over them (armu_jax.sweep)."""
+    model_cfg: ModelConfig
+    dtype: str
     layer_id: int
-    lowest_update_layer: int
+    update_layer_ids: tuple[int, ...]
+    update_params: tuple[str, ...]  # resolved for the family (families.update_params_for)
     adaptive_coeff: str  # "per_batch" (paper) | "first_batch" (public code)
-    norm_skip_first: bool = False  # exclude each row's first real token from the adaptive norm
+    norm_skip_first: bool  # exclude each row's first real token from the adaptive norm
+    optimizer: str
+    lr: float
+    n_topics: int
+    batch_size: int
+    mesh: jax.sharding.Mesh
+
+    @classmethod
+    def of(cls, cfg, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
+        return cls(model_cfg, cfg.dtype, cfg.layer_id, tuple(cfg.update_layer_ids),
+                   tuple(update_params_for(cfg.update_params, model_cfg)), cfg.adaptive_coeff, cfg.norm_skip_first,
+                   cfg.optimizer, cfg.lr, cfg.n_topics, cfg.batch_size, mesh)
+
+    @property
+    def model(self) -> LlamaForCausalLM:
+        dtype = parse_dtype(self.dtype)
+        return LlamaForCausalLM(self.model_cfg, dtype=dtype, param_dtype=dtype)
+
+    @property
+    def lowest_update_layer(self) -> int:
+        return min(self.update_layer_ids)
 
 
 def run_settings(cfg, control_vectors: np.ndarray) -> dict:
@@ -45,16 +67,57 @@ def run_settings(cfg, control_vectors: np.ndarray) -> dict:
             "control_vectors": np.asarray(control_vectors, np.float32)}
 
 
-def init_state(params, names, optimizer: optax.GradientTransformation, n_topics: int) -> dict:
-    trainable = {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}
-    return {
-        "step": jnp.zeros([], jnp.int32),
-        "trainable": trainable,
-        "opt_state": optimizer.init(trainable),
-        "coeffs": jnp.ones([n_topics], jnp.float32),
-        "coeff_ready": jnp.zeros([n_topics], bool),
-    }
+# ----------------------------------------------------------------------------- training some leaves
 
+def init_trainer_state(params, names, optimizer: optax.GradientTransformation, **extra) -> dict:
+    """{step, trainable (copies of the leaves `names`), opt_state, **extra}."""
+    trainable = {n: jnp.array(v, copy=True) for n, v in take(params, names).items()}
+    return {"step": jnp.zeros([], jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable), **extra}
+
+
+def trainer_step(loss_fn, optimizer: optax.GradientTransformation, finish=None):
+    """step(state, params, batch) -> (state, metrics) training state["trainable"] on
+    loss_fn(trainable, state, params, batch) -> (loss, aux): its gradient and the optimizer's update.
+    finish(state, loss, aux, grads) -> (other state entries to set, metrics); default: the loss."""
+    finish = finish or (lambda state, loss, aux, grads: ({}, loss))
+
+    def step(state, params, batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], state, params, batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        extra, metrics = finish(state, loss, aux, grads)
+        return {**state, **extra, "step": state["step"] + 1,
+                "trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state}, metrics
+
+    return step
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A jitted trainer_step with explicit shardings (the state donated), and its jitted init."""
+    step: object
+    init: object
+    mesh: jax.sharding.Mesh
+    params_shardings: object
+    state_shardings: object
+    batch_shardings: object
+    abstract_state: object
+    trainable: tuple[str, ...]
+
+
+def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, batch_shardings) -> Trainer:
+    """The one place a training step is jitted (the unlearning step and the relearning attack alike):
+    params laid out by the sharding table, the state by its rules (moments like their parameters),
+    batches by batch_shardings, metrics replicated. params may be ShapeDtypeStructs."""
+    abstract_state = jax.eval_shape(init_fn, params)
+    params_sh = sharding.param_shardings(params, mesh)
+    state_sh = sharding.state_shardings(abstract_state, mesh, names)
+    step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_shardings),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    return Trainer(step, jax.jit(init_fn, out_shardings=state_sh), mesh, params_sh, state_sh, batch_shardings,
+                   abstract_state, tuple(names))
+
+
+# ----------------------------------------------------------------------------- the unlearning step
 
 def make_step(spec: StepSpec, optimizer: optax.GradientTransformation):
     model = spec.model
@@ -73,54 +136,47 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation):
         """The weight of the adaptive norm: with norm_skip_first, without each row's first real token."""
         return without_first_token(w, mask) if spec.norm_skip_first else w
 
-    def step(state, frozen_params, batch):
+    def loss_fn(trainable, state, frozen_params, batch):
         topic, run = batch["topic"], batch["settings"]
         f, r = batch["forget"], batch["retain"]
         prefix_f, prefix_r = prefix(frozen_params, f), prefix(frozen_params, r)
         frozen_f = jax.lax.stop_gradient(upper(frozen_params, prefix_f, f))
         frozen_r = jax.lax.stop_gradient(upper(frozen_params, prefix_r, r))
+        updated = merge(frozen_params, trainable)
+        h_f, h_r = upper(updated, prefix_f, f), upper(updated, prefix_r, r)
+        if spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
+            adaptive = run["beta"] * mean_token_norm(frozen_f, norm_weight(f["weight"], f["attention_mask"]))
+        else:  # public code: from the updated model on the topic's first batch, then fixed
+            fresh = run["beta"] * mean_token_norm(jax.lax.stop_gradient(h_f),
+                                                  norm_weight(f["weight"], f["attention_mask"]))
+            adaptive = jnp.where(state["coeff_ready"][topic], state["coeffs"][topic], fresh)
+        coeff = jnp.where(run["adaptive"], adaptive, run["steering"][topic])  # RMU: the fixed c
+        loss, (forget, retain) = rmu_loss(h_f, h_r, frozen_r, run["control_vectors"][topic], coeff,
+                                          run["alpha"][topic], f["weight"], r["weight"])
+        return loss, (topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, f["weight"], r["weight"])
 
-        def loss_fn(trainable):
-            updated = merge(frozen_params, trainable)
-            h_f, h_r = upper(updated, prefix_f, f), upper(updated, prefix_r, r)
-            if spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
-                adaptive = run["beta"] * mean_token_norm(frozen_f, norm_weight(f["weight"], f["attention_mask"]))
-            else:  # public code: from the updated model on the topic's first batch, then fixed
-                fresh = run["beta"] * mean_token_norm(jax.lax.stop_gradient(h_f),
-                                                      norm_weight(f["weight"], f["attention_mask"]))
-                adaptive = jnp.where(state["coeff_ready"][topic], state["coeffs"][topic], fresh)
-            coeff = jnp.where(run["adaptive"], adaptive, run["steering"][topic])  # RMU: the fixed c
-            loss, (forget, retain) = rmu_loss(h_f, h_r, frozen_r, run["control_vectors"][topic], coeff,
-                                              run["alpha"][topic], f["weight"], r["weight"])
-            return loss, (forget, retain, coeff, h_f, h_r)
-
-        (loss, (forget, retain, coeff, h_f, h_r)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["trainable"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        new_state = {
-            "step": state["step"] + 1,
-            "trainable": optax.apply_updates(state["trainable"], updates),
-            "opt_state": opt_state,
-            "coeffs": state["coeffs"].at[topic].set(coeff),
-            "coeff_ready": state["coeff_ready"].at[topic].set(True),
-        }
+    def finish(state, loss, aux, grads):
+        topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, w_f, w_r = aux
+        extra = {"coeffs": state["coeffs"].at[topic].set(coeff),
+                 "coeff_ready": state["coeff_ready"].at[topic].set(True)}
         metrics = {
-            "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain, "coeff": coeff, "topic": topic,
-            "forget_cosine": mean_cosine(h_f, frozen_f, f["weight"]),
-            "retain_cosine": mean_cosine(h_r, frozen_r, r["weight"]),
-            "forget_norm_updated": mean_token_norm(h_f, f["weight"]),
-            "forget_norm_frozen": mean_token_norm(frozen_f, f["weight"]),
-            "retain_norm_updated": mean_token_norm(h_r, r["weight"]),
-            "retain_norm_frozen": mean_token_norm(frozen_r, r["weight"]),
+            "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain,
+            "coeff": coeff, "topic": topic,
+            "forget_cosine": mean_cosine(h_f, frozen_f, w_f),
+            "retain_cosine": mean_cosine(h_r, frozen_r, w_r),
+            "forget_norm_updated": mean_token_norm(h_f, w_f),
+            "forget_norm_frozen": mean_token_norm(frozen_f, w_f),
+            "retain_norm_updated": mean_token_norm(h_r, w_r),
+            "retain_norm_frozen": mean_token_norm(frozen_r, w_r),
         }
-        return new_state, metrics
+        return extra, metrics
 
-    return step
+    return trainer_step(loss_fn, optimizer, finish)
 
 
 @dataclass(frozen=True)
 class CompiledStep:
-    """The jitted step with everything needed to feed it, built once by build_step.
+    """The jitted unlearning step with everything needed to feed it, built once by build_step.
 
     step(state, frozen, batch) -> (state, metrics), jitted with explicit shardings and the state
     donated; init(frozen) -> the initial state, laid out with state_shardings. `settings` (this
@@ -136,7 +192,7 @@ class CompiledStep:
     abstract_state: object
     trainable: tuple[str, ...]
     rows: int  # batch rows on device: --batch_size padded to a multiple of data x fsdp
-    settings: dict  # run_settings, on the host (a few numbers; placed with every batch)
+    settings: dict | None = None  # run_settings, on the host (a few numbers; placed with every batch)
 
     def with_settings(self, cfg, control_vectors: np.ndarray) -> "CompiledStep":
         return dataclasses.replace(self, settings=run_settings(cfg, control_vectors))
@@ -170,42 +226,19 @@ class CompiledStep:
                                    self.abstract_batch(forget_length, retain_length))
 
 
-def compiled_key(cfg, mesh: jax.sharding.Mesh) -> tuple:
-    """What a compiled step depends on besides the model: cells of a sweep that agree on it share one."""
-    return (cfg.layer_id, tuple(cfg.update_layer_ids), tuple(cfg.update_params), cfg.adaptive_coeff,
-            cfg.norm_skip_first, cfg.optimizer, cfg.lr, cfg.n_topics, cfg.batch_size, cfg.dtype, mesh)
-
-
-def build_step(cfg, model_cfg: ModelConfig, frozen, mesh: jax.sharding.Mesh,
-               control_vectors: np.ndarray, cache: dict | None = None) -> CompiledStep:
-    """The one place a step is built: for train.run, the sweep, the bench and the compile checks alike.
-
-    frozen: the params of layers 0..l (arrays or ShapeDtypeStructs; only shapes are read here).
-    cache: {compiled_key: CompiledStep} kept by the caller (a sweep): a step built before for the same
-    key is reused with this run's settings, so jax's compilation cache of it carries over.
-    """
-    key = (model_cfg, compiled_key(cfg, mesh))
-    if cache is not None and key in cache:
-        return cache[key].with_settings(cfg, control_vectors)
-    dtype = parse_dtype(cfg.dtype)
-    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    names = tuple(trainable_names(frozen, cfg.update_layer_ids, update_params_for(cfg.update_params, model_cfg)))
-    optimizer = make_optimizer(cfg.optimizer, cfg.lr)
-    init = lambda p: init_state(p, names, optimizer, cfg.n_topics)
-    abstract_state = jax.eval_shape(init, frozen)
-    params_sh = sharding.param_shardings(frozen, mesh)
-    state_sh = sharding.state_shardings(abstract_state, mesh, names)
-    rows = sharding.batch_sharding(mesh)
-    repl = sharding.replicated(mesh)
+def build_step(spec: StepSpec, frozen) -> CompiledStep:
+    """The one place the unlearning step is built: for train, the sweep, the bench and the compile
+    report alike (cached by spec in armu_jax.cache). frozen: the params of layers 0..l (arrays or
+    ShapeDtypeStructs; only shapes are read). Give it a run's numbers with .with_settings(cfg, u)."""
+    names = tuple(trainable_names(frozen, spec.update_layer_ids, spec.update_params))
+    optimizer = make_optimizer(spec.optimizer, spec.lr)
+    n_topics = spec.n_topics
+    init = lambda p: init_trainer_state(p, names, optimizer, coeffs=jnp.ones([n_topics], jnp.float32),
+                                        coeff_ready=jnp.zeros([n_topics], bool))
+    rows, repl = sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh)
     batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl}
-    spec = StepSpec(model, cfg.layer_id, min(cfg.update_layer_ids), cfg.adaptive_coeff, cfg.norm_skip_first)
-    step = jax.jit(make_step(spec, optimizer), in_shardings=(state_sh, params_sh, batch_sh),
-                   out_shardings=(state_sh, repl), donate_argnums=0)
-    compiled = CompiledStep(step=step, init=jax.jit(init, out_shardings=state_sh), mesh=mesh,
-                            params_shardings=params_sh, state_shardings=state_sh, batch_shardings=batch_sh,
-                            abstract_state=abstract_state, trainable=names,
-                            rows=sharding.batch_rows(mesh, cfg.batch_size),
-                            settings=run_settings(cfg, control_vectors))
-    if cache is not None:
-        cache[key] = compiled
-    return compiled
+    trainer = compile_trainer(make_step(spec, optimizer), init, frozen, names, spec.mesh, batch_sh)
+    return CompiledStep(step=trainer.step, init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
+                        state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
+                        abstract_state=trainer.abstract_state, trainable=names,
+                        rows=sharding.batch_rows(spec.mesh, spec.batch_size))

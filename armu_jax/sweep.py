@@ -5,7 +5,7 @@ or Adaptive RMU's beta (--sweep_betas) x alpha (--sweep_alphas), every other set
 flagfile. Each cell is a full run (train.train) in <output_dir>/cells/<name>/, then the native
 evaluator on --eval_tasks. The model, tokenizer, corpora, tokenized batches, compiled steps (one
 per layer and shape: the method and its numbers are arguments of the step) and the evaluator are
-built once (train.Shared) and reused by every cell.
+built once (armu_jax.cache.ProcessCache) and reused by every cell.
 
 Restart: rerun the same command. A cell with result.json is done and skipped; a cell killed midway
 resumes from its last checkpoint; a failed cell is recorded ("failed: ...") and tried again on the
@@ -15,7 +15,8 @@ next run. Writes sweep.csv (a row per cell), sweep.md (table and the claim below
 The claim (Adaptive RMU's): at a layer, Adaptive RMU forgets more than RMU (lower mean accuracy on
 the forget tasks) while its mean retain accuracy is within 2 points of the original model's; and,
 finer, the same by held-out NLL (higher forget NLL, retain NLL within +0.05 nat/token).
-Retain tasks are demo_retain and mmlu*; every other task is a forget task.
+Each task knows its role (tasks.Task.role): demo_retain and mmlu are retain tasks, every other
+task a forget task.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from armu_jax import outputs
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, validate
 from armu_jax.errors import RunFailure, UserError
 
@@ -96,9 +97,7 @@ def _alpha(spec: str, n_topics: int) -> tuple[float, ...]:
 
 
 def plan(cfg: RunConfig, num_layers: int) -> list[Cell]:
-    bad = [m for m in cfg.sweep_methods if m not in ("rmu", "adaptive_rmu")]
-    if bad or not cfg.sweep_methods:
-        raise UserError(f"--sweep_methods={','.join(cfg.sweep_methods)}: choose from rmu, adaptive_rmu")
+    """The cells, in order (--sweep_methods is checked with its group, config.check_sweep)."""
     layers = parse_layers(cfg.sweep_layers, cfg.layer_id, num_layers)
     alphas = [_alpha(spec, cfg.n_topics) for spec in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
     cells = []
@@ -129,15 +128,12 @@ def cell_config(cfg: RunConfig, cell: Cell, directory: Path) -> RunConfig:
         resume=done, overwrite=started and not done, allow_flag_changes=False, export=False, eval_every=0)
 
 
-def is_retain_task(name: str) -> bool:
-    return name == "demo_retain" or name.startswith("mmlu")
-
-
 def summary(results: dict) -> dict:
-    """Mean acc and NLL over the forget tasks and over the retain tasks."""
+    """Mean acc and NLL over the forget tasks and over the retain tasks (each result carries its
+    task's role)."""
     out = {}
-    for side, names in (("forget", [t for t in results if not is_retain_task(t)]),
-                        ("retain", [t for t in results if is_retain_task(t)])):
+    for side in ("forget", "retain"):
+        names = [t for t, r in results.items() if r["role"] == side]
         out[f"{side}_acc"] = float(np.mean([results[t]["acc"] for t in names])) if names else None
         nll = [results[t]["nll"] for t in names if "nll" in results[t]]
         out[f"{side}_nll"] = float(np.mean(nll)) if nll else None
@@ -150,12 +146,13 @@ def claim(rows: list[dict], original: dict) -> list[dict]:
     base = summary(original)
     ok = [r for r in rows if r["status"] == "ok"]
     out = []
+    alpha_of = {r["setting"]: r["alpha"] for r in ok}
     for rmu_setting in dict.fromkeys(r["setting"] for r in ok if r["method"] == "rmu"):
         for ada_setting in dict.fromkeys(r["setting"] for r in ok if r["method"] == "adaptive_rmu"):
+            if alpha_of[rmu_setting] != alpha_of[ada_setting]:
+                continue
             rmu = {r["layer"]: r for r in ok if r["setting"] == rmu_setting}
             ada = {r["layer"]: r for r in ok if r["setting"] == ada_setting}
-            if rmu_setting.split("alpha=")[1] != ada_setting.split("alpha=")[1]:
-                continue
             layers = sorted(set(rmu) & set(ada))
             wins = [l for l in layers if ada[l]["forget_acc"] < rmu[l]["forget_acc"]
                     and (base["retain_acc"] is None or ada[l]["retain_acc"] >= base["retain_acc"] - RETAIN_WITHIN - 1e-9)]
@@ -172,7 +169,7 @@ def claim(rows: list[dict], original: dict) -> list[dict]:
 def _metrics_of(run_dir: Path, n_topics: int) -> dict:
     """Final forget/retain loss (mean over the last step of each topic), the coefficient each topic
     used (mean), and the first step's time beyond a typical step's (its compilation, if any)."""
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = outputs.read_jsonl(run_dir / "metrics.jsonl")
     last = records[-n_topics:]
     times = np.diff([0.0] + [r["seconds"] for r in records])
     typical = float(np.median(times[1:])) if len(times) > 1 else 0.0
@@ -190,12 +187,6 @@ def _row(cell: Cell, status: str, results: dict | None = None, **extra) -> dict:
         row.update(summary(results))
     row.update(extra)
     return row
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def csv_text(rows: list[dict], tasks: list[str]) -> str:
@@ -217,17 +208,15 @@ def markdown(rows: list[dict], original: dict, claims: list[dict]) -> str:
     base = summary(original)
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     nll = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = ["| layer | method | coeff | beta | alpha | forget acc | retain acc | forget NLL | retain NLL | status |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| - | original | - | - | - | {pct(base['forget_acc'])} | {pct(base['retain_acc'])} | "
-             f"{nll(base['forget_nll'])} | {nll(base['retain_nll'])} | - |"]
+    table = [["-", "original", "-", "-", "-", pct(base["forget_acc"]), pct(base["retain_acc"]), nll(base["forget_nll"]),
+              nll(base["retain_nll"]), "-"]]
     for r in rows:
         coeff = r["coeff"] if r["coeff"] is not None else r.get("coeff_used")
-        coeff = "-" if coeff is None else f"{coeff:.4g}"
-        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
-        lines.append(f"| {r['layer']} | {r['method']} | {coeff} | {beta} | {r['alpha']} | {pct(r.get('forget_acc'))} | {pct(r.get('retain_acc'))} | "
-                     f"{nll(r.get('forget_nll'))} | {nll(r.get('retain_nll'))} | {r['status']} |")
-    lines.append("")
+        table.append([r["layer"], r["method"], "-" if coeff is None else f"{coeff:.4g}",
+                      "-" if r["beta"] is None else f"{r['beta']:g}", r["alpha"], pct(r.get("forget_acc")),
+                      pct(r.get("retain_acc")), nll(r.get("forget_nll")), nll(r.get("retain_nll")), r["status"]])
+    lines = [outputs.markdown_table(["layer", "method", "coeff", "beta", "alpha", "forget acc", "retain acc",
+                                     "forget NLL", "retain NLL", "status"], table), ""]
     for c in claims:
         share = f" ({100 * c['count'] / c['of']:.0f}%)" if c["of"] else ""
         wins = ", ".join(map(str, c["wins"])) or "none"
@@ -242,12 +231,11 @@ def markdown(rows: list[dict], original: dict, claims: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> list[dict]:
+    """Forget accuracy, retain accuracy and forget NLL vs layer, a line per setting (RMU dashed), with
+    chance and the original model; returns what is drawn."""
     base = summary(original)
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    fig, axes = outputs.figure(1, 3, figsize=(18, 4.8))
     ok = [r for r in rows if r["status"] == "ok"]
     panels = ((axes[0], "forget_acc", 100, "forget tasks: mean accuracy % (lower: more forgotten)"),
               (axes[1], "retain_acc", 100, "retain tasks: mean accuracy % (higher: kept)"),
@@ -269,36 +257,12 @@ def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> N
     axes[0].set_ylim(0, 100)
     axes[1].set_ylim(0, 100)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return outputs.save_figure(fig, path)
 
 
-def sweep_cli(cfg: RunConfig) -> list[dict]:
-    """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
-    from armu_jax import hosts, rundir, sharding
-    from armu_jax.embedded import resolve_model
-    from armu_jax.evaluate import evaluate_tasks, scorer_for
-    from armu_jax.hf_io import parse_dtype
-    from armu_jax.model_config import ModelConfig
-    from armu_jax.params import merge
-    from armu_jax.tasks import load_tasks
-    from armu_jax.train import Shared, train
-
-    if not cfg.output_dir:
-        raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
-    if cfg.overwrite:
-        raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
-    if hosts.several():
-        raise UserError("--mode=sweep runs in one process (its cells may use all of its devices via --mesh); "
-                        "start it without --num_processes/--multihost")
-    out = Path(cfg.output_dir)
-    model_dir = resolve_model(cfg.model)
-    model_cfg = ModelConfig.from_dir(model_dir)
-    cells = plan(cfg, model_cfg.num_hidden_layers)
-    for cell in cells:  # every cell's settings are checked before the first one runs
-        validate(cell_config(cfg, cell, out / "cells" / cell.name), model_cfg)
-    tasks = [t.limited(cfg.eval_limit) for t in load_tasks(cfg.eval_tasks)]
+def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
+    """The sweep's directory: new, or one holding this sweep (its sweep_flags.txt agrees on the training
+    settings; the --sweep_* flags may change). Returns the flagfile's path; nothing is written."""
     saved = out / "sweep_flags.txt"
     if saved.is_file():
         changed = differences(from_flagfile(saved), cfg)
@@ -308,26 +272,77 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
                             "or add --allow_flag_changes")
     elif out.is_dir() and any(out.iterdir()):
         raise UserError(f"--output_dir {out} exists, is not empty and holds no sweep; choose a new directory")
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; pass a directory")
+    return saved
+
+
+def run_cell(cfg: RunConfig, cell: Cell, directory: Path, cache, evaluate, bar) -> dict:
+    """One cell: its run (resumed if it was cut short), then the evaluator on the trained weights; a
+    failure is the row's status (tried again on the next run of the sweep)."""
+    from armu_jax.train import train
+    began = time.time()
+    try:
+        run_dir, trained = train(cell_config(cfg, cell, directory), cache)
+        trained_at = time.time()
+        results = evaluate(trained)
+        done = time.time()
+        return _row(cell, "ok", results, **_metrics_of(run_dir, cfg.n_topics),
+                    train_seconds=round(trained_at - began, 1), eval_seconds=round(done - trained_at, 1),
+                    seconds=round(done - began, 1))
+    except (UserError, RunFailure, ValueError, RuntimeError, OSError) as err:
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        bar.write(f"{cell.name}: failed: {line}")
+        return _row(cell, f"failed: {line}", seconds=round(time.time() - began, 1))
+
+
+def _progress_line(row: dict, name: str) -> str:
+    retain = f", retain acc {100 * row['retain_acc']:.1f}" if row["retain_acc"] is not None else ""
+    return f"{name}: forget acc {100 * row['forget_acc']:.1f}{retain} ({row['seconds']:.0f} s)"
+
+
+def sweep_cli(cfg: RunConfig) -> list[dict]:
+    """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
+    from armu_jax import hosts, rundir
+    from armu_jax.cache import ProcessCache
+    from armu_jax.context import RunContext
+    from armu_jax.evaluate import EvalSpec, evaluate_tasks
+    from armu_jax.params import merge
+    from armu_jax.tasks import load_tasks
+
+    if not cfg.output_dir:
+        raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
+    if cfg.overwrite:
+        raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
+    if hosts.several():
+        raise UserError("--mode=sweep runs in one process (its cells may use all of its devices via --mesh); "
+                        "start it without --num_processes/--multihost")
+    out = Path(cfg.output_dir)
+    run = RunContext.of(cfg)
+    cells = plan(cfg, run.model_cfg.num_hidden_layers)
+    for cell in cells:  # every cell's settings are checked before the first one runs
+        validate(cell_config(cfg, cell, out / "cells" / cell.name), run.model_cfg)
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
+    saved = check_sweep_dir(cfg, out)
 
     out.mkdir(parents=True, exist_ok=True)
     lock = rundir.RunLock(out)
     try:
-        saved.write_text(flagfile_text(cfg))
-        shared = Shared(keep_full=True)
-        dtype = parse_dtype(cfg.dtype)
-        mesh = sharding.make_mesh(cfg.mesh)
-        full = shared.params(model_dir, dtype, None, mesh)
-        scorer = scorer_for(model_dir, dtype, cfg.eval_batch_size, params=full, mesh=mesh)
-        evaluate = lambda: evaluate_tasks(scorer, tasks, nll_tokens=cfg.eval_nll_tokens)
+        outputs.write_text(saved, flagfile_text(cfg))
+        cache = ProcessCache(keep_full=True)
+        full = cache.params(run.model_dir, cfg.dtype, run.mesh)
+        scorer = cache.scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
+        evaluate = lambda trained=None: evaluate_tasks(scorer, merge(full, trained) if trained else full, tasks,
+                                                       nll_tokens=cfg.eval_nll_tokens)
         original_file = out / "original.json"
         if original_file.is_file():
             original = json.loads(original_file.read_text())
         else:
             print("evaluating the original model")
             original = evaluate()
-            _write_atomically(original_file, json.dumps(original, indent=2))
-        chance = float(np.mean([1 / len(t.choices(d)) for t in tasks if not is_retain_task(t.name) for d in t.docs]
-                               or [0.25]))
+            outputs.write_json(original_file, original)
+        forget_docs = [(t.chance, len(t.docs)) for t in tasks if t.role == "forget"]
+        chance = sum(c * n for c, n in forget_docs) / sum(n for _, n in forget_docs) if forget_docs else 0.25
         rows = []
         bar = tqdm(cells, desc="sweep", unit="cell")
         for cell in bar:
@@ -338,35 +353,16 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
                 if row["status"] == "ok":
                     rows.append(row)
                     continue
-            began = time.time()
-            try:
-                run_dir, trained = train(cell_config(cfg, cell, directory), shared)
-                trained_at = time.time()
-                scorer.params = merge(full, trained)
-                results = evaluate()
-                done = time.time()
-                row = _row(cell, "ok", results, **_metrics_of(run_dir, cfg.n_topics),
-                           train_seconds=round(trained_at - began, 1), eval_seconds=round(done - trained_at, 1),
-                           seconds=round(done - began, 1))
-            except (UserError, RunFailure, ValueError, RuntimeError, OSError) as err:
-                line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                row = _row(cell, f"failed: {line}", seconds=round(time.time() - began, 1))
-                bar.write(f"{cell.name}: failed: {line}")
-            finally:
-                scorer.params = full
-            directory.mkdir(parents=True, exist_ok=True)
-            _write_atomically(result_file, json.dumps(row, indent=2))
+            row = run_cell(cfg, cell, directory, cache, evaluate, bar)
+            outputs.write_json(result_file, row)
             rows.append(row)
             if row["status"] == "ok":
-                bar.write(f"{cell.name}: forget acc {100 * row['forget_acc']:.1f}, retain acc "
-                          f"{100 * row['retain_acc']:.1f} ({row['seconds']:.0f} s)" if row["retain_acc"] is not None
-                          else f"{cell.name}: forget acc {100 * row['forget_acc']:.1f} ({row['seconds']:.0f} s)")
-            _write_atomically(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
+                bar.write(_progress_line(row, cell.name))
+            outputs.write_text(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
         bar.close()
-        claims = claim(rows, original)
-        table = markdown(rows, original, claims)
-        _write_atomically(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
-        _write_atomically(out / "sweep.md", table + "\n")
+        table = markdown(rows, original, claim(rows, original))
+        outputs.write_text(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
+        outputs.write_text(out / "sweep.md", table + "\n")
         plot_sweep(out / "sweep.png", rows, original, chance)
         print(table)
         failed = sum(r["status"] != "ok" for r in rows)

@@ -24,6 +24,7 @@ subject, then the second, ...), so that a --eval_limit prefix spans all subjects
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import random
@@ -69,6 +70,12 @@ class Task:
     style: str
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     nll_texts: list[str] = field(default_factory=list)
+    role: str = "forget"  # "forget" (the knowledge to remove) or "retain" (to keep: demo_retain, MMLU)
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of guessing: the mean over docs of 1 / (number of choices)."""
+        return sum(1.0 / len(self.choices(d)) for d in self.docs) / max(len(self.docs), 1)
 
     def context(self, doc: dict) -> str:
         """description + doc_to_text, rendered as lm-eval renders them (zero-shot)."""
@@ -86,7 +93,7 @@ class Task:
     def limited(self, limit: int) -> "Task":
         if not limit:
             return self
-        return Task(self.name, self.docs[:limit], self.style, self.metrics, self.nll_texts[:limit])
+        return dataclasses.replace(self, docs=self.docs[:limit], nll_texts=self.nll_texts[:limit])
 
 
 # ----------------------------------------------------------------------------- demo tasks
@@ -104,7 +111,8 @@ def demo_task(topic: str, seed: int = 0) -> Task:
         choices = rng.sample(others, 3) + [article["description"]]
         rng.shuffle(choices)
         docs.append({"title": article["title"], "choices": choices, "answer": choices.index(article["description"])})
-    return Task(f"demo_{topic}", docs, "demo", nll_texts=[a["extract"] for a in held_out])
+    return Task(f"demo_{topic}", docs, "demo", nll_texts=[a["extract"] for a in held_out],
+                role="retain" if topic == "retain" else "forget")
 
 
 # ----------------------------------------------------------------------------- local files
@@ -180,7 +188,7 @@ def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
                              "description": _subject_description(subject.replace("_", " ")), "subject": subject})
         per_subject.append(docs)
     interleaved = [docs[i] for i in range(max(map(len, per_subject))) for docs in per_subject if i < len(docs)]
-    return Task(name, interleaved, "letters", metrics=("acc",))
+    return Task(name, interleaved, "letters", metrics=("acc",), role="retain")
 
 
 TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, mmlu[:DIR], wmdp_bio[:FILE], wmdp_cyber[:FILE] "
@@ -213,9 +221,12 @@ def resolve_tasks(specs, builtin_ok: bool = False) -> tuple[list[Task], list[str
     return tasks, builtin
 
 
-def load_tasks(specs) -> list[Task]:
-    """The tasks named by --eval_tasks specs, for the native evaluator."""
-    return resolve_tasks(specs)[0]
+def load_tasks(specs, limit: int = 0) -> list[Task]:
+    """The tasks named by --eval_tasks specs, for the native evaluator, each cut to its first `limit`
+    docs (and held-out texts) when limit > 0 (--eval_limit): the one place tasks are limited."""
+    if limit < 0:
+        raise UserError(f"--eval_limit={limit}: must be >= 0 (0: all)")
+    return [t.limited(limit) for t in resolve_tasks(specs)[0]]
 
 
 # ----------------------------------------------------------------------------- lm-eval task files

@@ -28,15 +28,41 @@ class StoredTensors:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        size = self.path.stat().st_size
         with self.path.open("rb") as f:
             try:
                 (length,) = struct.unpack("<Q", f.read(8))
+                if 8 + length > size:
+                    raise ValueError
                 header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise ValueError
             except (struct.error, ValueError, UnicodeDecodeError):
                 raise UserError(f"{self.path} is not a safetensors file (unreadable header)") from None
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + length
         self.entries = header
+        self._check(size)
+
+    def _check(self, size: int) -> None:
+        """Every entry well formed and inside the file: a file cut short (an interrupted download or
+        copy) is refused here, in one line, not when a tensor is mapped."""
+        end = 0
+        for key, entry in self.entries.items():
+            try:
+                begin, stop = entry["data_offsets"]
+                shape = [int(n) for n in entry["shape"]]
+                code = entry["dtype"]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{self.path}: the header entry of {key} is malformed (needs dtype, shape and "
+                                "data_offsets); the file is damaged, fetch it again") from None
+            if code in DTYPES and stop - begin != int(np.prod(shape)) * DTYPES[code].itemsize:
+                raise UserError(f"{self.path}: tensor {key} of shape {tuple(shape)} ({code}) has {stop - begin} "
+                                "bytes; the file is damaged, fetch it again")
+            end = max(end, stop)
+        if self.data_start + end > size:
+            raise UserError(f"{self.path} is cut short: its header describes {self.data_start + end} bytes, the file "
+                            f"has {size}; the download or copy did not finish, fetch the file again")
 
     def keys(self) -> list[str]:
         return list(self.entries)

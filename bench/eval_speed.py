@@ -32,13 +32,13 @@ def main() -> int:
     from armu_jax.runtime import go_offline
     go_offline()
 
-    import numpy as np
     import lm_eval
+    import numpy as np
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from armu_jax.embedded import smollm2_dir
-    from armu_jax.evaluate import scorer_for
+    from armu_jax.evaluate import EvalSpec, build_scorer, load_params
     from armu_jax.tasks import load_tasks, write_lm_eval_tasks
 
     model_dir = smollm2_dir()
@@ -46,16 +46,15 @@ def main() -> int:
     tasks = [t.limited(limits[t.name]) for t in load_tasks(["demo", "mmlu"])]
     n_requests = sum(len(t.requests()) for t in tasks)
 
-    from armu_jax.evaluate import Scorer
-    scorer = scorer_for(model_dir, batch_size=args.batch)
-    scorer.pack_tokens = args.pack_tokens
-    alone = Scorer(scorer.model, scorer.params, scorer.tokenizer, args.batch, scorer.max_length, pack_tokens=0)
+    scorer = build_scorer(EvalSpec(str(model_dir), batch_size=args.batch, pack_tokens=args.pack_tokens))
+    alone = build_scorer(EvalSpec(str(model_dir), batch_size=args.batch, pack_tokens=0))
+    params = load_params(model_dir)
     timings, tokens = {}, {}
     for label, which in (("native_cold", scorer), ("native_warm", scorer), ("one_per_row_cold", alone),
                          ("one_per_row_warm", alone)):
         which.tokens_run = 0
         began = time.perf_counter()
-        results = {t.name: which.multiple_choice(t) for t in tasks}
+        results = {t.name: which.multiple_choice(params, t) for t in tasks}
         timings[label] = time.perf_counter() - began
         tokens[label.rsplit("_", 1)[0]] = which.tokens_run
         if which is scorer:

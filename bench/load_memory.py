@@ -49,6 +49,7 @@ def _tensors() -> list[tuple[str, tuple[int, ...]]]:
 def build_checkpoint(directory: Path) -> Path:
     """The random 1.3B Llama, written tensor by tensor (never all in memory)."""
     import ml_dtypes
+
     from armu_jax import tensor_files
     from armu_jax.embedded import smollm2_dir
     if (directory / "model.safetensors.index.json").is_file():

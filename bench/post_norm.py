@@ -30,6 +30,7 @@ def x10_effect(model_dir: Path) -> float:
     """Relative change of layer 2's output when its own down_proj is multiplied by 10."""
     import jax.numpy as jnp
     import numpy as np
+
     from armu_jax.hf_io import load_hf
     from armu_jax.model import LlamaForCausalLM
     from armu_jax.params import flatten, unflatten
@@ -48,6 +49,7 @@ def cosine_to_u(run: Path, model_dir: Path, layer: int, texts: list[str]) -> flo
     """Mean cosine of the layer-`layer` output with topic 0's u over real tokens of forget texts."""
     import jax.numpy as jnp
     import numpy as np
+
     from armu_jax.data import load_tokenizer
     from armu_jax.hf_io import load_hf
     from armu_jax.model import LlamaForCausalLM
@@ -69,11 +71,12 @@ def main() -> None:
                              "the post-norm's eps dominates; 100 puts it where trained weights are (eps negligible)")
     parser.add_argument("--families", default=",".join(FAMILIES))
     args = parser.parse_args()
+    from helpers import tiny_family_model, with_tokenizer
+
     from armu_jax.config import config_with
     from armu_jax.data import read_corpus
     from armu_jax.embedded import smollm2_dir
     from armu_jax.train import run
-    from helpers import tiny_family_model, with_tokenizer
     tmp = Path(tempfile.mkdtemp(prefix="post_norm."))
     forget = read_corpus("demo:bio")[:8]
     rows = []

@@ -31,6 +31,7 @@ def make_sides(steps: int, max_len: int):
     import torch
     import torch.nn.functional as F
     import transformers
+    from reference_rmu import HFAdamW, forward_with_cache
 
     from armu_jax.compile_report import executable_flops
     from armu_jax.config import config_with
@@ -38,8 +39,7 @@ def make_sides(steps: int, max_len: int):
     from armu_jax.embedded import smollm2_dir
     from armu_jax.hf_io import load_hf
     from armu_jax.sharding import make_mesh
-    from armu_jax.step import build_step
-    from reference_rmu import HFAdamW, forward_with_cache
+    from armu_jax.step import StepSpec, build_step
 
     layer, lr, alpha, beta = 7, 5e-5, 1200.0, 5.0
     model_dir = smollm2_dir()
@@ -53,7 +53,7 @@ def make_sides(steps: int, max_len: int):
         model_cfg, params = load_hf(model_dir, upto_layer=layer)
         cfg = config_with(layer_id=layer, lr=lr, alpha=[alpha], beta=beta, method="adaptive_rmu",
                           adaptive_coeff="first_batch")
-        compiled = build_step(cfg, model_cfg, params, make_mesh(cfg.mesh), vectors)
+        compiled = build_step(StepSpec.of(cfg, model_cfg, make_mesh(cfg.mesh)), params).with_settings(cfg, vectors)
         data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none",
                               rows=compiled.rows)
         frozen = jax.device_put(params, compiled.params_shardings)

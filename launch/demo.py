@@ -11,45 +11,37 @@ Usage: python -m launch.demo [--lm_eval] [--limit N] [--output_dir DIR]
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
+from armu_jax import outputs
+from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.embedded import smollm2_dir
-from armu_jax.errors import UserError
-from armu_jax.evaluate import evaluate_tasks, scorer_for
-from armu_jax.hf_io import load_hf
+from armu_jax.evaluate import EvalSpec, evaluate_tasks
 from armu_jax.runtime import enable_compilation_cache, go_offline
+from armu_jax.sharding import make_mesh
 from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
-from armu_jax.train import run
+from armu_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 NLL_TOKENS = 64  # held-out NLL over each extract's first 64 tokens
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def report_table(results: dict) -> str:
-    head = "| topic | " + " | ".join(f"{m} acc | {m} acc_norm | {m} NLL" for m in results) + " |"
-    lines = [head, "|---" * (1 + 3 * len(results)) + "|"]
+    rows = []
     for topic in DEMO_EVAL_TOPICS:
-        cells = []
+        cells = [topic]
         for res in results.values():
             r = res[f"demo_{topic}"]
             cells += [f"{100 * r['acc']:.1f}", f"{100 * r['acc_norm']:.1f}", f"{r['nll']:.3f}"]
-        lines.append(f"| {topic} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return outputs.markdown_table(["topic"] + [f"{m} {k}" for m in results for k in ("acc", "acc_norm", "NLL")], rows)
 
 
-def plot(path: Path, results: dict, curves: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+def plot(path: Path, results: dict, curves: dict) -> list[dict]:
+    """Accuracy and NLL per topic and model, and both runs' losses; returns what is drawn."""
+    fig, axes = outputs.figure(1, 3, figsize=(16, 4.5))
     width = 0.8 / len(results)
     colors = {name: f"C{k}" for k, name in enumerate(results)}
     for k, (name, res) in enumerate(results.items()):
@@ -60,7 +52,8 @@ def plot(path: Path, results: dict, curves: dict) -> None:
     for ax, title in ((axes[0], "held-out description questions: acc (%)"), (axes[1], "held-out NLL per token")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DEMO_EVAL_TOPICS))], DEMO_EVAL_TOPICS)
         ax.set_title(title)
-    axes[0].axhline(25, color="gray", linestyle="--", linewidth=1, label="chance")
+    chance = 100 * sum(r["chance"] for r in results["original"].values()) / len(results["original"])
+    axes[0].axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     axes[0].set_ylim(0, 100)
     axes[0].legend(loc="upper left", fontsize=8, ncol=2)
     top = max(res[f"demo_{t}"]["nll"] for res in results.values() for t in DEMO_EVAL_TOPICS)
@@ -76,9 +69,7 @@ def plot(path: Path, results: dict, curves: dict) -> None:
     axes[2].set_xlabel("step (topics alternate)")
     axes[2].set_title("losses (forget: MSE to c*u; retain: alpha*MSE to frozen)")
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return outputs.save_figure(fig, path)
 
 
 # The demo's attacks (python -m armu_jax.main --mode=attack has them all, with controls): the
@@ -89,14 +80,14 @@ ATTACK_SETTINGS = dict(mode="attack", attacks=["ablate_u", "relearn_forget"], re
 ATTACK_NOTE = "u ablated after layer l; relearning: 10 unused forget-topic texts, 3 AdamW steps at lr 3e-5"
 
 
-def attack_results(run_dir: Path, scorer, results: dict, name: str, limit: int) -> dict:
+def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str, limit: int) -> dict:
     """The demo's attacks on one run, scored on demo_bio (original and unlearned scores reused)."""
     from armu_jax.attack import AttackedRun, attack_texts, recovery, run_attacks
     cfg = config_with(**ATTACK_SETTINGS)
     target = AttackedRun(str(run_dir))
-    tasks = [t.limited(limit) for t in load_tasks(["demo_bio"])]
+    tasks = load_tasks(["demo_bio"], limit)
     known = {"original": {"demo_bio": results["original"]["demo_bio"]}, "unlearned": {"demo_bio": results[name]["demo_bio"]}}
-    scores, _, _ = run_attacks(cfg, target, tasks, attack_texts(cfg, target), NLL_TOKENS, known, scorer)
+    scores, _, _ = run_attacks(cfg, target, tasks, attack_texts(cfg, target), NLL_TOKENS, known, cache)
     fractions = recovery(scores)
     return {attack: {**scores[attack]["demo_bio"], "recovered_acc": fractions[attack]["demo_bio"]["acc"],
                      "recovered_nll": fractions[attack]["demo_bio"]["nll"]} for attack in ATTACK_SETTINGS["attacks"]}
@@ -104,12 +95,9 @@ def attack_results(run_dir: Path, scorer, results: dict, name: str, limit: int) 
 
 def format_attacks(attacks: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-    lines = ["| model | attack | bio acc / NLL | recovered acc / NLL |", "|---|---|---|---|"]
-    for model, rows in attacks.items():
-        for attack, r in rows.items():
-            lines.append(f"| {model} | {attack} | {100 * r['acc']:.1f} / {r['nll']:.3f} | "
-                         f"{pct(r['recovered_acc'])} / {pct(r['recovered_nll'])} |")
-    return "\n".join(lines)
+    rows = [[model, attack, f"{100 * r['acc']:.1f} / {r['nll']:.3f}", f"{pct(r['recovered_acc'])} / {pct(r['recovered_nll'])}"]
+            for model, per_attack in attacks.items() for attack, r in per_attack.items()]
+    return outputs.markdown_table(["model", "attack", "bio acc / NLL", "recovered acc / NLL"], rows)
 
 
 def main(argv=None) -> int:
@@ -121,35 +109,38 @@ def main(argv=None) -> int:
     began = time.time()
     go_offline()
     enable_compilation_cache()
-    out = Path(args.output_dir) if args.output_dir else ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new --output_dir")
+    out = outputs.claim(args.output_dir or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
     flagfile = ROOT / "configs" / "demo.flags"
     print(f"armu_jax demo: writing to {out}")
-    tasks = load_tasks(["demo"])
+    tasks = load_tasks(["demo"], args.limit)
 
     print("[1/5] evaluating the original model")
-    scorer = scorer_for(smollm2_dir())  # one scorer: later models swap params, shapes stay compiled
-    results = {"original": evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)}
+    # One cache for the whole demo: one scorer (every model's params are its argument, shapes stay
+    # compiled), one compiled step for both runs, the original model loaded once.
+    cache = ProcessCache()
+    model_dir, mesh = smollm2_dir(), make_mesh("data:1")
+    scorer = cache.scorer(EvalSpec(str(model_dir), "float32", 16, mesh))
+    evaluate = lambda params: evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS)
+    results = {"original": evaluate(cache.params(model_dir, "float32", mesh))}
 
     print("[2/5] Adaptive RMU (configs/demo.flags)")
-    adaptive = run(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")))
-    curves = {"adaptive_rmu": _metrics(adaptive)}
+    adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
+    curves = {"adaptive_rmu": outputs.read_jsonl(adaptive / "metrics.jsonl")}
     first = {}
     for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
     coeff = sum(first.values()) / len(first)
     print(f"[3/5] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
-    rmu = run(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")))
-    curves["rmu"] = _metrics(rmu)
+    rmu = train(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")),
+                cache)[0]
+    curves["rmu"] = outputs.read_jsonl(rmu / "metrics.jsonl")
 
     print("[4/5] evaluating the unlearned models")
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
-        scorer.params = load_hf(run_dir / "hf")[1]
-        results[name] = evaluate_tasks(scorer, tasks, limit=args.limit, nll_tokens=NLL_TOKENS)
+        results[name] = evaluate(cache.params(run_dir / "hf", "float32", mesh))
 
     print(f"[5/5] attacks on the forgotten biology: {ATTACK_NOTE}")
-    attacks = {name: attack_results(run_dir, scorer, results, name, args.limit) for name, run_dir in
+    attacks = {name: attack_results(run_dir, cache, results, name, args.limit) for name, run_dir in
                (("rmu", rmu), ("adaptive_rmu", adaptive))}
 
     lm_eval_scores = {}
@@ -163,7 +154,7 @@ def main(argv=None) -> int:
     table = report_table(results)
     attack_table = format_attacks(attacks)
     seconds = time.time() - began
-    text = [f"# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
+    text = ["# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
             f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
             f"(chance 25%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",
             f"## Does it come back? ({ATTACK_NOTE})\n", attack_table, ""]
@@ -172,10 +163,9 @@ def main(argv=None) -> int:
         text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
                  for m, rows in lm_eval_scores.items() for t, r in rows.items()]
     text.append(f"\nTotal time: {seconds / 60:.1f} min.")
-    (out / "report.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(json.dumps({"native": results, "lm_eval": lm_eval_scores,
-                                                  "attacks": attacks, "rmu_coeff": coeff,
-                                                  "seconds": seconds}, indent=2))
+    outputs.write_text(out / "report.md", "\n".join(text) + "\n")
+    outputs.write_json(out / "results.json", {"native": results, "lm_eval": lm_eval_scores, "attacks": attacks,
+                                              "rmu_coeff": coeff, "seconds": seconds})
     plot(out / "report.png", results, curves)
     print("\n".join(text))
     print(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")

@@ -1,0 +1,68 @@
+"""What the runs of one process share, keyed by the specs they are built for.
+
+A standalone command makes one ProcessCache; a sweep passes its one to every cell, and the
+attack mode to every relearning run, so nothing is loaded, tokenized or compiled twice: the
+model's params, tokenizers, corpora, tokenized batches (data.DataSpec), compiled unlearning
+steps (step.StepSpec), scorers (evaluate.EvalSpec) and relearning programs
+(attack.RelearnSpec). The keys are the frozen specs themselves, so a setting a builder reads is
+in its key by construction; nothing is cached at module level.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ProcessCache:
+    """keep_full: load each model whole once (a sweep evaluates every cell on it) instead of layers
+    0..l per run."""
+
+    def __init__(self, keep_full: bool = False):
+        self.keep_full = keep_full
+        self._entries: dict = {}
+        self.built: dict[str, int] = {}  # kind -> builds (what the tests and the sweep's log check)
+
+    def get(self, kind: str, key, build):
+        """The entry (kind, key), built by build() the first time."""
+        if (kind, key) not in self._entries:
+            self._entries[kind, key] = build()
+            self.built[kind] = self.built.get(kind, 0) + 1
+        return self._entries[kind, key]
+
+    def params(self, model_dir: Path, dtype: str, mesh, upto_layer: int | None = None):
+        """load_hf's params of layers 0..upto_layer (all: None, or keep_full), each tensor on its shards;
+        only whole models are kept."""
+        from armu_jax.hf_io import load_hf
+        from armu_jax.model import parse_dtype
+        if self.keep_full or upto_layer is None:
+            return self.get("params", (str(model_dir), dtype, mesh),
+                            lambda: load_hf(model_dir, parse_dtype(dtype), mesh=mesh)[1])
+        return load_hf(model_dir, parse_dtype(dtype), upto_layer=upto_layer, mesh=mesh)[1]
+
+    def tokenizer(self, model_dir: Path):
+        from armu_jax.data import load_tokenizer
+        return self.get("tokenizer", str(model_dir), lambda: load_tokenizer(model_dir))
+
+    def corpus(self, spec: str, min_len: int) -> list[str]:
+        from armu_jax.data import read_corpus
+        return self.get("corpus", (spec, min_len), lambda: read_corpus(spec, min_len))
+
+    def data(self, spec):
+        """UnlearningData of a data.DataSpec (its batches tokenized once, on first use)."""
+        from armu_jax.data import UnlearningData
+        return self.get("data", spec, lambda: UnlearningData.from_spec(spec, self.tokenizer(Path(spec.model_dir)),
+                                                                        self.corpus))
+
+    def step(self, spec, frozen):
+        """The compiled unlearning step of a step.StepSpec (without a run's settings)."""
+        from armu_jax.step import build_step
+        return self.get("step", spec, lambda: build_step(spec, frozen))
+
+    def scorer(self, spec):
+        """The Scorer of an evaluate.EvalSpec."""
+        from armu_jax.evaluate import build_scorer
+        return self.get("scorer", spec, lambda: build_scorer(spec, self.tokenizer(Path(spec.model_dir))))
+
+    def relearn_program(self, spec):
+        """The jitted relearning step of an attack.RelearnSpec."""
+        from armu_jax.attack import build_relearn_program
+        return self.get("relearn", spec, lambda: build_relearn_program(spec))

@@ -1,0 +1,25 @@
+"""The context of a command, derived once from its settings: the model directory (--model resolved:
+a directory, or the embedded default), its ModelConfig, the device mesh and the dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+
+@dataclass(frozen=True)
+class RunContext:
+    model_dir: Path
+    model_cfg: object  # model_config.ModelConfig
+    mesh: jax.sharding.Mesh
+    dtype: str  # --dtype (model.parse_dtype gives the jnp dtype)
+
+    @classmethod
+    def of(cls, cfg, model: str | None = None) -> "RunContext":
+        """cfg's context; model: another --model spelling (an export, the attacked run's original)."""
+        from armu_jax import sharding
+        from armu_jax.embedded import resolve_model
+        from armu_jax.model_config import ModelConfig
+        model_dir = resolve_model(model or cfg.model)
+        return cls(model_dir, ModelConfig.from_dir(model_dir), sharding.make_mesh(cfg.mesh), cfg.dtype)

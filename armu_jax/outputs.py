@@ -1,0 +1,121 @@
+"""Where every mode's results go: one policy for output directories, files, tables and figures.
+
+- claim(): the output directory a mode may write, checked before anything is computed: refused
+  when it is a file, or when it already holds what the mode would write (`products`; without
+  them, anything at all). Nothing is ever overwritten.
+- write_text / write_json / write_npy: atomic (a temporary file in the same directory, then
+  os.replace), so a killed process leaves the old file or the new one, never half of one.
+- markdown_table(): the markdown tables of every report.
+- figure() / save_figure(): matplotlib with one backend (Agg, chosen once); save_figure returns
+  the data drawn on each panel (lines, bars, reference lines), which the tests check.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from armu_jax.errors import UserError
+
+DPI = 110
+
+
+def claim(path: str | Path | None, products: tuple[str, ...] | None = None, flag: str = "--output_dir",
+          purpose: str = "") -> Path:
+    """The output directory, checked (nothing written): a new or empty directory, or with `products`
+    one that holds none of them. Raises UserError saying what to do."""
+    if not path:
+        raise UserError(f"{flag} is required{': ' + purpose if purpose else ''}")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; pass a directory")
+    if products is None:
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{flag} {out} exists and is not empty; choose a new directory (results are never "
+                            "overwritten)")
+    else:
+        taken = [name for name in products if (out / name).exists()]
+        if taken:
+            raise UserError(f"{out / taken[0]} exists; choose a new {flag} (results are never overwritten)")
+    return out
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(Path(path), lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj, default=None) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
+
+
+def write_npy(path: str | Path, array) -> Path:
+    def save(temp: Path):
+        with temp.open("wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+    return _atomic(Path(path), save)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """A JSON-lines file (metrics.jsonl) as a list of records."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; cells are str()-ed as given (format numbers before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def figure(*args, **kwargs):
+    """plt.subplots(*args, **kwargs) on the Agg backend (no display needed): (fig, axes)."""
+    import matplotlib
+    if matplotlib.get_backend().lower() != "agg":
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kwargs)
+
+
+def plotted(fig) -> list[dict]:
+    """What each panel of fig shows: {title, lines: {label: (x, y)}, bars: {label: heights}, hlines:
+    {label: y}} (a horizontal reference line is a line with one distinct y)."""
+    panels = []
+    for ax in fig.axes:
+        lines, hlines, bars = {}, {}, {}
+        for k, line in enumerate(ax.get_lines()):
+            label = line.get_label() if not line.get_label().startswith("_") else f"line{k}"
+            x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+            if len(y) == 2 and y[0] == y[1] and tuple(x) == (0.0, 1.0):  # axhline: axes coordinates in x
+                hlines[label] = float(y[0])
+            else:
+                lines[label] = (x.tolist(), y.tolist())
+        for k, container in enumerate(ax.containers):
+            label = container.get_label() if not str(container.get_label()).startswith("_") else f"bars{k}"
+            bars[label] = [float(p.get_height()) for p in container.patches]
+        panels.append({"title": ax.get_title(), "lines": lines, "bars": bars, "hlines": hlines})
+    return panels
+
+
+def save_figure(fig, path: str | Path) -> list[dict]:
+    """Save fig as PNG (atomically) and close it; returns plotted(fig)."""
+    import matplotlib.pyplot as plt
+    data = plotted(fig)
+    fig.tight_layout()
+    _atomic(Path(path), lambda temp: fig.savefig(temp, dpi=DPI, format="png"))
+    plt.close(fig)
+    return data
