@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from armu_jax import outputs
 from armu_jax.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -94,15 +94,7 @@ def _build_atomically(target: Path, build) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if target.exists():
             return target
-        for stale in target.parent.glob(f".{target.name}.build-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
-        try:
-            build(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return outputs.build_directory(target, build, clean_stale=True)
 
 
 def _convert_smollm2(out: Path) -> None:

@@ -36,7 +36,7 @@ class Family:
 
 
 _GEMMA = dict(norm_offset=1.0, norm_weight_first=True, scale_embeddings=True)
-# Measured on tiny random models (bench/post_norm.py, README "Model families"): with the MLP output
+# Measured on tiny random models (bench/post_norm.py, docs/families.md): with the MLP output
 # re-normalised by post_feedforward_layernorm, updating down_proj alone cannot move the layer output
 # towards c*u; updating that norm's weight as well can.
 _POST_NORM_UPDATE = ("mlp.down_proj", "post_feedforward_layernorm")

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from armu_jax import tensor_files
+from armu_jax import outputs, tensor_files
 from armu_jax.errors import RunFailure, UserError
 from armu_jax.model import parse_dtype
 from armu_jax.model_config import ModelConfig
@@ -255,18 +254,15 @@ def _host(value, transpose: bool, dtype: np.dtype) -> np.ndarray:
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"export target {out_dir} exists and is not empty; choose another path or pass overwrite")
+    if not overwrite:
+        outputs.claim(out_dir, flag="export target", hint="choose another path or pass overwrite")
 
 
 def _write_atomically(files: dict[str, list], source_dir: Path, out_dir: Path, dtype: str) -> None:
     """Build the directory beside the target, then swap it in; an earlier export is replaced only
     once the new one is complete, and restored if the swap fails. A write that fails (full disk,
     unwritable directory) leaves everything as it was and says so in one line."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
-    old = None
-    try:
+    def build(tmp: Path) -> None:
         sizes = {name: tensor_files.write(tmp / name, entries, metadata={"format": "pt"})
                  for name, entries in files.items()}
         if len(files) > 1:
@@ -282,18 +278,9 @@ def _write_atomically(files: dict[str, list], source_dir: Path, out_dir: Path, d
                                                             or item.name.endswith(".index.json"))
             if item.is_file() and item.name != "config.json" and not is_weights and item.suffix not in PICKLE_SUFFIXES:
                 shutil.copy2(item, tmp / item.name)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-    except BaseException as err:
-        if old is not None and not out_dir.exists():
-            os.replace(old / out_dir.name, out_dir)
-        if isinstance(err, OSError):
-            raise RunFailure(f"export to {out_dir} failed: {err.strerror} ({err.filename or 'writing a tensor'}); "
-                             "nothing was replaced, an earlier export there is intact") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        outputs.build_directory(out_dir, build, replace=True)
+    except OSError as err:
+        raise RunFailure(f"export to {out_dir} failed: {err.strerror} ({err.filename or 'writing a tensor'}); "
+                         "nothing was replaced, an earlier export there is intact") from None

@@ -3,6 +3,7 @@
 - claim(): the output directory a mode may write, checked before anything is computed: refused
   when it is a file, or when it already holds what the mode would write (`products`; without
   them, anything at all). Nothing is ever overwritten.
+- build_directory: a directory (an export, the embedded cache) built beside its target and renamed.
 - write_text / write_json / write_npy: atomic (a temporary file in the same directory, then
   os.replace), so a killed process leaves the old file or the new one, never half of one.
 - markdown_table(): the markdown tables of every report.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +26,18 @@ DPI = 110
 
 
 def claim(path: str | Path | None, products: tuple[str, ...] | None = None, flag: str = "--output_dir",
-          purpose: str = "") -> Path:
-    """The output directory, checked (nothing written): a new or empty directory, or with `products`
-    one that holds none of them. Raises UserError saying what to do."""
+          purpose: str = "", ignore: tuple[str, ...] = (), hint: str = "choose a new directory") -> Path:
+    """The output directory, checked (nothing written): a new or empty directory (entries named in
+    `ignore` aside), or with `products` one that holds none of them. Raises UserError saying what
+    to do (hint)."""
     if not path:
         raise UserError(f"{flag} is required{': ' + purpose if purpose else ''}")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pass a directory")
     if products is None:
-        if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"{flag} {out} exists and is not empty; choose a new directory (results are never "
-                            "overwritten)")
+        if out.is_dir() and any(p.name not in ignore for p in out.iterdir()):
+            raise UserError(f"{flag} {out} exists and is not empty; {hint} (results are never overwritten)")
     else:
         taken = [name for name in products if (out / name).exists()]
         if taken:
@@ -53,6 +56,37 @@ def _atomic(path: Path, write) -> Path:
         if temp.exists():
             temp.unlink()
     return path
+
+
+def build_directory(target: str | Path, build, replace: bool = False, clean_stale: bool = False) -> Path:
+    """build(tmp) into a fresh directory beside target, then renamed to target: a failure or a kill
+    never leaves a half-built target. replace: an earlier target is swapped out only once the new one
+    is complete, and put back if the swap fails (else an existing target is refused). clean_stale:
+    first remove what killed builds left beside it (only under a lock that excludes other builders)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if clean_stale:
+        for stale in target.parent.glob(f".{target.name}.build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+    old = None
+    try:
+        build(tmp)
+        if target.exists():
+            if not replace:
+                raise UserError(f"{target} exists; choose a new path (results are never overwritten)")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -9,7 +9,7 @@ Reported: max and mean |logit difference| at real tokens, top-1 agreement, and t
 whose residual stream departs (max |difference| above the tolerance relative to that layer's
 largest activation). Written to --output_dir: parity.json, tokens.npy and mask.npy ([texts, length]:
 the ids run and which are real tokens), logits.npy (the port's float32 logits [texts, length, vocab]).
-Exit 1 when the logits miss the tolerance (TOLERANCE; README "Model families").
+Exit 1 when the logits miss the tolerance (TOLERANCE; docs/families.md).
 """
 from __future__ import annotations
 

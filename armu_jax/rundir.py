@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from armu_jax import outputs
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile
 from armu_jax.errors import UserError
 
@@ -19,15 +20,10 @@ LOCK_NAME = ".lock"
 
 def check(cfg: RunConfig) -> Path:
     """The run directory of cfg, refused (before anything is written) when it cannot be used as asked."""
-    if not cfg.output_dir:
-        raise UserError("--output_dir is required: the run directory for metrics, checkpoints and the export")
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; pass a directory")
-    non_empty = out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
-    if non_empty and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"--output_dir {out} exists and is not empty; pass --resume to continue it, "
-                        "--overwrite to start afresh, or choose a new directory")
+    # --resume and --overwrite take a directory that is not empty; a new run needs an empty one.
+    out = outputs.claim(cfg.output_dir, () if cfg.resume or cfg.overwrite else None, ignore=(LOCK_NAME,),
+                        purpose="the run directory for metrics, checkpoints and the export",
+                        hint="pass --resume to continue it, --overwrite to start afresh, or choose a new directory")
     if cfg.resume:
         if not (out / "checkpoints").is_dir() or not (out / "flags.txt").is_file():
             raise UserError(f"--resume: {out} has no checkpoints/ and flags.txt to resume from")

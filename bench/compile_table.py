@@ -1,4 +1,4 @@
-"""The README's compile table: the 7-9B flagfiles compiled for TPU slices, and today's families.
+"""The compile table of docs/scale.md and docs/families.md: the 7-9B flagfiles compiled for TPU slices, and today's families.
 
 Each row is --mode=compile's report (armu_jax.compile_report) for one flagfile on one topology,
 mesh fsdp over all chips. Takes minutes per row on a CPU (XLA's TPU compiler at 7B shapes).
