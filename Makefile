@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export ARMU_CACHE ?= $(HOME)/.cache/armu_jax
 
-.PHONY: demo test test-portable setup bench clean
+.PHONY: demo test lint docs test-portable setup bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m launch.demo
 
+# ruff first (a second, and it fails the suite when it fails), then the tests.
 test: $(STAMP)
+	$(PY) -m ruff check armu_jax launch bench tests
 	$(PY) -m pytest -q tests
 
 # The numerical tests again with XLA's CPU code limited to a baseline ISA and without fast math:
@@ -27,6 +29,13 @@ test: $(STAMP)
 test-portable: $(STAMP)
 	XLA_FLAGS="--xla_cpu_max_isa=SSE4_2 --xla_cpu_enable_fast_math=false" \
 	  $(PY) -m pytest -q tests/test_model.py tests/test_unlearning.py tests/test_run.py tests/test_evaluate.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check armu_jax launch bench tests
+
+# docs/flags.md is generated from armu_jax/config.py (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m armu_jax.config > docs/flags.md
 
 bench: $(STAMP)
 	$(PY) bench/step_time.py

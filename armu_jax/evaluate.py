@@ -87,6 +87,41 @@ def _pack(items: list[_Item], pack_tokens: int, window: int = 64) -> list[tuple[
     return rows
 
 
+def _layout(items: list[_Item], members_of_rows: list[list[int]], n_rows: int, length: int, width: int, pad: int):
+    """The packed arrays of one batch (ids, positions, segment, branch, at, targets) and where each
+    branch's scores land: [(row, first entry, item, branch, tokens)]."""
+    ids = np.full((n_rows, length), pad, np.int32)
+    positions = np.zeros((n_rows, length), np.int32)
+    segment = np.full((n_rows, length), -1, np.int32)
+    branch = np.zeros((n_rows, length), np.int32)
+    at = np.zeros((n_rows, width), np.int32)
+    targets = np.zeros((n_rows, width), np.int32)
+    where = []
+    for r, members in enumerate(members_of_rows):
+        cursor = entry = 0
+        for s, i in enumerate(members):
+            item = items[i]
+            p = len(item.prefix)
+            ids[r, cursor:cursor + p] = item.prefix
+            positions[r, cursor:cursor + p] = np.arange(p)
+            segment[r, cursor:cursor + p] = s
+            last = cursor + p - 1  # the prefix's last token predicts each branch's first
+            cursor += p
+            for b, tokens in enumerate(item.branches):
+                m = len(tokens) - 1
+                ids[r, cursor:cursor + m] = tokens[:-1]
+                positions[r, cursor:cursor + m] = np.arange(p, p + m)
+                segment[r, cursor:cursor + m] = s
+                branch[r, cursor:cursor + m] = b + 1
+                at[r, entry] = last
+                at[r, entry + 1:entry + 1 + m] = np.arange(cursor, cursor + m)
+                targets[r, entry:entry + m + 1] = tokens
+                where.append((r, entry, i, b, m + 1))
+                entry += m + 1
+                cursor += m
+    return (ids, positions, segment, branch, at, targets), where
+
+
 class Scorer:
     """Batched, jitted log-likelihoods of token sequences on one model's shapes; the params scored are
     an argument of every method, so one Scorer (and its compiled shapes) serves every model of those
@@ -158,36 +193,7 @@ class Scorer:
                 n_rows = sharding.batch_rows(self.mesh, n_rows)
             self.tokens_run += n_rows * length
             width = _bucket(max(sum(items[i].entries for i in members) for members in members_of_rows), 8)
-            ids = np.full((n_rows, length), pad, np.int32)
-            positions = np.zeros((n_rows, length), np.int32)
-            segment = np.full((n_rows, length), -1, np.int32)
-            branch = np.zeros((n_rows, length), np.int32)
-            at = np.zeros((n_rows, width), np.int32)
-            targets = np.zeros((n_rows, width), np.int32)
-            where = []  # (row, first entry, item, branch, tokens)
-            for r, members in enumerate(members_of_rows):
-                cursor = entry = 0
-                for s, i in enumerate(members):
-                    item = items[i]
-                    p = len(item.prefix)
-                    ids[r, cursor:cursor + p] = item.prefix
-                    positions[r, cursor:cursor + p] = np.arange(p)
-                    segment[r, cursor:cursor + p] = s
-                    last = cursor + p - 1  # the prefix's last token predicts each branch's first
-                    cursor += p
-                    for b, tokens in enumerate(item.branches):
-                        m = len(tokens) - 1
-                        ids[r, cursor:cursor + m] = tokens[:-1]
-                        positions[r, cursor:cursor + m] = np.arange(p, p + m)
-                        segment[r, cursor:cursor + m] = s
-                        branch[r, cursor:cursor + m] = b + 1
-                        at[r, entry] = last
-                        at[r, entry + 1:entry + 1 + m] = np.arange(cursor, cursor + m)
-                        targets[r, entry:entry + m + 1] = tokens
-                        where.append((r, entry, i, b, m + 1))
-                        entry += m + 1
-                        cursor += m
-            arrays = (ids, positions, segment, branch, at, targets)
+            arrays, where = _layout(items, members_of_rows, n_rows, length, width, pad)
             if self.rows is not None:
                 arrays = sharding.place(arrays, (self.rows,) * 6)
             logp = np.asarray(_scored_logprobs(self.model, params, *arrays), np.float64)

@@ -301,6 +301,30 @@ def _progress_line(row: dict, name: str) -> str:
     return f"{name}: forget acc {100 * row['forget_acc']:.1f}{retain} ({row['seconds']:.0f} s)"
 
 
+def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, task_names: list[str]) -> list[dict]:
+    """Every cell in order: done ones (result.json "ok") read back, the others run; sweep.csv rewritten
+    after each cell, so an interrupted sweep leaves the table of what is done."""
+    rows = []
+    bar = tqdm(cells, desc="sweep", unit="cell")
+    for cell in bar:
+        directory = out / "cells" / cell.name
+        result_file = directory / "result.json"
+        if result_file.is_file():
+            row = json.loads(result_file.read_text())
+            if row["status"] == "ok":
+                rows.append(row)
+                continue
+        row = run_cell(cfg, cell, directory, cache, evaluate, bar)
+        outputs.write_json(result_file, row)
+        rows.append(row)
+        if row["status"] == "ok":
+            bar.write(_progress_line(row, cell.name))
+        outputs.write_text(out / "sweep.csv", csv_text(rows, task_names))
+    bar.close()
+    outputs.write_text(out / "sweep.csv", csv_text(rows, task_names))
+    return rows
+
+
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
     from armu_jax import hosts, rundir
@@ -341,27 +365,10 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
             print("evaluating the original model")
             original = evaluate()
             outputs.write_json(original_file, original)
+        rows = run_cells(cfg, cells, out, cache, evaluate, [t.name for t in tasks])
         forget_docs = [(t.chance, len(t.docs)) for t in tasks if t.role == "forget"]
         chance = sum(c * n for c, n in forget_docs) / sum(n for _, n in forget_docs) if forget_docs else 0.25
-        rows = []
-        bar = tqdm(cells, desc="sweep", unit="cell")
-        for cell in bar:
-            directory = out / "cells" / cell.name
-            result_file = directory / "result.json"
-            if result_file.is_file():
-                row = json.loads(result_file.read_text())
-                if row["status"] == "ok":
-                    rows.append(row)
-                    continue
-            row = run_cell(cfg, cell, directory, cache, evaluate, bar)
-            outputs.write_json(result_file, row)
-            rows.append(row)
-            if row["status"] == "ok":
-                bar.write(_progress_line(row, cell.name))
-            outputs.write_text(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
-        bar.close()
         table = markdown(rows, original, claim(rows, original))
-        outputs.write_text(out / "sweep.csv", csv_text(rows, [t.name for t in tasks]))
         outputs.write_text(out / "sweep.md", table + "\n")
         plot_sweep(out / "sweep.png", rows, original, chance)
         print(table)
