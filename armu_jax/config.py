@@ -293,7 +293,7 @@ def _bound_error(name: str, value, bound: str) -> str | None:
     strict = not bound.startswith(">=")
     limit = bound.lstrip(">=")
     ok = value > float(limit) if strict else value >= float(limit)
-    return None if ok else f"--{name}={value}: must be {'>' if strict else 'at least'} {limit}"
+    return None if ok else f"--{name}={value}: must be {_bound_text(bound)}"
 
 
 def check_bounds(cfg: RunConfig) -> None:
@@ -355,6 +355,10 @@ def validate(cfg: RunConfig, model_cfg=None) -> None:
 
 # ----------------------------------------------------------------------------- the reference
 
+def _bound_text(bound: str) -> str:
+    return f"at least {bound[2:]}" if bound.startswith(">=") else f"> {bound[1:]}"
+
+
 def _default_text(meta: dict) -> str:
     value = meta["default"]
     if value is None:
@@ -374,7 +378,7 @@ def help_text() -> str:
             if meta["group"] != group:
                 continue
             extra = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
-            bound = f" Must be {meta['bound']}." if meta["bound"] else ""
+            bound = f" Must be {_bound_text(meta['bound'])}." if meta["bound"] else ""
             lines.append(f"  --{name} (default: {_default_text(meta)})")
             lines.append(f"      {meta['help']}{extra}{bound}")
     return "\n".join(lines) + "\n"
@@ -392,7 +396,7 @@ def flags_reference() -> str:
             if meta["group"] != group:
                 continue
             extra = f" One of: {', '.join(f'`{c}`' for c in meta['choices'])}." if meta["choices"] else ""
-            bound = f" Must be {meta['bound']}." if meta["bound"] else ""
+            bound = f" Must be {_bound_text(meta['bound'])}." if meta["bound"] else ""
             text = (meta["help"] + extra + bound).replace("|", "\\|")
             lines.append(f"| `--{name}` | `{_default_text(meta)}` | {text} |")
         lines.append("")
