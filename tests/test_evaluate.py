@@ -8,7 +8,7 @@ import transformers
 
 from armu_jax.data import is_held_out, read_corpus
 from armu_jax.errors import UserError
-from armu_jax.evaluate import evaluate_tasks, scorer_for
+from armu_jax.evaluate import load_params, scorer_for
 from armu_jax.harness import per_doc_predictions, run_lm_eval_on
 from armu_jax.tasks import demo_task, load_tasks, mmlu_task
 
@@ -16,7 +16,7 @@ from armu_jax.tasks import demo_task, load_tasks, mmlu_task
 def test_nll_matches_transformers(smollm2_dir):
     texts = demo_task("bio").nll_texts[:5]
     scorer = scorer_for(smollm2_dir, batch_size=4)
-    ours = scorer.nll_per_token(texts, max_tokens=48)
+    ours = scorer.nll_per_token(load_params(smollm2_dir), texts, max_tokens=48)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     total = count = 0.0
     for text in texts:
@@ -59,8 +59,8 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     specs = ["demo", "mmlu", f"wmdp_bio:{wmdp}"]
     limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "mmlu": 30, "wmdp_bio": 8}  # mmlu: 30 subjects
     tasks = [t.limited(limits[t.name]) for t in load_tasks(specs)]
-    scorer = scorer_for(smollm2_dir, batch_size=8)
-    native = {t.name: scorer.multiple_choice(t) for t in tasks}
+    scorer, params = scorer_for(smollm2_dir, batch_size=8), load_params(smollm2_dir)
+    native = {t.name: scorer.multiple_choice(params, t) for t in tasks}
 
     results = run_lm_eval_on(smollm2_dir, tasks, [], tmp_path / "lm_eval", batch_size=8, log_samples=True)
     theirs = {}
@@ -118,18 +118,20 @@ def test_bad_evaluation_sources_are_clear_errors(tmp_path):
 def test_bf16_export_evaluated_in_bf16_on_a_mesh(tmp_path, smollm2_dir):
     """--dtype and --mesh reach the evaluator: a bf16 export scored in bf16 with params sharded over
     data:2,fsdp:4 chooses the answers the float32 model chooses, up to bf16 rounding."""
+    import jax.numpy as jnp
+
     from armu_jax.hf_io import export_hf, load_hf
     from armu_jax.sharding import make_mesh
-    import jax.numpy as jnp
     bf16 = export_hf(load_hf(smollm2_dir)[1], smollm2_dir, tmp_path / "bf16", dtype="bfloat16")
     task = demo_task("bio").limited(12)
-    reference = scorer_for(smollm2_dir, batch_size=8).multiple_choice(task)
+    reference = scorer_for(smollm2_dir, batch_size=8).multiple_choice(load_params(smollm2_dir), task)
     mesh = make_mesh("data:2,fsdp:4")
-    scorer = scorer_for(bf16, jnp.bfloat16, batch_size=8, mesh=mesh)
-    embedding = scorer.params["params"]["model"]["embed_tokens"]["embedding"]
+    scorer = scorer_for(bf16, "bfloat16", batch_size=8, mesh=mesh)
+    params = load_params(bf16, "bfloat16", mesh)
+    embedding = params["params"]["model"]["embed_tokens"]["embedding"]
     assert embedding.dtype == jnp.bfloat16 and embedding.sharding.spec[0] == "fsdp"
     assert len(embedding.addressable_shards) == 8 and embedding.addressable_shards[0].data.shape[0] == 49152 // 4
-    ours = scorer.multiple_choice(task)
+    ours = scorer.multiple_choice(params, task)
     lls, ref_lls = (np.array([d["loglikelihoods"] for d in r["docs"]]) for r in (ours, reference))
     rel = np.abs(lls - ref_lls).max() / np.abs(ref_lls).max()
     agree = np.mean([a["pred"] == b["pred"] for a, b in zip(ours["docs"], reference["docs"])])
@@ -145,16 +147,17 @@ def test_shared_prefix_scores_as_one_request_per_row(smollm2_dir):
     packed scores on this CPU if that is more (measured: 4e-7 and 4e-6 of it, drift 1e-6 and 4e-6)."""
     import jax
     import jax.numpy as jnp
-    from armu_jax.evaluate import Scorer
+
+    from armu_jax.evaluate import EvalSpec, build_scorer
     packed = scorer_for(smollm2_dir, batch_size=8)
-    alone = Scorer(packed.model, packed.params, packed.tokenizer, 8, packed.max_length, pack_tokens=0)
-    nudged = Scorer(packed.model, jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), packed.params),
-                    packed.tokenizer, 8, packed.max_length)
+    alone = build_scorer(EvalSpec(str(smollm2_dir), batch_size=8, pack_tokens=0))
+    params = load_params(smollm2_dir)
+    nudged = jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)
     for task in (demo_task("bio").limited(10), mmlu_task().limited(6)):
         requests = task.requests()
-        ours, reference = packed.loglikelihoods(requests), alone.loglikelihoods(requests)
-        drift = np.abs(nudged.loglikelihoods(requests) - ours).max()
+        ours, reference = packed.loglikelihoods(params, requests), alone.loglikelihoods(params, requests)
         tokens_packed, tokens_alone = packed.tokens_run, alone.tokens_run
+        drift = np.abs(packed.loglikelihoods(nudged, requests) - ours).max()
         diff, scale = np.abs(ours - reference).max(), np.abs(reference).max()
         print(f"{task.name}: max |loglikelihood diff| {diff:.1e} of {scale:.1f} (one-ulp drift {drift:.1e}), "
               f"tokens run {tokens_packed} packed vs {tokens_alone} one per row")
@@ -162,4 +165,17 @@ def test_shared_prefix_scores_as_one_request_per_row(smollm2_dir):
         assert tokens_packed < tokens_alone
         packed.tokens_run = alone.tokens_run = 0
     texts = demo_task("cyber").nll_texts[:12]
-    assert packed.nll_per_token(texts, 64) == pytest.approx(alone.nll_per_token(texts, 64), rel=1e-5)
+    assert packed.nll_per_token(params, texts, 64) == pytest.approx(alone.nll_per_token(params, texts, 64), rel=1e-5)
+
+
+def test_tasks_know_their_role_and_chance_and_are_limited_in_one_place(tmp_path):
+    wmdp = tmp_path / "cyber.jsonl"
+    wmdp.write_text("".join(json.dumps({"question": f"q{i}", "choices": list("abcd"), "answer": i % 4}) + "\n"
+                            for i in range(5)))
+    tasks = load_tasks(["demo", "mmlu", f"wmdp_cyber:{wmdp}"], limit=3)
+    assert {t.name: t.role for t in tasks} == {"demo_bio": "forget", "demo_cyber": "forget", "demo_retain": "retain",
+                                                "mmlu": "retain", "wmdp_cyber": "forget"}
+    assert all(len(t.docs) == 3 and t.chance == 0.25 for t in tasks)
+    assert len(tasks[0].nll_texts) == 3
+    with pytest.raises(UserError, match="--eval_limit=-1: must be >= 0"):
+        load_tasks(["demo"], limit=-1)
