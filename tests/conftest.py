@@ -1,5 +1,9 @@
 """Test set-up: 8 fake CPU devices for mesh tests (added to any XLA_FLAGS given, e.g. a baseline ISA),
-everything offline."""
+everything offline; the model directories several modules use, built once per session.
+
+Fixtures: smollm2_dir (the embedded SmolLM2-135M), tiny_llama (a tiny random Llama with SmolLM2's
+tokenizer). Plain helpers (settings of a short run, the command line, the metrics reader) are in
+helpers.py. Tests treat the shared directories as read-only."""
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -18,3 +22,13 @@ import pytest  # noqa: E402
 def smollm2_dir():
     from armu_jax.embedded import smollm2_dir as build
     return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama (4 layers, 2 kv heads, seed 0) with SmolLM2's tokenizer and its vocabulary
+    of 49152: the model of the runs in test_unlearning, test_run, test_failures, test_launch,
+    test_attack, test_norms and test_sweep."""
+    from helpers import tiny_hf_model, with_tokenizer
+    return with_tokenizer(tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama", 2, layers=4, vocab=49152),
+                          smollm2_dir)

@@ -1,12 +1,19 @@
-"""Tiny random Hugging Face models with odd dimensions, saved as safetensors directories."""
+"""What several test modules share: tiny random Hugging Face models with odd dimensions (saved as
+safetensors directories), the settings of a short run of one, the command line in a subprocess, the
+metrics a run logged, and the published shapes of two big models."""
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
-import transformers
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_hf_model(tmp: Path, arch: str = "llama", kv_heads: int = 2, tied: bool = False, rope=None,
                   layers: int = 3, seed: int = 0, vocab: int = 131) -> Path:
+    import torch
+    import transformers
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=60, intermediate_size=97, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=kv_heads, head_dim=10, rms_norm_eps=1e-5,
@@ -57,6 +64,8 @@ FAMILY_SETTINGS = {
 def tiny_family_model(tmp: Path, family: str, seed: int = 0, vocab: int = 131, **overrides) -> Path:
     """A tiny random transformers model of `family` (a model_type), norms and biases perturbed so that a
     wrong placement shows; Gemma-2's q/k weights scaled so that its attention soft-cap binds."""
+    import torch
+    import transformers
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(family, **{**FAMILY_COMMON, **FAMILY_SETTINGS[family],
                                                           "vocab_size": vocab, **overrides})
@@ -78,3 +87,44 @@ def with_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, model_dir / name)
     return model_dir
+
+
+def run_settings(model_dir: Path, **extra) -> dict:
+    """A short unlearning run of model_dir (the tiny Llama: layer 3, 32-token texts), as config_with's
+    keyword arguments; extra overrides or adds settings."""
+    base = dict(model=str(model_dir), layer_id=3, lr=1e-3, alpha=[50], forget_max_len=[32], retain_max_len=32,
+                pad_multiple=32, checkpoint_every=0)
+    return {**base, **extra}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of <run_dir>/metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli_args(settings: dict) -> list[str]:
+    """config_with's keyword arguments as command-line flags (lists joined by commas)."""
+    return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
+
+
+def cli_command(*args) -> list[str]:
+    """The command line of `python -m armu_jax.main` with args (for a subprocess.Popen)."""
+    return [sys.executable, "-m", "armu_jax.main", *map(str, args)]
+
+
+def run_cli(*args, env: dict | None = None, prefix=(), cwd: Path = ROOT, timeout: float = 300):
+    """`python -m armu_jax.main *args` in a subprocess, run to its end: the CompletedProcess, output
+    captured as text. env: variables set on top of this process's environment; prefix: a command
+    line the command is run through."""
+    return subprocess.run([*prefix, *cli_command(*args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
+
+
+# The published configs (config.json) of two 7B/8B models, shapes only.
+ZEPHYR_7B = {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+             "tie_word_embeddings": False}
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False}

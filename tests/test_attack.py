@@ -15,15 +15,13 @@ from armu_jax.hf_io import load_hf
 from armu_jax.model import LlamaForCausalLM
 from armu_jax.params import flatten, path_to_hf_key
 from armu_jax.train import run
-from helpers import tiny_hf_model
-from test_unlearning import _with_tokenizer
 
 
 @pytest.fixture(scope="module")
-def unlearned_run(tmp_path_factory, smollm2_dir):
+def unlearned_run(tmp_path_factory, tiny_llama):
     """A short RMU run of a tiny Llama (vocab of SmolLM2's tokenizer) with known control vectors."""
     tmp = tmp_path_factory.mktemp("attack")
-    model_dir = _with_tokenizer(tiny_hf_model(tmp, "llama", 2, layers=4, vocab=49152), smollm2_dir)
+    model_dir = tiny_llama
     vectors = np.random.default_rng(7).random((2, 60)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     np.save(tmp / "u.npy", vectors)

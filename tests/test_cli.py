@@ -1,15 +1,11 @@
 """The command line: every shipped flagfile parses; bad input gets one line, exit 2, nothing written."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from armu_jax.config import from_flagfile
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_cli
 
 
 @pytest.mark.parametrize("flagfile", sorted((ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
@@ -21,17 +17,14 @@ def test_shipped_flagfiles_parse(flagfile):
     assert from_flagfile(flagfile, layer_id=9).layer_id == 9  # overrides win over the file
 
 
-def _main(*args):
-    env = {**os.environ, "HF_HOME": "/tmp/armu-empty-hf-home"}  # no cached lm-eval datasets
-    return subprocess.run([sys.executable, "-m", "armu_jax.main", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=env)
+def _main(tmp: Path, *args):
+    return run_cli(*args, env={"HF_HOME": str(tmp / "empty-hf-home")})  # no cached lm-eval datasets
 
 
-def _bad_cases(tmp: Path):
-    empty = tmp / "empty.txt"
-    empty.write_text("short\nx\n")
-    wrong = tmp / "wrong.npy"
-    np.save(wrong, np.ones((3, 576), np.float32) / 24.0)
+def _bad_cases(tmp: Path) -> dict:
+    """Each case's flags and the message its error line has; the files they name in tmp are written by
+    _write_bad_inputs (not here: the case names are read at collection time)."""
+    empty, wrong = tmp / "empty.txt", tmp / "wrong.npy"
     return {
         "missing corpus": (["--forget_corpora=nope.jsonl,demo:cyber"], "corpus file nope.jsonl does not exist"),
         "empty after min_len": ([f"--forget_corpora={empty},demo:cyber", "--min_len=10"],
@@ -53,11 +46,17 @@ def _bad_cases(tmp: Path):
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_cases(Path("/tmp")).keys()))
+def _write_bad_inputs(tmp: Path) -> None:
+    (tmp / "empty.txt").write_text("short\nx\n")
+    np.save(tmp / "wrong.npy", np.ones((3, 576), np.float32) / 24.0)
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(Path("unused"))))
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    _write_bad_inputs(tmp_path)
     args, message = _bad_cases(tmp_path)[case]
     out = tmp_path / "run"
-    result = _main(f"--output_dir={out}", *args)
+    result = _main(tmp_path, f"--output_dir={out}", *args)
     assert result.returncode == 2  # usage errors exit 2; failures during a run exit 1 (test_failures)
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
@@ -68,7 +67,7 @@ def test_existing_output_dir_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    result = _main(f"--output_dir={out}", "--max_num_batches=1")
+    result = _main(tmp_path, f"--output_dir={out}", "--max_num_batches=1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --output_dir")
     assert "exists and is not empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1

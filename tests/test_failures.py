@@ -12,21 +12,14 @@ import pytest
 
 from armu_jax.data import read_corpus, tokenize
 from armu_jax.errors import UserError
-from helpers import tiny_hf_model
-from test_run import _settings, _tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args(settings: dict) -> list[str]:
-    return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
+from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 
 
 def _main(settings: dict, *extra, prefix=(), wait=True):
-    cmd = [*prefix, sys.executable, "-m", "armu_jax.main", *_args(settings), *extra]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen([*prefix, *cli_command(*cli_args(settings), *extra)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return run_cli(*cli_args(settings), *extra, prefix=prefix)
 
 
 def _one_error_line(result, code: int, message: str) -> str:
@@ -42,14 +35,23 @@ def _snapshot(directory: Path) -> dict:
             if p.is_file() and p.name != ".lock"}
 
 
-@pytest.fixture
-def finished_run(tmp_path, smollm2_dir):
-    """A finished 4-step run of the tiny model: checkpoints at steps 2 and 4, an export."""
-    settings = _settings(_tiny(tmp_path, smollm2_dir), max_num_batches=4, checkpoint_every=2,
-                         output_dir=str(tmp_path / "run"))
-    result = _main(settings)
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory, tiny_llama):
+    """A finished 4-step run of the tiny model (checkpoints at steps 2 and 4, an export), run once."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = _main(run_settings(tiny_llama, max_num_batches=4, checkpoint_every=2, output_dir=str(out)))
     assert result.returncode == 0, result.stderr[-2000:]
-    return settings, tmp_path / "run"
+    return out
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_llama, finished_once):
+    """A finished 4-step run of the tiny model: checkpoints at steps 2 and 4, an export; each test's
+    own copy of the one run (the settings' --output_dir is restartable, so a copy resumes as the run)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_once, out, symlinks=True)
+    settings = run_settings(tiny_llama, max_num_batches=4, checkpoint_every=2, output_dir=str(out))
+    return settings, out
 
 
 def test_resume_with_other_settings_is_refused_then_allowed(finished_run):
@@ -63,13 +65,12 @@ def test_resume_with_other_settings_is_refused_then_allowed(finished_run):
     assert _main(settings, "--resume", "--log_every=2", "--keep_checkpoints=5").returncode == 0
     resumed = _main(settings, "--resume", "--lr=0.002", "--max_num_batches=6", "--allow_flag_changes")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(6))
+    assert [m["step"] for m in read_metrics(out)] == list(range(6))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smollm2_dir):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama):
     out = tmp_path / "run"
-    settings = _settings(_tiny(tmp_path, smollm2_dir), max_num_batches=8, checkpoint_every=1, lr=1e30,
-                         output_dir=str(out))
+    settings = run_settings(tiny_llama, max_num_batches=8, checkpoint_every=1, lr=1e30, output_dir=str(out))
     line = _one_error_line(_main(settings), 1, "not finite")
     step = int(line.split("step ")[1].split(":")[0])
     assert step >= 1 and f"the last good checkpoint is step {step}" in line
@@ -123,9 +124,9 @@ def test_full_disk_during_export_keeps_the_earlier_export(finished_run):
     assert steps[-1] == 6  # the run itself finished and was checkpointed
 
 
-def test_second_run_on_the_same_directory_is_refused(tmp_path, smollm2_dir):
+def test_second_run_on_the_same_directory_is_refused(tmp_path, tiny_llama):
     out = tmp_path / "run"
-    settings = _settings(_tiny(tmp_path, smollm2_dir), max_num_batches=300, checkpoint_every=0, output_dir=str(out))
+    settings = run_settings(tiny_llama, max_num_batches=300, checkpoint_every=0, output_dir=str(out))
     first = _main(settings, wait=False)
     deadline = time.time() + 240
     metrics = out / "metrics.jsonl"
@@ -141,7 +142,7 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path, smollm2_dir):
     first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=120) == 1
     assert (out / "flags.txt").read_bytes() == flags_before
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in read_metrics(out)]
     assert steps == list(range(len(steps))) and (out / "checkpoints" / str(len(steps))).is_dir()
 
 

@@ -17,7 +17,7 @@ from armu_jax.harness import per_doc_predictions, run_lm_eval_on
 from armu_jax.parity import parity_cli
 from armu_jax.tasks import load_tasks
 from armu_jax.train import run
-from helpers import tiny_family_model, with_tokenizer
+from helpers import read_metrics, run_cli, tiny_family_model, with_tokenizer
 
 FAMILIES = ("qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")
 VOCAB = 49152  # SmolLM2's tokenizer
@@ -34,7 +34,7 @@ def test_three_step_runs_export_what_transformers_reloads(tmp_path, family_dirs)
         out = tmp_path / family
         run(config_with(model=str(model_dir), layer_id=2, lr=1e-2, alpha=[10], forget_max_len=[24],
                         retain_max_len=24, pad_multiple=24, max_num_batches=3, checkpoint_every=0, output_dir=str(out)))
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(out)
         assert [m["step"] for m in metrics] == [0, 1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
         original = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
@@ -115,17 +115,13 @@ def test_parity_mode_refuses_bad_input_before_writing(tmp_path, family_dirs):
 def test_unsupported_model_on_the_command_line_is_one_line_exit_2(tmp_path, family_dirs):
     """A mixture-of-experts config.json given to a run: one error line, exit 2, no run directory."""
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
     moe = tmp_path / "moe"
     shutil.copytree(family_dirs["qwen3"], moe)
     hf = json.loads((moe / "config.json").read_text())
     hf.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=8)
     (moe / "config.json").write_text(json.dumps(hf))
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "armu_jax.main", f"--model={moe}", f"--output_dir={out}"],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    result = run_cli(f"--model={moe}", f"--output_dir={out}")
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode == 2 and lines[-1].startswith("error: ") and "mixture-of-experts" in lines[-1]
     assert not any(line.startswith("Traceback") for line in lines) and not out.exists()

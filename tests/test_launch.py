@@ -1,13 +1,11 @@
 """Launchers and profiles: the pod / GPU / SLURM launchers' dry runs, and a trace that opens."""
 import subprocess
 import sys
-from pathlib import Path
 
 from armu_jax.config import config_with
 from armu_jax.train import run
-from test_run import _settings, _tiny
+from helpers import ROOT, run_settings
 
-ROOT = Path(__file__).resolve().parents[1]
 FLAGFILE = "configs/zephyr7b_wmdp_adaptive.flags"
 
 
@@ -55,10 +53,10 @@ def test_launcher_refuses_stray_arguments():
     assert result.returncode == 2 and result.stderr.strip().startswith("error: extra arguments must be armu_jax flags")
 
 
-def test_two_step_profile_window_writes_a_trace(tmp_path, smollm2_dir):
+def test_two_step_profile_window_writes_a_trace(tmp_path, tiny_llama):
     out = tmp_path / "run"
-    run(config_with(**_settings(_tiny(tmp_path, smollm2_dir), max_num_batches=5, profile_start_step=0,
-                                profile_num_steps=2, output_dir=str(out))))
+    run(config_with(**run_settings(tiny_llama, max_num_batches=5, profile_start_step=0,
+                                   profile_num_steps=2, output_dir=str(out))))
     traces = list((out / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert b"step_num" in traces[0].read_bytes()  # the steps carry StepTraceAnnotation(step_num=...)

@@ -1,11 +1,9 @@
 """Several hosts, proven on one machine: 2 processes x 2 CPU devices joined by jax.distributed (gloo)
 run the same job as one process with 4 devices, and a SIGTERM to one of them stops both at one step."""
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,16 +14,12 @@ from armu_jax.config import config_with
 from armu_jax import tensor_files
 from armu_jax.tensor_files import StoredTensors
 from armu_jax.train import run
+from helpers import ROOT, cli_args, cli_command, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 # A short SmolLM2 run at the reference's lr, alpha and coefficient: layers 0..2, 64-token texts.
 SETTINGS = dict(model="smollm2-135m", layer_id=2, lr=5e-5, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
                 batch_size=4, max_num_batches=6, checkpoint_every=0)
 MESHES = ("fsdp:4", "data:2,fsdp:2")
-
-
-def _args(settings: dict) -> list[str]:
-    return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
 
 
 def _free_port() -> int:
@@ -38,18 +32,14 @@ def _start(settings: dict, *extra, processes: int = 2) -> list[subprocess.Popen]
     """The job as `processes` processes of 2 CPU devices each, joined over localhost."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "armu_jax.main", *_args(settings), *extra,
-                              f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-                              f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    return [subprocess.Popen(cli_command(*cli_args(settings), *extra, f"--coordinator_address=localhost:{port}",
+                                         f"--num_processes={processes}", f"--process_id={i}"),
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
 
 
 def _finish(procs, timeout=400) -> list[tuple[int, str]]:
     return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _weights(out: Path) -> dict:
@@ -90,7 +80,7 @@ def one_process(tmp_path_factory):
     for model in ("smollm2-135m", str(_nudged_model(root / "nudged"))):
         out = root / f"run{len(results)}"
         run(config_with(**{**SETTINGS, "model": model}, mesh="fsdp:4", output_dir=str(out)))
-        results.append((_metrics(out), _weights(out)))
+        results.append((read_metrics(out), _weights(out)))
     (metrics, weights), (nudged_metrics, nudged_weights) = results
     tolerance = [{k: max(1e-5 * abs(a[k]), 10 * abs(a[k] - b[k])) for k in COMPARED}
                  for a, b in zip(metrics, nudged_metrics)]
@@ -115,7 +105,7 @@ def two_processes(tmp_path_factory):
 def test_two_processes_match_one(two_processes, one_process, mesh):
     out = two_processes[mesh]
     ref_metrics, ref_weights, tolerance, weight_tolerance = one_process
-    metrics, weights = _metrics(out), _weights(out)
+    metrics, weights = read_metrics(out), _weights(out)
     assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics] == list(range(6))
     for a, b, tol in zip(metrics, ref_metrics, tolerance):
         for key in COMPARED:
@@ -162,7 +152,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(tmp_pa
 
     resumed = _finish(_start({**settings, "output_dir": str(killed)}, "--resume"))
     assert all(code == 0 for code, _ in resumed), resumed[0][1][-3000:]
-    assert [m["step"] for m in _metrics(killed)] == list(range(6))
+    assert [m["step"] for m in read_metrics(killed)] == list(range(6))
     a, b = _weights(killed), _weights(straight)
     assert all(np.array_equal(a[k], b[k]) for k in b)
 

@@ -7,12 +7,11 @@ import pytest
 from armu_jax.config import config_with
 from armu_jax.norms import norms_cli
 from armu_jax.train import run
-from helpers import tiny_hf_model
-from test_unlearning import _with_tokenizer
+from helpers import read_metrics
 
 
-def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, smollm2_dir):
-    model = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
+def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, tiny_llama):
+    model = tiny_llama
     settings = dict(model=str(model), layer_id=2, forget_max_len=[48], retain_max_len=48, pad_multiple=32,
                     beta=3.0)
     # The step's first batch: topic 0's first 4 texts, norms over real tokens (loss_mask=tokens); the
@@ -21,7 +20,7 @@ def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, smollm2_dir)
         out = tmp_path / f"run-{loss_mask}"
         run(config_with(**settings, loss_mask=loss_mask, norm_skip_first=skip, max_num_batches=2,
                         checkpoint_every=0, output_dir=str(out), export=False))
-        logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][topic]
+        logged = read_metrics(out)[topic]
         profile_dir = tmp_path / f"norms-{loss_mask}"
         norms_cli(config_with(**settings, mode="norms", norms_texts=4, norm_skip_first=skip,
                               output_dir=str(profile_dir)))

@@ -1,44 +1,24 @@
 """Whole runs: a multi-device mesh matches one device; SIGKILL + --resume is bit-identical."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
 from armu_jax.config import config_with
 from armu_jax.train import run
-from helpers import tiny_hf_model
-from test_unlearning import _with_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 
 
-def _tiny(tmp_path, smollm2_dir):
-    return _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
-
-
-def _settings(model_dir, **extra):
-    base = dict(model=str(model_dir), layer_id=3, lr=1e-3, alpha=[50], forget_max_len=[32], retain_max_len=32,
-                pad_multiple=32, checkpoint_every=0)
-    return {**base, **extra}
-
-
-def _metrics(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_mesh_runs_match_one_device(tmp_path, smollm2_dir):
-    model_dir = _tiny(tmp_path, smollm2_dir)
+def test_mesh_runs_match_one_device(tmp_path, tiny_llama):
+    model_dir = tiny_llama
     results = {}
     for mesh in ("data:1", "fsdp:8", "data:2,fsdp:4"):  # batch 4: padded to 8 rows on the 8-device meshes
         out = tmp_path / mesh.replace(":", "").replace(",", "_")
-        run(config_with(**_settings(model_dir, mesh=mesh, batch_size=4, max_num_batches=6, output_dir=str(out))))
-        results[mesh] = (_metrics(out), load_file(out / "hf" / "model.safetensors"))
+        run(config_with(**run_settings(model_dir, mesh=mesh, batch_size=4, max_num_batches=6, output_dir=str(out))))
+        results[mesh] = (read_metrics(out), load_file(out / "hf" / "model.safetensors"))
     ref_metrics, ref_weights = results["data:1"]
     for mesh in ("fsdp:8", "data:2,fsdp:4"):
         metrics, weights = results[mesh]
@@ -50,16 +30,15 @@ def test_mesh_runs_match_one_device(tmp_path, smollm2_dir):
             assert np.abs(weights[key] - ref_weights[key]).max() <= 1e-5 * scale, (mesh, key)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, smollm2_dir):
-    model_dir = _tiny(tmp_path, smollm2_dir)
-    settings = _settings(model_dir, max_num_batches=10, checkpoint_every=2)
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama):
+    model_dir = tiny_llama
+    settings = run_settings(model_dir, max_num_batches=10, checkpoint_every=2)
     straight = tmp_path / "straight"
     run(config_with(**settings, output_dir=str(straight)))
 
     killed = tmp_path / "killed"
-    args = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
-    cmd = [sys.executable, "-m", "armu_jax.main", *args, f"--output_dir={killed}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [*cli_args(settings), f"--output_dir={killed}"]
+    proc = subprocess.Popen(cli_command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "4").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -67,24 +46,24 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, smollm2_dir):
     proc.wait()
     assert (killed / "checkpoints" / "4").is_dir() and not (killed / "hf").exists()
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(killed / "hf" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    steps = [m["step"] for m in _metrics(killed)]
+    steps = [m["step"] for m in read_metrics(killed)]
     assert steps == list(range(10))
-    assert [m["loss"] for m in _metrics(killed)] == [m["loss"] for m in _metrics(straight)]
+    assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(straight)]
 
 
-def test_eval_every_logs_the_native_scores(tmp_path, smollm2_dir):
+def test_eval_every_logs_the_native_scores(tmp_path, tiny_llama):
     """--eval_every: scores in metrics.jsonl at steps 3 and 6, the last equal to --mode=eval of the export."""
     from armu_jax.evaluate import evaluate_tasks, scorer_for
     from armu_jax.tasks import load_tasks
-    model_dir = _tiny(tmp_path, smollm2_dir)
+    model_dir = tiny_llama
     out = tmp_path / "run"
-    run(config_with(**_settings(model_dir, max_num_batches=6, eval_every=3, eval_tasks=["demo_bio"],
+    run(config_with(**run_settings(model_dir, max_num_batches=6, eval_every=3, eval_tasks=["demo_bio"],
                                 eval_limit=8, output_dir=str(out))))
-    rows = [m for m in _metrics(out) if "eval/demo_bio/acc" in m]
+    rows = [m for m in read_metrics(out) if "eval/demo_bio/acc" in m]
     assert [m["step"] for m in rows] == [2, 5]
     final = evaluate_tasks(scorer_for(out / "hf"), load_tasks(["demo_bio"]), limit=8)["demo_bio"]
     assert rows[-1]["eval/demo_bio/acc"] == final["acc"] and rows[-1]["eval/demo_bio/acc_norm"] == final["acc_norm"]

@@ -2,8 +2,6 @@
 uses (step.build_step) is lowered and compiled ahead of time on abstract parameters of the real
 shapes (nothing is allocated), and XLA's memory analysis of the partitioned program gives the
 bytes per device, checked against the figures documented in the README."""
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,17 +11,9 @@ from armu_jax.compile_report import compile_step
 from armu_jax.config import from_flagfile
 from armu_jax.hf_io import parse_dtype
 from armu_jax.model_config import ModelConfig
+from helpers import LLAMA3_8B, ROOT, ZEPHYR_7B  # the published configs (config.json), shapes only
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
-# The published configs (config.json) of the two models, shapes only.
-ZEPHYR_7B = {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
-             "tie_word_embeddings": False}
-LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False}
 # zephyr7b_wmdp_rmu.flags differs from the adaptive one only in how c is set: same shapes, same program size.
 # Documented per-device totals (README, "Scale"): XLA CPU backend, mesh data:1,fsdp:2, bf16.
 CASES = {"zephyr7b_wmdp_adaptive.flags": (ZEPHYR_7B, 12.4), "llama3_8b_wmdp_adaptive.flags": (LLAMA3_8B, 12.7)}

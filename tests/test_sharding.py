@@ -8,7 +8,7 @@ from armu_jax.config import config_with, flagfile_text, from_flagfile
 from armu_jax.compile_report import abstract_step
 from armu_jax.errors import UserError
 from armu_jax.model_config import ModelConfig
-from test_scale import ZEPHYR_7B
+from helpers import ZEPHYR_7B
 
 
 def _abstract_step(mesh_spec: str):

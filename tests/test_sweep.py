@@ -1,11 +1,9 @@
 """--mode=sweep: layers x methods in one process; a killed sweep continues without redoing finished
 cells, and a cell is the run it names (same numbers as that run started alone)."""
 import csv
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,10 +13,7 @@ from armu_jax.config import config_with
 from armu_jax.errors import UserError
 from armu_jax.sweep import claim, parse_layers, plan
 from armu_jax.train import run
-from helpers import tiny_hf_model
-from test_unlearning import _with_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, cli_command, read_metrics, run_cli
 
 
 def test_layers_and_cells():
@@ -67,13 +62,13 @@ def _flagfile(tmp_path, model) -> Path:
     return flags
 
 
-def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2_dir):
-    model = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
+def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, tiny_llama):
+    model = tiny_llama
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "armu_jax.main", f"--flagfile={_flagfile(tmp_path, model)}", "--mode=sweep",
-           "--sweep_layers=2:4", f"--output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [f"--flagfile={_flagfile(tmp_path, model)}", "--mode=sweep", "--sweep_layers=2:4", f"--output_dir={out}"]
+    env = {"PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(cli_command(*args), cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list(out.glob("cells/*/result.json")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -83,7 +78,7 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
                 for p in out.glob("cells/*/result.json")}
     assert 1 <= len(finished) < 4, "the sweep should have been killed midway"
 
-    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    second = run_cli(*args, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     for name, (result, mtime) in finished.items():  # finished cells: neither rerun nor rewritten
         assert (out / "cells" / name / "result.json").read_text() == result
@@ -106,7 +101,7 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
     for r in rows:
         cell = out / "cells" / f"l{int(r['layer']):02d}_{r['method']}_" \
             f"{'c20' if r['method'] == 'rmu' else 'b3'}_a50"
-        assert [json.loads(l)["step"] for l in (cell / "metrics.jsonl").read_text().splitlines()] == list(range(6))
+        assert [m["step"] for m in read_metrics(cell)] == list(range(6))
 
     # A cell is the run it names: Adaptive RMU at layer 3 ran on the step compiled for RMU's cell
     # at layer 3 (its method and numbers are arguments); started alone it logs the same numbers.
@@ -114,8 +109,8 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, smollm2
     run(config_with(model=str(model), method="adaptive_rmu", layer_id=3, lr=1e-3, alpha=[50], beta=3,
                     forget_max_len=[32], retain_max_len=32, pad_multiple=32, max_num_batches=6,
                     checkpoint_every=0, output_dir=str(alone), export=False))
-    ours = [json.loads(l) for l in (out / "cells" / "l03_adaptive_rmu_b3_a50" / "metrics.jsonl").read_text().splitlines()]
-    theirs = [json.loads(l) for l in (alone / "metrics.jsonl").read_text().splitlines()]
+    ours = read_metrics(out / "cells" / "l03_adaptive_rmu_b3_a50")
+    theirs = read_metrics(alone)
     for a, b in zip(ours, theirs):
         for key in ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-12), (a["step"], key)

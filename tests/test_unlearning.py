@@ -1,6 +1,5 @@
 """The unlearning run against an independent PyTorch reference loop, on a tiny model and on SmolLM2."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -9,17 +8,11 @@ from safetensors.numpy import load_file
 from armu_jax.config import config_with
 from armu_jax.data import read_corpus
 from armu_jax.train import run
-from helpers import tiny_hf_model
+from helpers import read_metrics
 from reference_rmu import run_reference
 
 STEPS = 10
 MODES = [("rmu", "first_batch"), ("adaptive_rmu", "per_batch"), ("adaptive_rmu", "first_batch")]
-
-
-def _with_tokenizer(model_dir, smollm2_dir):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, model_dir / name)
-    return model_dir
 
 
 def _corpus_files(tmp_path):
@@ -76,7 +69,7 @@ def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, s
                       pad_multiple=64, loss_mask="tokens_after_first" if after_first else "none",
                       norm_skip_first=after_first)
     run(cfg)
-    ours = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    ours = read_metrics(out)
     reference = lambda perturb: run_reference(
         model_dir, [read_corpus(f) for f in forget], [read_corpus(retain)] * 2, vectors, method=method,
         layer_id=layer_id, steps=steps, lr=lr, alphas=[alpha] * 2, steering_coeffs=[steering] * 2,
@@ -115,9 +108,8 @@ def _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id, lr, alpha, s
 
 
 @pytest.mark.parametrize("method,adaptive_coeff", MODES)
-def test_tiny_model_matches_reference(tmp_path, smollm2_dir, method, adaptive_coeff):
-    model_dir = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
-    _compare(tmp_path, model_dir, method, adaptive_coeff, layer_id=3, lr=1e-3, alpha=50.0, steering=6.5,
+def test_tiny_model_matches_reference(tmp_path, tiny_llama, method, adaptive_coeff):
+    _compare(tmp_path, tiny_llama, method, adaptive_coeff, layer_id=3, lr=1e-3, alpha=50.0, steering=6.5,
              max_len=[48, 40])
 
 
@@ -136,8 +128,7 @@ def test_smollm2_matches_reference_on_a_chaotic_trajectory(tmp_path, smollm2_dir
              max_len=[64, 48])
 
 
-def test_tiny_model_after_first_variant_matches_reference(tmp_path, smollm2_dir):
+def test_tiny_model_after_first_variant_matches_reference(tmp_path, tiny_llama):
     """--loss_mask=tokens_after_first --norm_skip_first: losses and norm over real tokens but the sink."""
-    model_dir = _with_tokenizer(tiny_hf_model(tmp_path, "llama", 2, layers=4, vocab=49152), smollm2_dir)
-    _compare(tmp_path, model_dir, "adaptive_rmu", "per_batch", layer_id=3, lr=1e-3, alpha=50.0, steering=6.5,
+    _compare(tmp_path, tiny_llama, "adaptive_rmu", "per_batch", layer_id=3, lr=1e-3, alpha=50.0, steering=6.5,
              max_len=[48, 40], after_first=True)
