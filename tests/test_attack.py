@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from armu_jax.attack import AttackedRun, ablation_variables, attack_cli, relearn, relearn_names, _right_padded
+from armu_jax.attack import AttackedRun, ablation_variables, attack_cli, plot_report, relearn, relearn_names, text_batch
 from armu_jax.config import config_with
 from armu_jax.data import load_tokenizer, read_corpus
 from armu_jax.errors import UserError
@@ -35,7 +35,8 @@ def unlearned_run(tmp_path_factory, tiny_llama):
 def _forward_upto(model_dir, variables, texts, layer):
     cfg, _ = load_hf(model_dir)
     model = LlamaForCausalLM(cfg)
-    ids, mask = _right_padded(load_tokenizer(model_dir), texts, 32, len(texts))
+    batch = text_batch(load_tokenizer(model_dir), texts, 32)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     h = model.apply(variables, ids, mask, layer=layer, method=LlamaForCausalLM.hidden_upto)
     return np.asarray(h)[mask.astype(bool)]
 
@@ -59,15 +60,14 @@ def test_ablating_u_removes_its_component_from_layer_l_on(unlearned_run):
 
 def _texts_and_batch(model_dir):
     texts = read_corpus("demo:retain")[:3]
-    ids, mask = _right_padded(load_tokenizer(model_dir), texts, 24, 3)
-    return ids, mask
+    return text_batch(load_tokenizer(model_dir), texts, 24, 3)
 
 
 def test_relearning_with_lr_0_changes_nothing(unlearned_run):
     out, _, _ = unlearned_run
     cfg, params = load_hf(out / "hf")
-    ids, mask = _texts_and_batch(out / "hf")
-    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), ids, mask,
+    batch = _texts_and_batch(out / "hf")
+    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), batch,
                             steps=3, lr=0.0, weight_decay=0.01)
     assert len(losses) == 3 and losses[0] == losses[2] > 0
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tuned)):
@@ -79,10 +79,10 @@ def test_relearning_a_selection_changes_only_it_and_lays_it_out_like_the_step(un
     from armu_jax.sharding import make_mesh
     out, _, _ = unlearned_run
     cfg, params = load_hf(out / "hf")
-    ids, mask = _texts_and_batch(out / "hf")
+    batch = _texts_and_batch(out / "hf")
     names = relearn_names(params, ("mlp.down_proj",), (2,))
     assert names == ["model/layers_2/mlp/down_proj/kernel"]
-    tuned, _ = relearn(LlamaForCausalLM(cfg), params, names, ids, mask, steps=1, lr=1e-3, weight_decay=0.0,
+    tuned, _ = relearn(LlamaForCausalLM(cfg), params, names, batch, steps=1, lr=1e-3, weight_decay=0.0,
                        mesh=make_mesh("data:2,fsdp:4"))
     changed = [p for p, v in flatten(tuned).items() if not np.array_equal(np.asarray(v), np.asarray(flatten(params)[p]))]
     assert changed == [("model", "layers_2", "mlp", "down_proj", "kernel")]
@@ -117,14 +117,15 @@ def test_relearning_matches_a_pytorch_fine_tune(unlearned_run):
     that is larger (Adam normalises each gradient, so elements whose gradient is mostly rounding
     move by rounding: torch itself moves layer 3's down_proj by 2.5e-4 of its scale)."""
     _, model_dir, _ = unlearned_run
-    ids, mask = _texts_and_batch(model_dir)
+    batch = _texts_and_batch(model_dir)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     lr, weight_decay = 1e-3, 0.01
     want, torch_losses = _torch_fine_tune(model_dir, ids, mask, lr, weight_decay)
     nudged, _ = _torch_fine_tune(model_dir, ids, mask, lr, weight_decay, nudge=True)
 
     cfg, params = load_hf(model_dir)
     start = {p: np.asarray(v) for p, v in flatten(params).items()}
-    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), ids, mask,
+    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), batch,
                             steps=3, lr=lr, weight_decay=weight_decay)
     assert losses == pytest.approx(torch_losses, rel=1e-4)
     for path, value in flatten(tuned).items():
@@ -156,7 +157,12 @@ def test_attack_mode_end_to_end(unlearned_run, tmp_path):
     used = AttackedRun(str(out)).texts_used(0)  # relearning texts are ones the run did not train on
     assert not set(report["relearn_texts"]["forget"]) & set(read_corpus("demo:bio")[:used])
     assert np.load(report_dir / "pca_directions.npy").shape == (2, 60)
-    assert (report_dir / "attack.png").stat().st_size > 10_000
+    # the figure shows every model's accuracy and NLL per task, and the tasks' chance level
+    acc_panel, nll_panel = plot_report(tmp_path / "again.png", report)
+    assert acc_panel["bars"] == {name: [100 * results[name]["demo_bio"]["acc"]] for name in results}
+    assert nll_panel["bars"] == {name: [results[name]["demo_bio"]["nll"]] for name in results}
+    assert acc_panel["hlines"] == {"chance (25%)": 25.0}
+    assert (report_dir / "attack.png").read_bytes()[:4] == b"\x89PNG"
     md = (report_dir / "attack.md").read_text()
     assert "| ablate_u | demo_bio |" in md and "| relearn_retain on original | demo_bio |" in md
 

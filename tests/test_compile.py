@@ -6,15 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_hf_model
 
 from armu_jax.compile_report import report
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.model_config import ModelConfig
-from helpers import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
-# Documented (README, "Compile reports"): the Zephyr-7B flagfile cut to layers 0..2 and 128 tokens,
+# Documented (docs/scale.md, "Compile reports"): the Zephyr-7B flagfile cut to layers 0..2 and 128 tokens,
 # compiled for a v5e-8 slice (v5e:2x4) on mesh fsdp:8; the full flagfile rows take minutes each.
 ZEPHYR_V5E_SMALL_GIB = 2.21
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 
 from armu_jax.data import read_corpus, tokenize
 from armu_jax.errors import UserError
-from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 
 
 def _main(settings: dict, *extra, prefix=(), wait=True):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import tiny_family_model
 
 from armu_jax.errors import UserError
 from armu_jax.hf_io import export_hf, load_hf
@@ -17,7 +18,6 @@ from armu_jax.model import LlamaForCausalLM
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, unflatten
 from armu_jax.sharding import make_mesh, param_shardings
-from helpers import tiny_family_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import read_metrics, run_cli, tiny_family_model, with_tokenizer
 from safetensors.numpy import load_file
 
 from armu_jax import families
 from armu_jax.config import config_with
-from armu_jax.evaluate import scorer_for
-from armu_jax.model_config import ModelConfig
+from armu_jax.evaluate import load_params, scorer_for
 from armu_jax.harness import per_doc_predictions, run_lm_eval_on
+from armu_jax.model_config import ModelConfig
 from armu_jax.parity import parity_cli
 from armu_jax.tasks import load_tasks
 from armu_jax.train import run
-from helpers import read_metrics, run_cli, tiny_family_model, with_tokenizer
 
 FAMILIES = ("qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2")
 VOCAB = 49152  # SmolLM2's tokenizer
@@ -80,8 +80,9 @@ def test_native_answers_equal_lm_eval_on_gemma2(tmp_path, family_dirs):
     """Soft-caps, sliding windows (5 tokens, shorter than every question) and the packed, shared-prefix
     layout: every chosen answer is lm-eval's."""
     model_dir = family_dirs["gemma2"]
-    tasks = [t.limited(8) for t in load_tasks(["demo"])]
-    native = {t.name: scorer_for(model_dir, batch_size=8).multiple_choice(t) for t in tasks}
+    tasks = load_tasks(["demo"], 8)
+    params = load_params(model_dir)
+    native = {t.name: scorer_for(model_dir, batch_size=8).multiple_choice(params, t) for t in tasks}
     results = run_lm_eval_on(model_dir, tasks, [], tmp_path / "lm_eval", batch_size=8, log_samples=True)
     for task in tasks:
         ours, docs = native[task.name], per_doc_predictions(results, task.name)

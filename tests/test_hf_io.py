@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import tiny_hf_model
 from safetensors.numpy import load_file
 
 from armu_jax.errors import UserError
-from armu_jax.model_config import ModelConfig
 from armu_jax.hf_io import export_hf, export_trained, load_hf
+from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, name_of
 from armu_jax.sharding import make_mesh, param_shardings
-from helpers import tiny_hf_model
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -2,9 +2,10 @@
 import subprocess
 import sys
 
+from helpers import ROOT, run_settings
+
 from armu_jax.config import config_with
 from armu_jax.train import run
-from helpers import ROOT, run_settings
 
 FLAGFILE = "configs/zephyr7b_wmdp_adaptive.flags"
 

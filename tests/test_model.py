@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import tiny_hf_model
 
 from armu_jax.hf_io import load_hf
 from armu_jax.model import LlamaForCausalLM
-from helpers import tiny_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

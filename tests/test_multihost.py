@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, cli_args, cli_command, read_metrics
 
-from armu_jax.config import config_with
 from armu_jax import tensor_files
+from armu_jax.config import config_with
 from armu_jax.tensor_files import StoredTensors
 from armu_jax.train import run
-from helpers import ROOT, cli_args, cli_command, read_metrics
 
 # A short SmolLM2 run at the reference's lr, alpha and coefficient: layers 0..2, 64-token texts.
 SETTINGS = dict(model="smollm2-135m", layer_id=2, lr=5e-5, forget_max_len=[64], retain_max_len=64, pad_multiple=64,

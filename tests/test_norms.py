@@ -3,11 +3,11 @@ import json
 
 import numpy as np
 import pytest
+from helpers import read_metrics
 
 from armu_jax.config import config_with
-from armu_jax.norms import norms_cli
+from armu_jax.norms import norms_cli, plot_norms
 from armu_jax.train import run
-from helpers import read_metrics
 
 
 def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, tiny_llama):
@@ -32,5 +32,8 @@ def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, tiny_llama):
         assert len(corpus["mean"]) == 4 and corpus["texts"] == 4
         assert set(report["corpora"]) == {"demo:bio", "demo:cyber", "demo:retain"}
         assert np.all(np.array(corpus["std"]) > 0)
-        assert (profile_dir / "norms.png").stat().st_size > 10_000
+        (panel,) = plot_norms(tmp_path / "again.png", report)  # the figure: each corpus's profile by layer
+        assert panel["lines"][f"{['demo:bio', 'demo:cyber'][topic]}: all tokens"] == (
+            [0.0, 1.0, 2.0, 3.0], corpus["mean"])
+        assert set(panel["lines"]) == {f"{c}: {w}" for c in report["corpora"] for w in ("all tokens", "without the first")}
         assert "| 2 |" in (profile_dir / "norms.md").read_text()

@@ -5,11 +5,11 @@ import subprocess
 import time
 
 import numpy as np
+from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 from safetensors.numpy import load_file
 
 from armu_jax.config import config_with
 from armu_jax.train import run
-from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 
 
 def test_mesh_runs_match_one_device(tmp_path, tiny_llama):
@@ -57,7 +57,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama):
 
 def test_eval_every_logs_the_native_scores(tmp_path, tiny_llama):
     """--eval_every: scores in metrics.jsonl at steps 3 and 6, the last equal to --mode=eval of the export."""
-    from armu_jax.evaluate import evaluate_tasks, scorer_for
+    from armu_jax.evaluate import evaluate_tasks, load_params, scorer_for
     from armu_jax.tasks import load_tasks
     model_dir = tiny_llama
     out = tmp_path / "run"
@@ -65,7 +65,7 @@ def test_eval_every_logs_the_native_scores(tmp_path, tiny_llama):
                                 eval_limit=8, output_dir=str(out))))
     rows = [m for m in read_metrics(out) if "eval/demo_bio/acc" in m]
     assert [m["step"] for m in rows] == [2, 5]
-    final = evaluate_tasks(scorer_for(out / "hf"), load_tasks(["demo_bio"]), limit=8)["demo_bio"]
+    final = evaluate_tasks(scorer_for(out / "hf"), load_params(out / "hf"), load_tasks(["demo_bio"], 8))["demo_bio"]
     assert rows[-1]["eval/demo_bio/acc"] == final["acc"] and rows[-1]["eval/demo_bio/acc_norm"] == final["acc_norm"]
     assert abs(rows[-1]["eval/demo_bio/nll"] - final["nll"]) <= 1e-5 * final["nll"]
     assert rows[0]["eval/demo_bio/nll"] != rows[-1]["eval/demo_bio/nll"]  # the weights moved in between

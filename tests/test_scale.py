@@ -1,21 +1,21 @@
 """The shipped 7B/8B flagfiles compile on their mesh and fit a device: the step that train.run
 uses (step.build_step) is lowered and compiled ahead of time on abstract parameters of the real
 shapes (nothing is allocated), and XLA's memory analysis of the partitioned program gives the
-bytes per device, checked against the figures documented in the README."""
+bytes per device, checked against the figures documented in docs/scale.md."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import LLAMA3_8B, ROOT, ZEPHYR_7B  # the published configs (config.json), shapes only
 
 from armu_jax.compile_report import compile_step
 from armu_jax.config import from_flagfile
-from armu_jax.hf_io import parse_dtype
+from armu_jax.model import parse_dtype
 from armu_jax.model_config import ModelConfig
-from helpers import LLAMA3_8B, ROOT, ZEPHYR_7B  # the published configs (config.json), shapes only
 
 GIB = 1024 ** 3
 # zephyr7b_wmdp_rmu.flags differs from the adaptive one only in how c is set: same shapes, same program size.
-# Documented per-device totals (README, "Scale"): XLA CPU backend, mesh data:1,fsdp:2, bf16.
+# Documented per-device totals (docs/scale.md, "The 7B/8B steps on the CPU backend"): XLA CPU backend, mesh data:1,fsdp:2, bf16.
 CASES = {"zephyr7b_wmdp_adaptive.flags": (ZEPHYR_7B, 12.4), "llama3_8b_wmdp_adaptive.flags": (LLAMA3_8B, 12.7)}
 
 

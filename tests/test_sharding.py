@@ -2,13 +2,13 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import ZEPHYR_7B
 
 from armu_jax import sharding
-from armu_jax.config import config_with, flagfile_text, from_flagfile
 from armu_jax.compile_report import abstract_step
+from armu_jax.config import config_with, flagfile_text, from_flagfile
 from armu_jax.errors import UserError
 from armu_jax.model_config import ModelConfig
-from helpers import ZEPHYR_7B
 
 
 def _abstract_step(mesh_spec: str):

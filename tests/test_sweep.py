@@ -1,6 +1,7 @@
 """--mode=sweep: layers x methods in one process; a killed sweep continues without redoing finished
 cells, and a cell is the run it names (same numbers as that run started alone)."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -8,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, cli_command, read_metrics, run_cli
 
 from armu_jax.config import config_with
 from armu_jax.errors import UserError
-from armu_jax.sweep import claim, parse_layers, plan
+from armu_jax.sweep import claim, parse_layers, plan, plot_sweep
 from armu_jax.train import run
-from helpers import ROOT, cli_command, read_metrics, run_cli
 
 
 def test_layers_and_cells():
@@ -38,11 +39,12 @@ def test_layers_and_cells():
 
 
 def test_claim_counts_layers_where_adaptive_forgets_more_and_keeps_retain():
-    original = {"demo_bio": {"acc": 0.5, "nll": 3.0}, "demo_retain": {"acc": 0.6, "nll": 3.0}}
+    original = {"demo_bio": {"acc": 0.5, "nll": 3.0, "role": "forget"},
+                "demo_retain": {"acc": 0.6, "nll": 3.0, "role": "retain"}}
 
     def row(layer, method, forget, retain, forget_nll=3.0, retain_nll=3.0, status="ok"):
         setting = f"{method} alpha=1"
-        return {"layer": layer, "method": method, "status": status, "setting": setting, "forget_acc": forget,
+        return {"layer": layer, "method": method, "status": status, "setting": setting, "alpha": "1", "forget_acc": forget,
                 "retain_acc": retain, "forget_nll": forget_nll, "retain_nll": retain_nll}
     rows = [row(3, "rmu", 0.40, 0.60), row(3, "adaptive_rmu", 0.30, 0.59, 5.0, 3.04),  # wins (both)
             row(5, "rmu", 0.30, 0.60, 4.0), row(5, "adaptive_rmu", 0.35, 0.60, 3.5),  # forgets less
@@ -96,7 +98,18 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, tiny_ll
     assert {"forget_loss", "retain_loss", "seconds"} <= set(columns)
     assert all(r["status"] == "ok" for r in rows)
     assert {float(r["coeff"]) for r in rows if r["method"] == "rmu"} == {20.0}
-    assert (out / "sweep.png").stat().st_size > 10_000 and "of 2 layers" in (out / "sweep.md").read_text()
+    assert "of 2 layers" in (out / "sweep.md").read_text()
+    # the figure: forget acc, retain acc and forget NLL by layer, a line per setting, chance and the original
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
+    original = json.loads((out / "original.json").read_text())
+    forget_acc, retain_acc, forget_nll = plot_sweep(tmp_path / "again.png", results, original, 0.25)
+    for r in results:
+        layers, values = forget_acc["lines"][r["setting"]]
+        assert values[layers.index(r["layer"])] == pytest.approx(100 * r["forget_acc"])
+        assert forget_nll["lines"][r["setting"]][1][layers.index(r["layer"])] == pytest.approx(r["forget_nll"])
+    assert forget_acc["hlines"] == {"chance": 25.0, "original": pytest.approx(100 * original["demo_bio"]["acc"])}
+    assert retain_acc["hlines"]["original"] == pytest.approx(100 * original["demo_retain"]["acc"])
+    assert set(forget_acc["lines"]) == {r["setting"] for r in results}
     # Every cell has 6 steps, once each (a cell killed midway resumed from its checkpoint).
     for r in rows:
         cell = out / "cells" / f"l{int(r['layer']):02d}_{r['method']}_" \

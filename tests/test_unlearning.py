@@ -3,13 +3,13 @@ import json
 
 import numpy as np
 import pytest
+from helpers import read_metrics
+from reference_rmu import run_reference
 from safetensors.numpy import load_file
 
 from armu_jax.config import config_with
 from armu_jax.data import read_corpus
 from armu_jax.train import run
-from helpers import read_metrics
-from reference_rmu import run_reference
 
 STEPS = 10
 MODES = [("rmu", "first_batch"), ("adaptive_rmu", "per_batch"), ("adaptive_rmu", "first_batch")]
