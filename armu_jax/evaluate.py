@@ -167,9 +167,15 @@ class Scorer:
                             f"{self.max_length}-token context")
         return tuple(whole[:-len(continuation)]), tuple(continuation)
 
-    def place(self, params):
-        """params laid out for this scorer: on its mesh by the sharding table (a no-op when they are)."""
-        return params if self.mesh is None else jax.device_put(params, sharding.param_shardings(params, self.mesh))
+    def place(self, variables):
+        """variables laid out for this scorer: the params on its mesh by the sharding table (a no-op when
+        they are), other collections (an attack's ablation directions) replicated."""
+        if self.mesh is None:
+            return variables
+        params = {"params": variables["params"]}
+        others = {k: v for k, v in variables.items() if k != "params"}
+        return {**jax.device_put(params, sharding.param_shardings(params, self.mesh)),
+                **jax.device_put(others, sharding.replicated(self.mesh))}
 
     # -- scoring
     def _score(self, params, items: list[_Item], desc: str) -> list[list[np.ndarray]]:

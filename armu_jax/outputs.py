@@ -127,14 +127,15 @@ def figure(*args, **kwargs):
 
 def plotted(fig) -> list[dict]:
     """What each panel of fig shows: {title, lines: {label: (x, y)}, bars: {label: heights}, hlines:
-    {label: y}} (a horizontal reference line is a line with one distinct y)."""
+    {label: y}} (horizontal reference lines, axhline)."""
     panels = []
     for ax in fig.axes:
         lines, hlines, bars = {}, {}, {}
         for k, line in enumerate(ax.get_lines()):
             label = line.get_label() if not line.get_label().startswith("_") else f"line{k}"
             x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
-            if len(y) == 2 and y[0] == y[1] and tuple(x) == (0.0, 1.0):  # axhline: axes coordinates in x
+            x_in_data, _ = line.get_transform().contains_branch_seperately(ax.transData)
+            if not x_in_data and len(set(y)) == 1:  # axhline: x in axes coordinates, one y in data
                 hlines[label] = float(y[0])
             else:
                 lines[label] = (x.tolist(), y.tolist())

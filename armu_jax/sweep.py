@@ -270,10 +270,8 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
             raise UserError(f"{out} holds a sweep with other settings: " + "; ".join(changed) + "; rerun with "
                             f"--flagfile={saved} (the --sweep_* flags may change), choose a new --output_dir, "
                             "or add --allow_flag_changes")
-    elif out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--output_dir {out} exists, is not empty and holds no sweep; choose a new directory")
-    elif out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; pass a directory")
+    else:  # a new sweep: the directory must be new or empty
+        outputs.claim(out, hint="it holds no sweep; choose a new directory")
     return saved
 
 
