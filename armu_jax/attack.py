@@ -41,7 +41,6 @@ from armu_jax.model_config import ModelConfig
 from armu_jax.params import merge, trainable_names
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
 
-ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain")
 RELEARN = {"relearn_forget": "forget", "relearn_retain": "retain"}
 
 
@@ -150,7 +149,7 @@ def lm_loss(model: LlamaForCausalLM, params: dict, batch: dict):
 
 def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...]) -> list[str]:
     """The fine-tuned leaves (--relearn_params in --relearn_layers; `all`: every parameter)."""
-    return trainable_names(params, layers, which, flag="--relearn_params")
+    return trainable_names(params, layers, which, flag="--relearn_params", allow_all=True)
 
 
 @dataclass(frozen=True)
@@ -269,14 +268,14 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
     return results, losses, arrays
 
 
-PRODUCTS = ("attack.json", "attack.md", "attack.png")
-
-
 def attack_cli(cfg: RunConfig) -> None:
     """--mode=attack: every requested attack on the run's export (and the controls on the original
     model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
     from armu_jax.tasks import load_tasks
     target = AttackedRun(cfg.run_dir)
+    if any(a in RELEARN for a in cfg.attacks):  # bad --relearn_params / --relearn_layers fail before any work
+        relearn_names(abstract_params(LlamaForCausalLM(target.model_cfg)), cfg.relearn_params,
+                      cfg.relearn_layers or target.cfg.update_layer_ids)
     out = outputs.claim(cfg.output_dir or target.dir / "attack")
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
     texts = attack_texts(cfg, target)

@@ -252,11 +252,26 @@ def config_with(**overrides) -> RunConfig:
     return build(_override({name: meta["default"] for name, meta in SETTINGS.items()}, overrides))
 
 
-def from_flagfile(path: str | Path, **overrides) -> RunConfig:
-    """A flagfile's settings (over the defaults) with overrides, parsed without the global FLAGS."""
+def check_flagfile(path: str | Path) -> None:
+    """A flagfile is UTF-8 text whose lines are --flags, comments (#, //) or blank; absl would skip any
+    other line without a word."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"flagfile {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"flagfile {path} is not UTF-8 text (byte {err.start + 1}); save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text and not text.startswith(("-", "#", "//")):
+            raise UserError(f"flagfile {path}:{number}: {text[:60]!r} is not a flag; write it as --name=value")
+
+
+def from_flagfile(path: str | Path, **overrides) -> RunConfig:
+    """A flagfile's settings (over the defaults) with overrides, parsed without the global FLAGS."""
+    path = Path(path)
+    check_flagfile(path)
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     try:
@@ -315,6 +330,11 @@ def check_training(cfg: RunConfig) -> None:
                         f"--layer_id={cfg.layer_id}; updated layers must be at or below the unlearn layer")
     if not cfg.update_layer_ids:
         raise UserError("--update_layer_ids is empty; name at least one layer at or below --layer_id")
+    if cfg.loss_mask == "tokens_after_first" or cfg.norm_skip_first:
+        short = min((*cfg.forget_max_len, cfg.retain_max_len))
+        if short < 2:
+            raise UserError(f"a maximum length of {short} token with --loss_mask=tokens_after_first or "
+                            "--norm_skip_first leaves no token to weigh; use lengths of at least 2")
 
 
 def check_output(cfg: RunConfig) -> None:
@@ -322,8 +342,10 @@ def check_output(cfg: RunConfig) -> None:
         raise UserError("--resume and --overwrite contradict each other; pick one")
 
 
+ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain")
+
+
 def check_attack(cfg: RunConfig) -> None:
-    from armu_jax.attack import ATTACKS
     unknown = [a for a in cfg.attacks if a not in ATTACKS]
     if unknown or not cfg.attacks:
         raise UserError(f"--attacks: unknown attack {unknown[0] if unknown else '(none given)'}; "

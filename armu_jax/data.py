@@ -112,6 +112,8 @@ def _read_hf_dataset(spec: str) -> list[str]:
         raise UserError(f"corpus {spec}: expected hf:NAME:CONFIG:SPLIT, e.g. hf:wikitext:wikitext-2-raw-v1:test")
     _, name, config, split = parts
     rows = load_cached_dataset(name, config, split, f"corpus {spec}", "download it once where there is network")
+    if "text" not in rows.column_names:
+        raise UserError(f"corpus {spec}: the dataset has no 'text' column (columns: {', '.join(rows.column_names)})")
     return [str(t) for t in rows["text"]]
 
 

@@ -33,7 +33,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a safetensors index (JSON with a weight_map of tensor -> file); "
+                            "restore it from the model's source") from None
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise UserError(f"{index} names {missing[0]}, which is not in {model_dir}; the download is incomplete")
         return [model_dir / s for s in shards]
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -59,12 +66,17 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     cfg = ModelConfig.from_dir(model_dir)
-    expected = set(expected_paths(cfg))
+    expected = expected_paths(cfg)
     flat = {}
     for stored, key, path, transpose, rows in _stored_params(model_dir, cfg):
         if path not in expected:
             raise UserError(f"{model_dir}: tensor {key} is not a parameter of this {cfg.family} config "
                             "(config.json and the weights disagree, e.g. on attention_bias or tied embeddings)")
+        shape = stored.shape(key) if rows is None else (rows[1] - rows[0], *stored.shape(key)[1:])
+        if tuple(shape[::-1] if transpose else shape) != expected[path]:
+            want = expected[path][::-1] if transpose else expected[path]
+            raise UserError(f"{model_dir}: tensor {key} has shape {tuple(shape)}, config.json implies {tuple(want)}; "
+                            "the config and the weights are of different models")
         if upto_layer is None or needed_upto(path, upto_layer):
             flat[path] = _place(stored, key, path, transpose, rows, np.dtype(dtype), mesh)
     missing = sorted(p for p in expected - set(flat) if upto_layer is None or needed_upto(p, upto_layer))
@@ -73,17 +85,17 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     return cfg, unflatten(flat)
 
 
-def expected_paths(cfg: ModelConfig) -> list:
-    """Every parameter path of the decoder for this config (the model's own tree, not a hand-kept list):
-    one layer's parameters are traced abstractly and repeated for each layer."""
+def expected_paths(cfg: ModelConfig) -> dict:
+    """{path: shape} of every parameter of the decoder for this config (the model's own tree, not a
+    hand-kept list): one layer's parameters are traced abstractly and repeated for each layer."""
     from armu_jax.model import LlamaForCausalLM, abstract_params
     one = dataclasses.replace(cfg, num_hidden_layers=1, layer_types=cfg.layer_types[:1])
-    paths = []
-    for path in flatten(abstract_params(LlamaForCausalLM(one))):
+    paths = {}
+    for path, leaf in flatten(abstract_params(LlamaForCausalLM(one))).items():
         if path[1:2] == ("layers_0",):
-            paths += [(path[0], f"layers_{i}", *path[2:]) for i in range(cfg.num_hidden_layers)]
+            paths.update({(path[0], f"layers_{i}", *path[2:]): tuple(leaf.shape) for i in range(cfg.num_hidden_layers)})
         else:
-            paths.append(path)
+            paths[path] = tuple(leaf.shape)
     return paths
 
 

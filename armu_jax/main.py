@@ -5,8 +5,8 @@ import sys
 
 from absl import app, flags, logging
 
-from armu_jax.config import define_flags, from_flag_values, help_text
-from armu_jax.errors import USAGE_EXIT, run_cli
+from armu_jax.config import check_flagfile, define_flags, from_flag_values, help_text
+from armu_jax.errors import USAGE_EXIT, UserError, run_cli
 from armu_jax.runtime import enable_compilation_cache, go_offline
 
 define_flags()
@@ -50,9 +50,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(help_text(), end="")
         sys.exit(0)
     try:
+        for arg in argv[1:]:
+            if arg.startswith(("--flagfile=", "-flagfile=")):
+                check_flagfile(arg.split("=", 1)[1])
         return flags.FLAGS(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
     except flags.Error as err:
-        print(f"error: {err}; see python -m armu_jax.main --helpfull", file=sys.stderr)
+        print(f"error: {err}; see python -m armu_jax.main --help", file=sys.stderr)
         sys.exit(USAGE_EXIT)
 
 

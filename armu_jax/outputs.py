@@ -104,11 +104,6 @@ def write_npy(path: str | Path, array) -> Path:
     return _atomic(Path(path), save)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """A JSON-lines file (metrics.jsonl) as a list of records."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A markdown table; cells are str()-ed as given (format numbers before)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -39,8 +39,14 @@ def read_texts(path: str | None) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"--parity_texts {path} does not exist; pass a .txt (one text a line) or .jsonl ({{\"text\"}})")
+    if file.suffix not in (".txt", ".jsonl"):
+        raise UserError(f"--parity_texts {path}: use a .txt (one text a line) or .jsonl ({{\"text\"}}) file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"--parity_texts {path} is not UTF-8 text (byte {err.start + 1}); save it as UTF-8") from None
     texts = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if file.suffix == ".jsonl":

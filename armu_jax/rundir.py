@@ -92,4 +92,4 @@ def clear(out: Path) -> None:
 
 
 def write_flagfile(out: Path, cfg: RunConfig) -> None:
-    (out / "flags.txt").write_text(flagfile_text(cfg))
+    outputs.write_text(out / "flags.txt", flagfile_text(cfg))

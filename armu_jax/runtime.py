@@ -19,13 +19,29 @@ def has_gpu() -> bool:
 
 
 def choose_platforms() -> None:
-    """JAX_PLATFORMS=cpu on a machine with neither TPU nor GPU, unless the user set it. With libtpu
+    """JAX_PLATFORMS=cpu on a machine with neither TPU nor GPU (cuda,cpu on an NVIDIA machine with jax's
+    CUDA plugin), unless the user set it. With libtpu
     installed (for the compile reports) jax would otherwise initialise it at the first device query:
     warnings about the accelerator type, an E0000 TPU_WORKER_HOSTNAMES error line, and libtpu's
     machine-wide lock held for the whole process (a --mode=compile --topology beside it then fails).
     Compiling for a TPU topology does not need the TPU platform (compile_report.topology_devices)."""
-    if "JAX_PLATFORMS" not in os.environ and not has_tpu() and not has_gpu():
+    if "JAX_PLATFORMS" in os.environ or has_tpu():
+        return
+    if not has_gpu():
         os.environ["JAX_PLATFORMS"] = "cpu"
+    elif glob.glob("/dev/nvidia[0-9]*") and _installed("jax_plugins.xla_cuda12", "jax_cuda12_plugin"):
+        os.environ["JAX_PLATFORMS"] = "cuda,cpu"  # the GPU, and never libtpu
+
+
+def _installed(*modules: str) -> bool:
+    import importlib.util
+    for name in modules:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except ModuleNotFoundError:
+            continue
+    return False
 
 
 def go_offline() -> None:

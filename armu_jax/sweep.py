@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs
+from armu_jax import outputs, rundir
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, validate
 from armu_jax.errors import RunFailure, UserError
 
@@ -169,7 +169,7 @@ def claim(rows: list[dict], original: dict) -> list[dict]:
 def _metrics_of(run_dir: Path, n_topics: int) -> dict:
     """Final forget/retain loss (mean over the last step of each topic), the coefficient each topic
     used (mean), and the first step's time beyond a typical step's (its compilation, if any)."""
-    records = outputs.read_jsonl(run_dir / "metrics.jsonl")
+    records = rundir.read_metrics(run_dir)
     last = records[-n_topics:]
     times = np.diff([0.0] + [r["seconds"] for r in records])
     typical = float(np.median(times[1:])) if len(times) > 1 else 0.0
@@ -271,7 +271,7 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
                             f"--flagfile={saved} (the --sweep_* flags may change), choose a new --output_dir, "
                             "or add --allow_flag_changes")
     else:  # a new sweep: the directory must be new or empty
-        outputs.claim(out, hint="it holds no sweep; choose a new directory")
+        outputs.claim(out, ignore=(".lock",), hint="it holds no sweep; choose a new directory")
     return saved
 
 
@@ -299,6 +299,14 @@ def _progress_line(row: dict, name: str) -> str:
     return f"{name}: forget acc {100 * row['forget_acc']:.1f}{retain} ({row['seconds']:.0f} s)"
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; remove it (its cell or the original model is then evaluated "
+                        "again) and rerun the sweep") from None
+
+
 def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, task_names: list[str]) -> list[dict]:
     """Every cell in order: done ones (result.json "ok") read back, the others run; sweep.csv rewritten
     after each cell, so an interrupted sweep leaves the table of what is done."""
@@ -308,7 +316,7 @@ def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, tas
         directory = out / "cells" / cell.name
         result_file = directory / "result.json"
         if result_file.is_file():
-            row = json.loads(result_file.read_text())
+            row = _read_json(result_file)
             if row["status"] == "ok":
                 rows.append(row)
                 continue
@@ -325,7 +333,7 @@ def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, tas
 
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
-    from armu_jax import hosts, rundir
+    from armu_jax import hosts
     from armu_jax.cache import ProcessCache
     from armu_jax.context import RunContext
     from armu_jax.evaluate import EvalSpec, evaluate_tasks
@@ -358,7 +366,9 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
                                                        nll_tokens=cfg.eval_nll_tokens)
         original_file = out / "original.json"
         if original_file.is_file():
-            original = json.loads(original_file.read_text())
+            original = _read_json(original_file)
+            for name, result in original.items():  # a sweep begun before tasks carried their role
+                result.setdefault("role", next((t.role for t in tasks if t.name == name), "forget"))
         else:
             print("evaluating the original model")
             original = evaluate()

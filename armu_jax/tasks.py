@@ -140,7 +140,11 @@ def wmdp_task(path: str | Path, name: str | None = None, subject: str | None = N
                         "(question, choices, answer per line)")
     subject = subject or WMDP_SUBJECTS.get(name, path.stem.replace("_", " "))
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start + 1}); save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -180,12 +184,16 @@ def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     for path in files:
         subject = path.name[:-len("_test.csv")]
         docs = []
-        with path.open(encoding="utf-8", newline="") as f:
-            for number, row in enumerate(csv.reader(f), 1):
-                if len(row) != 6 or row[5].strip() not in LETTERS:
-                    raise UserError(f"{path}:{number}: expected 6 columns (question, A, B, C, D, answer letter)")
-                docs.append({"question": row[0], "choices": row[1:5], "answer": LETTERS.index(row[5].strip()),
-                             "description": _subject_description(subject.replace("_", " ")), "subject": subject})
+        try:
+            with path.open(encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise UserError(f"{path}: not a readable UTF-8 CSV ({type(err).__name__}); restore the file") from None
+        for number, row in enumerate(rows, 1):
+            if len(row) != 6 or row[5].strip() not in LETTERS:
+                raise UserError(f"{path}:{number}: expected 6 columns (question, A, B, C, D, answer letter)")
+            docs.append({"question": row[0], "choices": row[1:5], "answer": LETTERS.index(row[5].strip()),
+                         "description": _subject_description(subject.replace("_", " ")), "subject": subject})
         per_subject.append(docs)
     interleaved = [docs[i] for i in range(max(map(len, per_subject))) for docs in per_subject if i < len(docs)]
     return Task(name, interleaved, "letters", metrics=("acc",), role="retain")

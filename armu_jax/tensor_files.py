@@ -50,9 +50,11 @@ class StoredTensors:
         end = 0
         for key, entry in self.entries.items():
             try:
-                begin, stop = entry["data_offsets"]
+                begin, stop = (int(n) for n in entry["data_offsets"])
                 shape = [int(n) for n in entry["shape"]]
                 code = entry["dtype"]
+                if begin < 0 or stop < begin:
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise UserError(f"{self.path}: the header entry of {key} is malformed (needs dtype, shape and "
                                 "data_offsets); the file is damaged, fetch it again") from None

@@ -49,6 +49,9 @@ def load_control_vectors(path: str | Path, n_topics: int, hidden: int, what: str
         vectors = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f"{what} {path} is not a plain .npy array ({first_line_of(err)})") from None
+    if not isinstance(vectors, np.ndarray):  # an .npz archive
+        vectors.close()
+        raise UserError(f"{what} {path} is an .npz archive; save the array with np.save as a .npy file")
     if vectors.shape != (n_topics, hidden):
         raise UserError(f"{what} {path} has shape {vectors.shape}, expected ({n_topics}, {hidden}) "
                         "= (forget topics, hidden size)")

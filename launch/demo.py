@@ -19,6 +19,7 @@ from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.embedded import smollm2_dir
 from armu_jax.evaluate import EvalSpec, evaluate_tasks
+from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline
 from armu_jax.sharding import make_mesh
 from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
 
     print("[2/5] Adaptive RMU (configs/demo.flags)")
     adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
-    curves = {"adaptive_rmu": outputs.read_jsonl(adaptive / "metrics.jsonl")}
+    curves = {"adaptive_rmu": read_metrics(adaptive)}
     first = {}
     for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     print(f"[3/5] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
     rmu = train(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")),
                 cache)[0]
-    curves["rmu"] = outputs.read_jsonl(rmu / "metrics.jsonl")
+    curves["rmu"] = read_metrics(rmu)
 
     print("[4/5] evaluating the unlearned models")
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
@@ -154,9 +155,10 @@ def main(argv=None) -> int:
     table = report_table(results)
     attack_table = format_attacks(attacks)
     seconds = time.time() - began
+    chance = 100 * sum(t.chance for t in tasks) / len(tasks)
     text = ["# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
             f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
-            f"(chance 25%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",
+            f"(chance {chance:.0f}%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",
             f"## Does it come back? ({ATTACK_NOTE})\n", attack_table, ""]
     if lm_eval_scores:
         text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]

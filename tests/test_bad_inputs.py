@@ -111,3 +111,73 @@ def test_a_bad_flagfile_is_one_line(tmp_path):
         from_flagfile(flagfile)
     with pytest.raises(UserError, match="does not exist"):
         from_flagfile(tmp_path / "missing.flags")
+
+
+def test_weights_of_another_shape_than_config_json_are_refused(model_dir, tmp_path):
+    from armu_jax.hf_io import load_hf
+    bad = _copy(model_dir, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] += 1
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"mlp.*has shape \(\d+, \d+\), config.json implies .* different models"):
+        load_hf(bad)
+
+
+def test_a_broken_safetensors_index_is_refused(model_dir, tmp_path):
+    from armu_jax.hf_io import load_hf
+    bad = _copy(model_dir, tmp_path)
+    index = bad / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": ')
+    with pytest.raises(UserError, match="is not a safetensors index"):
+        load_hf(bad)
+    index.write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="names model-00002-of-00002.safetensors, which is not in"):
+        load_hf(bad)
+
+
+def test_text_files_that_are_not_utf8_or_not_flags_are_refused(tmp_path):
+    from armu_jax.config import from_flagfile
+    from armu_jax.parity import read_texts
+    from armu_jax.tasks import wmdp_task
+    latin = "caf\xe9\n".encode("latin-1")
+    for name in ("run.flags", "texts.txt", "bio.jsonl"):
+        (tmp_path / name).write_bytes(latin)
+    with pytest.raises(UserError, match="run.flags is not UTF-8 text"):
+        from_flagfile(tmp_path / "run.flags")
+    with pytest.raises(UserError, match="texts.txt is not UTF-8 text"):
+        read_texts(str(tmp_path / "texts.txt"))
+    with pytest.raises(UserError, match="bio.jsonl is not UTF-8 text"):
+        wmdp_task(tmp_path / "bio.jsonl")
+    (tmp_path / "run.flags").write_text("--lr=1e-3\nlayer_id=3\n")  # absl would skip the second line
+    with pytest.raises(UserError, match=r"run.flags:2: 'layer_id=3' is not a flag; write it as --name=value"):
+        from_flagfile(tmp_path / "run.flags")
+    (tmp_path / "texts.csv").write_text("a\n")
+    with pytest.raises(UserError, match="use a .txt"):
+        read_texts(str(tmp_path / "texts.csv"))
+
+
+def test_control_vectors_in_an_npz_archive_are_refused(tmp_path):
+    from armu_jax.train import load_control_vectors
+    np.savez(tmp_path / "u.npz", u=np.eye(2, 8, dtype=np.float32))
+    with pytest.raises(UserError, match="is an .npz archive"):
+        load_control_vectors(tmp_path / "u.npz", 2, 8)
+
+
+def test_settings_that_would_train_nothing_or_everything_are_refused(model_dir):
+    from armu_jax.config import config_with
+    from armu_jax.model import LlamaForCausalLM, abstract_params
+    from armu_jax.model_config import ModelConfig
+    from armu_jax.params import trainable_names
+    params = abstract_params(LlamaForCausalLM(ModelConfig.from_dir(model_dir)))
+    with pytest.raises(UserError, match="--update_params: the model has no parameter model/layers_1/all/kernel"):
+        trainable_names(params, [1], ["all"])  # `all` is for relearning (--relearn_params), not unlearning
+    assert len(trainable_names(params, [], ["all"], allow_all=True)) == len(jax_leaves(params))
+    with pytest.raises(UserError, match="a maximum length of 1 token with --loss_mask=tokens_after_first"):
+        config_with(loss_mask="tokens_after_first", forget_max_len=["1"])
+    with pytest.raises(UserError, match="--norm_skip_first leaves no token"):
+        config_with(norm_skip_first=True, retain_max_len=1)
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
