@@ -38,6 +38,7 @@ from armu_jax.data import read_corpus, tokenize
 from armu_jax.errors import UserError
 from armu_jax.model import LlamaForCausalLM, abstract_params
 from armu_jax.model_config import ModelConfig
+from armu_jax.optimizer import torch_adamw
 from armu_jax.params import merge, trainable_names
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
 
@@ -163,8 +164,7 @@ class RelearnSpec:
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
-        """torch.optim.AdamW's update: decoupled weight decay, eps 1e-8."""
-        return optax.adamw(self.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=self.weight_decay)
+        return torch_adamw(self.lr, self.weight_decay)
 
 
 def build_relearn_program(spec: RelearnSpec):

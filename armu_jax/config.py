@@ -337,6 +337,26 @@ def check_training(cfg: RunConfig) -> None:
                             "--norm_skip_first leaves no token to weigh; use lengths of at least 2")
 
 
+def check_host_arguments(coordinator_address, num_processes, process_id) -> None:
+    """The hosts group: the three hand-started settings go together, and the index is in range."""
+    explicit = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise UserError("--coordinator_address, --num_processes and --process_id go together; give all three, "
+                        "or none and --multihost to read them from the cluster (TPU VM, SLURM)")
+    if coordinator_address is not None and not 0 <= process_id < num_processes:
+        raise UserError(f"--process_id={process_id} must be in 0..{num_processes - 1} (--num_processes)")
+
+
+def check_hosts(cfg: RunConfig) -> None:
+    check_host_arguments(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+
+
+def check_evaluation(cfg: RunConfig) -> None:
+    if cfg.mode == "lm_eval" and cfg.mesh != SETTINGS["mesh"]["default"]:
+        raise UserError(f"--mesh={cfg.mesh} applies to the JAX evaluator (--mode=eval); lm-eval's hf backend "
+                        "places the torch model itself (on CUDA when torch has it)")
+
+
 def check_output(cfg: RunConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
@@ -356,10 +376,28 @@ def check_sweep(cfg: RunConfig) -> None:
     bad = [m for m in cfg.sweep_methods if m not in ("rmu", "adaptive_rmu")]
     if bad or not cfg.sweep_methods:
         raise UserError(f"--sweep_methods={','.join(cfg.sweep_methods)}: choose from rmu, adaptive_rmu")
+    for spec in cfg.sweep_alphas or ():
+        sweep_alpha(spec, cfg.n_topics)
+    if cfg.mode == "sweep" and not cfg.output_dir:
+        raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
+    if cfg.mode == "sweep" and cfg.overwrite:
+        raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
+
+
+def sweep_alpha(spec: str, n_topics: int) -> tuple[float, ...]:
+    """One --sweep_alphas entry: a value for every topic, or one per topic joined by /."""
+    try:
+        values = tuple(float(v) for v in spec.split("/"))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, n_topics) or any(not v >= 0 or not math.isfinite(v) for v in values):
+        raise UserError(f"--sweep_alphas entry {spec!r}: give a number >= 0 or {n_topics} joined by / (one per topic)")
+    return values * n_topics if len(values) == 1 else values
 
 
 # Each group's checks beyond the bounds (which stand beside each setting); run on every RunConfig.
-CHECKS = {"training": check_training, "output": check_output, "attack": check_attack,
+CHECKS = {"training": check_training, "hosts": check_hosts, "output": check_output, "evaluation": check_evaluation,
+          "attack": check_attack,
           "sweep": check_sweep}
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from armu_jax import outputs
-from armu_jax.config import SETTINGS
 from armu_jax.errors import UserError
 from armu_jax.runtime import go_offline
 from armu_jax.tasks import TASK_GRAMMAR, resolve_tasks, write_lm_eval_tasks
@@ -95,9 +94,7 @@ def per_doc_predictions(results: dict, task: str) -> list[dict]:
 def lm_eval_cli(cfg) -> None:
     """--mode=lm_eval: lm-eval's hf backend on --model over --eval_tasks, results in --output_dir."""
     from armu_jax.embedded import resolve_model
-    if cfg.mesh != SETTINGS["mesh"]["default"]:
-        raise UserError(f"--mesh={cfg.mesh} applies to the JAX evaluator (--mode=eval); lm-eval's hf backend "
-                        "places the torch model itself (on CUDA when torch has it)")
+    # --mesh is checked with the evaluation group (config.check_evaluation)
     out = outputs.claim(cfg.output_dir, ("lm_eval_results.json",), purpose="lm-eval's results JSON and task files")
     results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, out, cfg.eval_limit,
                           cfg.eval_batch_size, dtype=cfg.dtype)

@@ -17,8 +17,6 @@ import sys
 import jax
 import numpy as np
 
-from armu_jax.errors import UserError
-
 
 # Environment variables that say this process is one of several, with how to read the count: srun
 # sets SLURM_STEP_NUM_TASKS for the processes of a step (SLURM_NTASKS is also set for a batch
@@ -52,13 +50,9 @@ def _cluster_processes() -> tuple[str, int] | None:
 def start(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
           multihost: bool) -> None:
     """Join the job's processes (before any jax computation), or do nothing for a single process."""
-    explicit = [coordinator_address, num_processes, process_id]
-    if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise UserError("--coordinator_address, --num_processes and --process_id go together; give all three, "
-                        "or none and --multihost to read them from the cluster (TPU VM, SLURM)")
+    from armu_jax.config import check_host_arguments
+    check_host_arguments(coordinator_address, num_processes, process_id)
     if coordinator_address is not None:
-        if not 0 <= process_id < num_processes:
-            raise UserError(f"--process_id={process_id} must be in 0..{num_processes - 1} (--num_processes)")
         if num_processes == 1:
             return
     else:

@@ -50,6 +50,12 @@ def hf_adamw(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
     return optax.GradientTransformation(init, update)
 
 
+def torch_adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    """torch.optim.AdamW's update (decoupled weight decay, eps 1e-8 added to sqrt(v_hat)): the
+    relearning attack's fine-tuning optimizer."""
+    return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+
+
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     """The reference's optimizer settings: lr, betas (0.9, 0.999), eps 1e-6, no weight decay."""
     if name == "hf_adamw":

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from armu_jax import outputs, rundir
-from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, validate
+from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, sweep_alpha, validate
 from armu_jax.errors import RunFailure, UserError
 
 FIXED_COLUMNS = ("layer", "method", "coeff", "beta", "alpha", "status")
@@ -85,21 +85,10 @@ def parse_layers(spec: str | None, default: int, num_layers: int) -> list[int]:
     return list(dict.fromkeys(layers))
 
 
-def _alpha(spec: str, n_topics: int) -> tuple[float, ...]:
-    """One --sweep_alphas entry: a value for every topic, or one per topic joined by /."""
-    try:
-        values = tuple(float(v) for v in spec.split("/"))
-    except ValueError:
-        values = ()
-    if len(values) not in (1, n_topics) or any(v < 0 for v in values):
-        raise UserError(f"--sweep_alphas entry {spec!r}: give a number >= 0 or {n_topics} joined by / (one per topic)")
-    return values * n_topics if len(values) == 1 else values
-
-
 def plan(cfg: RunConfig, num_layers: int) -> list[Cell]:
     """The cells, in order (--sweep_methods is checked with its group, config.check_sweep)."""
     layers = parse_layers(cfg.sweep_layers, cfg.layer_id, num_layers)
-    alphas = [_alpha(spec, cfg.n_topics) for spec in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
+    alphas = [sweep_alpha(spec, cfg.n_topics) for spec in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
     cells = []
     for layer in layers:
         for method in dict.fromkeys(cfg.sweep_methods):
@@ -231,7 +220,7 @@ def markdown(rows: list[dict], original: dict, claims: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> list[dict]:
+def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float | None) -> list[dict]:
     """Forget accuracy, retain accuracy and forget NLL vs layer, a line per setting (RMU dashed), with
     chance and the original model; returns what is drawn."""
     base = summary(original)
@@ -248,7 +237,7 @@ def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float) -> l
                 ax.plot([r["layer"] for r in mine], [scale * r[key] for r in mine], style, color=f"C{k}",
                         markersize=4, label=setting)
     for ax, key, scale, title in panels:
-        if key.endswith("acc"):
+        if key.endswith("acc") and chance is not None:
             ax.axhline(100 * chance, color="gray", linestyle=":", linewidth=1, label="chance")
         if base[key] is not None:
             ax.axhline(scale * base[key], color="black", linestyle="--", linewidth=1, label="original")
@@ -338,13 +327,9 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     from armu_jax.context import RunContext
     from armu_jax.evaluate import EvalSpec, evaluate_tasks
     from armu_jax.params import merge
-    from armu_jax.tasks import load_tasks
+    from armu_jax.tasks import load_tasks, mean_chance
 
-    if not cfg.output_dir:
-        raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
-    if cfg.overwrite:
-        raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
-    if hosts.several():
+    if hosts.several():  # --output_dir and --overwrite are checked with the sweep group (config.check_sweep)
         raise UserError("--mode=sweep runs in one process (its cells may use all of its devices via --mesh); "
                         "start it without --num_processes/--multihost")
     out = Path(cfg.output_dir)
@@ -374,8 +359,7 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
             original = evaluate()
             outputs.write_json(original_file, original)
         rows = run_cells(cfg, cells, out, cache, evaluate, [t.name for t in tasks])
-        forget_docs = [(t.chance, len(t.docs)) for t in tasks if t.role == "forget"]
-        chance = sum(c * n for c, n in forget_docs) / sum(n for _, n in forget_docs) if forget_docs else 0.25
+        chance = mean_chance(tasks, "forget")
         table = markdown(rows, original, claim(rows, original))
         outputs.write_text(out / "sweep.md", table + "\n")
         plot_sweep(out / "sweep.png", rows, original, chance)

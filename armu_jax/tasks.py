@@ -229,12 +229,21 @@ def resolve_tasks(specs, builtin_ok: bool = False) -> tuple[list[Task], list[str
     return tasks, builtin
 
 
-def load_tasks(specs, limit: int = 0) -> list[Task]:
+def mean_chance(tasks: list[Task], role: str | None = None) -> float | None:
+    """The chance accuracy over every doc of the tasks (of one role, if given); None without docs."""
+    chosen = [t for t in tasks if role is None or t.role == role]
+    docs = sum(len(t.docs) for t in chosen)
+    return sum(t.chance * len(t.docs) for t in chosen) / docs if docs else None
+
+
+def load_tasks(specs, limit: int | dict = 0) -> list[Task]:
     """The tasks named by --eval_tasks specs, for the native evaluator, each cut to its first `limit`
-    docs (and held-out texts) when limit > 0 (--eval_limit): the one place tasks are limited."""
-    if limit < 0:
+    docs (and held-out texts) when limit > 0 (--eval_limit; a dict: per task name): the one place
+    tasks are limited."""
+    limits = limit if isinstance(limit, dict) else {}
+    if any(n < 0 for n in (*limits.values(), 0 if limits else limit)):
         raise UserError(f"--eval_limit={limit}: must be >= 0 (0: all)")
-    return [t.limited(limit) for t in resolve_tasks(specs)[0]]
+    return [t.limited(limits.get(t.name, 0) if limits else limit) for t in resolve_tasks(specs)[0]]
 
 
 # ----------------------------------------------------------------------------- lm-eval task files

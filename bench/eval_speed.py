@@ -43,7 +43,7 @@ def main() -> int:
 
     model_dir = smollm2_dir()
     limits = {"demo_bio": args.demo, "demo_cyber": args.demo, "demo_retain": args.demo, "mmlu": args.mmlu}
-    tasks = [t.limited(limits[t.name]) for t in load_tasks(["demo", "mmlu"])]
+    tasks = load_tasks(["demo", "mmlu"], limits)
     n_requests = sum(len(t.requests()) for t in tasks)
 
     scorer = build_scorer(EvalSpec(str(model_dir), batch_size=args.batch, pack_tokens=args.pack_tokens))

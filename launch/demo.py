@@ -22,7 +22,7 @@ from armu_jax.evaluate import EvalSpec, evaluate_tasks
 from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline
 from armu_jax.sharding import make_mesh
-from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks
+from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks, mean_chance
 from armu_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     table = report_table(results)
     attack_table = format_attacks(attacks)
     seconds = time.time() - began
-    chance = 100 * sum(t.chance for t in tasks) / len(tasks)
+    chance = 100 * mean_chance(tasks)
     text = ["# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
             f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
             f"(chance {chance:.0f}%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",

@@ -10,7 +10,7 @@ from armu_jax.data import is_held_out, read_corpus
 from armu_jax.errors import UserError
 from armu_jax.evaluate import load_params, scorer_for
 from armu_jax.harness import per_doc_predictions, run_lm_eval_on
-from armu_jax.tasks import demo_task, load_tasks, mmlu_task
+from armu_jax.tasks import demo_task, load_tasks, mean_chance, mmlu_task
 
 
 def test_nll_matches_transformers(smollm2_dir):
@@ -58,7 +58,7 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     wmdp.write_text("".join(json.dumps({k: d[k] for k in ("question", "choices", "answer")}) + "\n" for d in docs))
     specs = ["demo", "mmlu", f"wmdp_bio:{wmdp}"]
     limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "mmlu": 30, "wmdp_bio": 8}  # mmlu: 30 subjects
-    tasks = [t.limited(limits[t.name]) for t in load_tasks(specs)]
+    tasks = load_tasks(specs, limits)
     scorer, params = scorer_for(smollm2_dir, batch_size=8), load_params(smollm2_dir)
     native = {t.name: scorer.multiple_choice(params, t) for t in tasks}
 
@@ -176,6 +176,7 @@ def test_tasks_know_their_role_and_chance_and_are_limited_in_one_place(tmp_path)
     assert {t.name: t.role for t in tasks} == {"demo_bio": "forget", "demo_cyber": "forget", "demo_retain": "retain",
                                                 "mmlu": "retain", "wmdp_cyber": "forget"}
     assert all(len(t.docs) == 3 and t.chance == 0.25 for t in tasks)
+    assert mean_chance(tasks, "forget") == 0.25 and mean_chance(tasks, "other") is None
     assert len(tasks[0].nll_texts) == 3
     with pytest.raises(UserError, match="--eval_limit=-1: must be >= 0"):
         load_tasks(["demo"], limit=-1)
