@@ -149,6 +149,7 @@ def resolve_model(name: str) -> Path:
     """A model name or path -> a local HF directory. `smollm2-135m` is the embedded default."""
     if name == DEFAULT_MODEL:
         return smollm2_dir()
+    outputs.refuse_url(name, "--model")
     path = Path(name).expanduser()
     if not path.is_dir():
         raise UserError(f"model {name!r} is neither {DEFAULT_MODEL!r} nor an existing directory; "

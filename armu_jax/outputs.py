@@ -32,6 +32,7 @@ def claim(path: str | Path | None, products: tuple[str, ...] | None = None, flag
     to do (hint)."""
     if not path:
         raise UserError(f"{flag} is required{': ' + purpose if purpose else ''}")
+    refuse_url(str(path), flag)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pass a directory")
@@ -43,6 +44,15 @@ def claim(path: str | Path | None, products: tuple[str, ...] | None = None, flag
         if taken:
             raise UserError(f"{out / taken[0]} exists; choose a new {flag} (results are never overwritten)")
     return out
+
+
+def refuse_url(path: str, flag: str) -> None:
+    """A URL (gs://, s3://, ...) is not a local path: Path() would turn it into a local directory named
+    'gs:'. Object-storage run and model directories are not supported yet; say so in one line."""
+    scheme, sep, _ = path.partition("://")
+    if sep and scheme.isidentifier():
+        raise UserError(f"{flag} {path}: {scheme}:// directories are not supported yet (nothing is written); use a "
+                        "local path or a filesystem every process mounts (NFS, gcsfuse), and copy to the bucket after")
 
 
 def _atomic(path: Path, write) -> Path:

@@ -1,7 +1,10 @@
 """Run armu_jax on every worker of a TPU VM slice or pod: copy the code, install, launch, fetch the log.
 
     python -m launch.tpu_pod --tpu=my-v5e-16 --zone=us-west4-a --flagfile=configs/zephyr7b_wmdp_adaptive.flags \
-        [--project=P] [--dry_run] -- --mesh=fsdp:-1 --output_dir=gs://bucket/run
+        [--project=P] [--dry_run] -- --mesh=fsdp:-1 --output_dir=/mnt/bucket/run
+
+The run directory must be one every worker mounts (a bucket mounted with gcsfuse at the same path on
+each worker, or NFS); gs:// URLs are refused until object storage is supported.
 
 Every worker runs the same command with --multihost: jax.distributed.initialize() finds the other
 workers from the TPU VM metadata; process 0 writes the run directory. Its log comes back as

@@ -181,3 +181,16 @@ def test_settings_that_would_train_nothing_or_everything_are_refused(model_dir):
 def jax_leaves(tree):
     import jax
     return jax.tree.leaves(tree)
+
+
+def test_object_storage_urls_are_refused_not_turned_into_local_directories(tmp_path, monkeypatch):
+    """Path("gs://b/run") is the local directory gs:/b/run: until object storage is supported, a URL
+    for an output or model directory is one line and nothing is written."""
+    from armu_jax import outputs
+    from armu_jax.embedded import resolve_model
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--output_dir gs://bucket/run: gs:// directories are not supported yet"):
+        outputs.claim("gs://bucket/run")
+    with pytest.raises(UserError, match="--model s3://bucket/llama: s3:// directories are not supported yet"):
+        resolve_model("s3://bucket/llama")
+    assert list(tmp_path.iterdir()) == []
