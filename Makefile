@@ -22,7 +22,7 @@ demo: $(STAMP)
 # ruff first (a second, and it fails the suite when it fails), then the tests.
 test: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The numerical tests again with XLA's CPU code limited to a baseline ISA and without fast math:
 # the float32 rounding of another CPU model, on this one.
