@@ -79,7 +79,7 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
                             "the config and the weights are of different models")
         if upto_layer is None or needed_upto(path, upto_layer):
             flat[path] = _place(stored, key, path, transpose, rows, np.dtype(dtype), mesh)
-    missing = sorted(p for p in expected - set(flat) if upto_layer is None or needed_upto(p, upto_layer))
+    missing = sorted(p for p in set(expected) - set(flat) if upto_layer is None or needed_upto(p, upto_layer))
     if missing:
         raise UserError(f"{model_dir} lacks {len(missing)} parameters, e.g. {path_to_hf_key(missing[0])[0]}")
     return cfg, unflatten(flat)
