@@ -19,7 +19,7 @@ class ProcessCache:
     def __init__(self, keep_full: bool = False):
         self.keep_full = keep_full
         self._entries: dict = {}
-        self.built: dict[str, int] = {}  # kind -> builds (what the tests and the sweep's log check)
+        self.built: dict[str, int] = {}  # kind -> how many entries were built (the tests check it)
 
     def get(self, kind: str, key, build):
         """The entry (kind, key), built by build() the first time."""

@@ -10,11 +10,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from armu_jax.errors import RunFailure
-
-
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+from armu_jax.errors import RunFailure, first_line
 
 
 class Checkpointer:
@@ -36,7 +32,7 @@ class Checkpointer:
         except Exception as err:  # orbax wraps the OSError of a full or unwritable disk in several types
             kept = f"the checkpoint of step {self.saved} is intact" if self.saved is not None else "no earlier checkpoint"
             raise RunFailure(f"checkpoint of step {step} could not be written to {self.directory}: "
-                             f"{first_line(err)}; {kept}") from None
+                             f"{first_line(err, 300)}; {kept}") from None
         self.saved = step
 
     def restore(self, state_like, shardings):
@@ -53,5 +49,5 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.close()
         except Exception as err:  # an asynchronous save that failed surfaces here
-            raise RunFailure(f"checkpoint could not be finished in {self.directory}: {first_line(err)}; "
+            raise RunFailure(f"checkpoint could not be finished in {self.directory}: {first_line(err, 300)}; "
                              "earlier checkpoints are intact") from None

@@ -302,9 +302,11 @@ def differences(saved: RunConfig, now: RunConfig) -> list[str]:
             if meta["group"] == "training" and getattr(saved, name) != getattr(now, name)]
 
 
-def _bound_error(name: str, value, bound: str) -> str | None:
+def _bound_error(name: str, value, bound: str | None) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"--{name}={value}: must be a finite number"
+    if bound is None:
+        return None
     strict = not bound.startswith(">=")
     limit = bound.lstrip(">=")
     ok = value > float(limit) if strict else value >= float(limit)
@@ -318,8 +320,7 @@ def check_bounds(cfg: RunConfig) -> None:
         if value is None or meta["kind"] in ("bool", "str", "enum", "list"):
             continue
         for v in value if isinstance(value, tuple) else (value,):
-            error = _bound_error(name, v, meta["bound"]) if meta["bound"] else (
-                f"--{name}={v}: must be a finite number" if isinstance(v, float) and not math.isfinite(v) else None)
+            error = _bound_error(name, v, meta["bound"])
             if error:
                 raise UserError(error)
 

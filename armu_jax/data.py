@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from armu_jax.errors import UserError
+from armu_jax.errors import UserError, first_line
 from armu_jax.runtime import load_cached_dataset
 
 DEMO_TOPICS = {"bio": "Biology and health sciences", "cyber": "Technology"}
@@ -233,7 +233,7 @@ def load_tokenizer(model_dir: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # transformers raises many types for a missing or damaged tokenizer
-        line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        line = first_line(err)
         raise UserError(f"{model_dir}: its tokenizer cannot be loaded ({type(err).__name__}: {line}); the model "
                         "directory needs tokenizer.json or the tokenizer files of its family") from None
     if tokenizer.eos_token is None:

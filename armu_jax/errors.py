@@ -20,6 +20,11 @@ class RunFailure(Exception):
     """A failure during a run: the message says what failed, at which step, and what is kept."""
 
 
+def first_line(err: Exception, limit: int = 200) -> str:
+    """An exception's first line (its type's name when it has no message), cut to `limit` characters."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def run_cli(fn) -> None:
     """Run a command's main and exit: 0, or one `error: ...` line with exit 2 (UserError) or 1 (RunFailure)."""
     try:

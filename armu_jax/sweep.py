@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from armu_jax import outputs, rundir
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, sweep_alpha, validate
-from armu_jax.errors import RunFailure, UserError
+from armu_jax.errors import RunFailure, UserError, first_line
 
 FIXED_COLUMNS = ("layer", "method", "coeff", "beta", "alpha", "status")
 TAIL_COLUMNS = ("forget_loss", "retain_loss", "seconds", "train_seconds", "eval_seconds", "first_step_seconds")
@@ -278,7 +278,7 @@ def run_cell(cfg: RunConfig, cell: Cell, directory: Path, cache, evaluate, bar) 
                     train_seconds=round(trained_at - began, 1), eval_seconds=round(done - trained_at, 1),
                     seconds=round(done - began, 1))
     except (UserError, RunFailure, ValueError, RuntimeError, OSError) as err:
-        line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        line = first_line(err)
         bar.write(f"{cell.name}: failed: {line}")
         return _row(cell, f"failed: {line}", seconds=round(time.time() - began, 1))
 

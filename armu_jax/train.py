@@ -26,7 +26,7 @@ from armu_jax.checkpoints import Checkpointer
 from armu_jax.config import RunConfig, validate
 from armu_jax.context import RunContext
 from armu_jax.data import DataSpec, UnlearningData
-from armu_jax.errors import RunFailure, UserError
+from armu_jax.errors import RunFailure, UserError, first_line
 from armu_jax.hf_io import export_trained
 from armu_jax.params import truncate
 from armu_jax.step import CompiledStep, StepSpec
@@ -48,7 +48,7 @@ def load_control_vectors(path: str | Path, n_topics: int, hidden: int, what: str
     try:
         vectors = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"{what} {path} is not a plain .npy array ({first_line_of(err)})") from None
+        raise UserError(f"{what} {path} is not a plain .npy array ({first_line(err)})") from None
     if not isinstance(vectors, np.ndarray):  # an .npz archive
         vectors.close()
         raise UserError(f"{what} {path} is an .npz archive; save the array with np.save as a .npy file")
@@ -61,10 +61,6 @@ def load_control_vectors(path: str | Path, n_topics: int, hidden: int, what: str
     if not np.allclose(norms, 1.0, atol=1e-3):
         raise UserError(f"{what} {path}: rows must be unit vectors (norms {np.round(norms, 4).tolist()})")
     return vectors.astype(np.float32)
-
-
-def first_line_of(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 class ProfileWindow:
@@ -256,7 +252,7 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool) -> dict:
             state = checkpointer.restore(state, compiled.state_shardings)
         except Exception as err:  # orbax raises many types for a damaged or foreign checkpoint
             raise UserError(f"--resume: the checkpoint of step {checkpointer.latest_step()} in {out / 'checkpoints'} "
-                            f"cannot be restored ({first_line_of(err)}); remove that step's directory to resume "
+                            f"cannot be restored ({first_line(err)}); remove that step's directory to resume "
                             "from the one before, or start a new run") from None
         start = int(state["step"])
     log = MetricsLog(out, start, is_main)
