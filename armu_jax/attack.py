@@ -55,7 +55,9 @@ class AttackedRun:
         if not run_dir:
             raise UserError("--mode=attack needs --run_dir: the directory of an unlearning run (flags.txt, "
                             "control_vectors.npy, hf/)")
-        self.dir = Path(run_dir)
+        from armu_jax import storage
+        self.dir = storage.path(run_dir, "--run_dir")
+        storage.check_bucket(self.dir, "--run_dir")
         if not (self.dir / "flags.txt").is_file() or not (self.dir / "hf" / "config.json").is_file():
             raise UserError(f"--run_dir {self.dir} is not a run's directory with an export: it needs flags.txt "
                             "and hf/ (run training to the end with --export)")

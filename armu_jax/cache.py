@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from armu_jax import storage
+
 
 class ProcessCache:
     """keep_full: load each model whole once (a sweep evaluates every cell on it) instead of layers
@@ -49,7 +51,7 @@ class ProcessCache:
     def data(self, spec):
         """UnlearningData of a data.DataSpec (its batches tokenized once, on first use)."""
         from armu_jax.data import UnlearningData
-        return self.get("data", spec, lambda: UnlearningData.from_spec(spec, self.tokenizer(Path(spec.model_dir)),
+        return self.get("data", spec, lambda: UnlearningData.from_spec(spec, self.tokenizer(storage.path(spec.model_dir)),
                                                                         self.corpus))
 
     def step(self, spec, frozen):
@@ -60,7 +62,7 @@ class ProcessCache:
     def scorer(self, spec):
         """The Scorer of an evaluate.EvalSpec."""
         from armu_jax.evaluate import build_scorer
-        return self.get("scorer", spec, lambda: build_scorer(spec, self.tokenizer(Path(spec.model_dir))))
+        return self.get("scorer", spec, lambda: build_scorer(spec, self.tokenizer(storage.path(spec.model_dir))))
 
     def relearn_program(self, spec):
         """The jitted relearning step of an attack.RelearnSpec."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from armu_jax import storage
 from armu_jax.errors import RunFailure, first_line
 
 
@@ -18,9 +19,12 @@ class Checkpointer:
         # Synchronous: a save that fails raises at that step, so the run knows exactly which checkpoint
         # is the last good one. The state saved is only the trainable leaves and their optimizer
         # moments, small next to the model.
-        self.directory = Path(directory)
+        # A gs:// directory is an epath.Path (storage.path): orbax writes its metadata through epath
+        # and the arrays through tensorstore's gcs driver, and marks a finished step with
+        # commit_success.txt where a local save renames a temporary directory.
+        self.directory = directory if storage.remote(directory) else Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.saved: int | None = None  # the step of the last good checkpoint (this run's or the resumed one)
 
     def latest_step(self) -> int | None:

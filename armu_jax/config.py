@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,7 +256,8 @@ def config_with(**overrides) -> RunConfig:
 def check_flagfile(path: str | Path) -> None:
     """A flagfile is UTF-8 text whose lines are --flags, comments (#, //) or blank; absl would skip any
     other line without a word."""
-    path = Path(path)
+    from armu_jax import storage
+    path = storage.path(path, "--flagfile")
     if not path.is_file():
         raise UserError(f"flagfile {path} does not exist")
     try:
@@ -268,14 +270,31 @@ def check_flagfile(path: str | Path) -> None:
             raise UserError(f"flagfile {path}:{number}: {text[:60]!r} is not a flag; write it as --name=value")
 
 
+def local_flagfile(path) -> str:
+    """A flagfile absl can open: a local path as it is, a gs:// one copied to a temporary file
+    (removed at exit)."""
+    from armu_jax import storage
+    if not storage.remote(path):
+        return str(path)
+    import atexit
+    import tempfile
+    handle, name = tempfile.mkstemp(prefix="armu_jax-flags-", suffix=".txt")
+    os.close(handle)
+    atexit.register(lambda: os.path.exists(name) and os.unlink(name))
+    Path(name).write_text(storage.path(path).read_text(encoding="utf-8"), encoding="utf-8")
+    return name
+
+
 def from_flagfile(path: str | Path, **overrides) -> RunConfig:
-    """A flagfile's settings (over the defaults) with overrides, parsed without the global FLAGS."""
-    path = Path(path)
+    """A flagfile's settings (over the defaults) with overrides, parsed without the global FLAGS
+    (a flagfile in a bucket is read through a local copy: absl opens local files only)."""
+    from armu_jax import storage
+    path = storage.path(path, "--flagfile")
     check_flagfile(path)
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     try:
-        flag_values(["armu_jax", f"--flagfile={path}"])
+        flag_values(["armu_jax", f"--flagfile={local_flagfile(path)}"])
     except flags.Error as err:
         raise UserError(f"flagfile {path}: {err}") from None
     return build(_override({name: flag_values[name].value for name in SETTINGS}, overrides))
@@ -361,6 +380,9 @@ def check_evaluation(cfg: RunConfig) -> None:
 def check_output(cfg: RunConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
+    if cfg.profile_start_step >= 0 and cfg.output_dir and "://" in cfg.output_dir:
+        raise UserError(f"--profile_start_step with --output_dir={cfg.output_dir}: the profiler writes its trace to a "
+                        "local directory; profile a run with a local --output_dir")
 
 
 ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain")

@@ -230,8 +230,10 @@ class UnlearningData:
 def load_tokenizer(model_dir: Path):
     """The model's tokenizer set up as the reference: pad = eos, left padding."""
     from transformers import AutoTokenizer
+
+    from armu_jax import storage
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(model_dir))
     except Exception as err:  # transformers raises many types for a missing or damaged tokenizer
         line = first_line(err)
         raise UserError(f"{model_dir}: its tokenizer cannot be loaded ({type(err).__name__}: {line}); the model "

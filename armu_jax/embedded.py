@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from armu_jax import outputs
+from armu_jax import outputs, storage
 from armu_jax.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -145,15 +145,16 @@ def mmlu_dir() -> Path:
     return _build_atomically(cache_dir() / "mmlu", build)
 
 
-def resolve_model(name: str) -> Path:
-    """A model name or path -> a local HF directory. `smollm2-135m` is the embedded default."""
+def resolve_model(name: str):
+    """A model name, path or gs:// URL -> its HF directory (a local Path or a gs:// epath).
+    `smollm2-135m` is the embedded default."""
     if name == DEFAULT_MODEL:
         return smollm2_dir()
-    outputs.refuse_url(name, "--model")
-    path = Path(name).expanduser()
+    path = storage.path(name, "--model")
+    storage.check_bucket(path, "--model")
     if not path.is_dir():
         raise UserError(f"model {name!r} is neither {DEFAULT_MODEL!r} nor an existing directory; "
-                        "pass a local Hugging Face directory (config.json + *.safetensors)")
+                        "pass a Hugging Face directory (config.json + *.safetensors), local or gs://")
     return path
 
 

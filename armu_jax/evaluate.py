@@ -272,7 +272,8 @@ def evaluate_tasks(scorer: Scorer, params, tasks: list[Task], nll: bool = True, 
 
 def max_length_of(model_dir: Path) -> int:
     """lm-eval HFLM's max_length: the config's max_position_embeddings (else 2048)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    from armu_jax import storage
+    config = json.loads((storage.path(model_dir) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or 2048)
 
 
@@ -293,10 +294,11 @@ class EvalSpec:
 def build_scorer(spec: EvalSpec, tokenizer=None) -> Scorer:
     """A Scorer for models of spec.model_dir's shapes, in spec.dtype; with a mesh, each batch's rows
     are split over data x fsdp and params are placed by the sharding table."""
+    from armu_jax import storage
     from armu_jax.data import load_tokenizer
     from armu_jax.model import parse_dtype
     from armu_jax.model_config import ModelConfig
-    model_dir = Path(spec.model_dir)
+    model_dir = storage.path(spec.model_dir)
     dtype = parse_dtype(spec.dtype)
     model = LlamaForCausalLM(ModelConfig.from_dir(model_dir), dtype=dtype, param_dtype=dtype)
     return Scorer(model, tokenizer or load_tokenizer(model_dir), spec.batch_size, max_length_of(model_dir), spec.mesh,

@@ -43,6 +43,10 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
                    batch_size: int = 16, dtype: str = "float32", log_samples: bool = False) -> dict:
     """run_lm_eval on our Task objects (e.g. each cut to its own length) and lm-eval's built-in tasks."""
     go_offline()
+    from armu_jax import storage
+    if storage.is_url(model_dir):
+        raise UserError(f"--mode=lm_eval reads a local model directory (lm-eval's HF model loads local files); copy "
+                        f"it down first: python -m armu_jax.storage cp {model_dir} <local dir>")
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
@@ -93,11 +97,15 @@ def per_doc_predictions(results: dict, task: str) -> list[dict]:
 
 def lm_eval_cli(cfg) -> None:
     """--mode=lm_eval: lm-eval's hf backend on --model over --eval_tasks, results in --output_dir."""
-    from armu_jax.embedded import resolve_model
     # --mesh is checked with the evaluation group (config.check_evaluation)
+    from armu_jax import storage
+    from armu_jax.embedded import resolve_model
+    if cfg.output_dir and storage.is_url(cfg.output_dir):
+        raise UserError(f"--mode=lm_eval writes lm-eval's task files and results to a local --output_dir (not "
+                        f"{cfg.output_dir}); copy them up after: python -m armu_jax.storage cp <dir> {cfg.output_dir}")
     out = outputs.claim(cfg.output_dir, ("lm_eval_results.json",), purpose="lm-eval's results JSON and task files")
     results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, out, cfg.eval_limit,
                           cfg.eval_batch_size, dtype=cfg.dtype)
     for task, row in summary(results).items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in row.items()))
-    print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {Path(cfg.output_dir) / 'lm_eval_results.json'}")
+    print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {cfg.output_dir.rstrip('/')}/lm_eval_results.json")

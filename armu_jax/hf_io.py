@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from armu_jax import outputs, tensor_files
+from armu_jax import outputs, storage, tensor_files
 from armu_jax.errors import RunFailure, UserError
 from armu_jax.model import parse_dtype
 from armu_jax.model_config import ModelConfig
@@ -30,7 +30,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def _weight_files(model_dir) -> list:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -62,10 +62,11 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     device receives only its shard (sharding.PARAM_RULES), read from the file slice by slice, so no
     device and no host ever holds more than the tensors it needs; without one, device 0 holds it.
     """
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir, "--model")
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     cfg = ModelConfig.from_dir(model_dir)
+    reads = (storage.READS.bytes, storage.READS.requests)
     expected = expected_paths(cfg)
     flat = {}
     for stored, key, path, transpose, rows in _stored_params(model_dir, cfg):
@@ -82,7 +83,20 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     missing = sorted(p for p in set(expected) - set(flat) if upto_layer is None or needed_upto(p, upto_layer))
     if missing:
         raise UserError(f"{model_dir} lacks {len(missing)} parameters, e.g. {path_to_hf_key(missing[0])[0]}")
+    if storage.remote(model_dir):
+        report_reads(model_dir, reads)
     return cfg, unflatten(flat)
+
+
+def report_reads(model_dir, before: tuple[int, int]) -> dict:
+    """One line on stderr: what this process read of a checkpoint in a bucket (bytes, requests)
+    against the checkpoint's size."""
+    total = sum(storage.size(f) for f in _weight_files(model_dir))
+    read = {"process": jax.process_index(), "bytes": storage.READS.bytes - before[0],
+            "requests": storage.READS.requests - before[1], "checkpoint_bytes": total}
+    print(f"armu_jax: process {read['process']} read {read['bytes'] / 1e6:.2f} MB of the checkpoint's "
+          f"{total / 1e6:.2f} MB from {model_dir} in {read['requests']} requests", file=sys.stderr)
+    return read
 
 
 def expected_paths(cfg: ModelConfig) -> dict:
@@ -120,7 +134,7 @@ def fused_parts(cfg: ModelConfig, key: str) -> list[tuple[str, int, int]] | None
     return parts
 
 
-def _stored_params(model_dir: Path, cfg: ModelConfig):
+def _stored_params(model_dir, cfg: ModelConfig):
     """(file, key, Flax path, transpose, rows) of every parameter tensor in the checkpoint, in file order
     (rotary caches and a tied model's lm_head are not parameters); rows: the (start, end) block of a
     fused tensor that holds the parameter, else None."""
@@ -179,7 +193,7 @@ def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.Pat
               overwrite: bool = False) -> Path:
     """Write a params tree as a HF directory (config + tokenizer files copied from source_dir), atomically;
     projections the family stores fused are fused again."""
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    source_dir, out_dir = storage.path(source_dir, "--model"), storage.path(out_dir, "export target")
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
     cfg = ModelConfig.from_dir(source_dir)
@@ -223,7 +237,7 @@ def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | 
     directory: streamed file by file, tensor by tensor, with the source's file layout, so the
     host holds one tensor at a time and no device holds anything. A fused tensor with a trained part
     is read and that part's rows replaced."""
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    source_dir, out_dir = storage.path(source_dir, "--model"), storage.path(out_dir, "export target")
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
     cfg = ModelConfig.from_dir(source_dir)
@@ -270,29 +284,32 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         outputs.claim(out_dir, flag="export target", hint="choose another path or pass overwrite")
 
 
-def _write_atomically(files: dict[str, list], source_dir: Path, out_dir: Path, dtype: str) -> None:
+def _write_atomically(files: dict[str, list], source_dir, out_dir, dtype: str) -> None:
     """Build the directory beside the target, then swap it in; an earlier export is replaced only
     once the new one is complete, and restored if the swap fails. A write that fails (full disk,
-    unwritable directory) leaves everything as it was and says so in one line."""
-    def build(tmp: Path) -> None:
+    unwritable directory) leaves everything as it was and says so in one line. In a bucket the
+    export is written in place with config.json last (outputs.build_directory's marker): an export
+    without config.json is one that did not finish."""
+    def build(tmp) -> None:
         sizes = {name: tensor_files.write(tmp / name, entries, metadata={"format": "pt"})
                  for name, entries in files.items()}
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {key: name for name, entries in files.items() for key, *_ in entries}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = json.loads((source_dir / "config.json").read_text())
-        config.pop("torch_dtype", None)
-        config["dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            outputs.write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2))
         for item in source_dir.iterdir():
             is_weights = item.name.startswith("model") and (item.suffix == ".safetensors"
                                                             or item.name.endswith(".index.json"))
-            if item.is_file() and item.name != "config.json" and not is_weights and item.suffix not in PICKLE_SUFFIXES:
-                shutil.copy2(item, tmp / item.name)
+            if (not item.is_dir() and item.name != "config.json" and not is_weights
+                    and item.suffix not in PICKLE_SUFFIXES):
+                storage.copy(item, tmp / item.name)
+        config = json.loads((source_dir / "config.json").read_text())
+        config.pop("torch_dtype", None)
+        config["dtype"] = dtype
+        outputs.write_text(tmp / "config.json", json.dumps(config, indent=2))
 
     try:
-        outputs.build_directory(out_dir, build, replace=True)
+        outputs.build_directory(out_dir, build, replace=True, marker="config.json")
     except OSError as err:
-        raise RunFailure(f"export to {out_dir} failed: {err.strerror} ({err.filename or 'writing a tensor'}); "
+        raise RunFailure(f"export to {out_dir} failed: {err.strerror or err} ({err.filename or 'writing a tensor'}); "
                          "nothing was replaced, an earlier export there is intact") from None

@@ -82,6 +82,41 @@ def barrier(name: str) -> None:
         sync_global_devices(name)
 
 
+def check_shared(directory, flag: str) -> None:
+    """With several processes, every one must see the same output directory (a bucket or a shared
+    filesystem): process 0 writes a token file there, the others look for it after a barrier, and
+    all stop with one line if any did not find it. The token (and a directory it created) is then
+    removed, so nothing else has been written. One process: nothing to check."""
+    if not several():
+        return
+    from jax.experimental.multihost_utils import broadcast_one_to_all, process_allgather
+
+    from armu_jax import storage
+    from armu_jax.errors import UserError
+    name = int(broadcast_one_to_all(np.array(np.random.default_rng().integers(1, 2**31 - 1), np.int64)))
+    token = directory / f".armu_jax-shared-{name}"
+    created = False
+    if is_main():
+        created = not directory.exists()
+        if not storage.remote(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+        storage.write_bytes(token, b"shared?")
+    barrier("shared-token")
+    storage.refresh(directory)
+    seen = bool(is_main() or token.exists())
+    everyone = np.asarray(process_allgather(np.array([seen], np.int32)))
+    barrier("shared-token-read")
+    if is_main():
+        token.unlink()
+        if created and not storage.remote(directory) and not any(directory.iterdir()):
+            directory.rmdir()
+    if not everyone.all():
+        missing = [i for i, ok in enumerate(everyone.reshape(-1)) if not ok]
+        raise UserError(f"{flag} {directory} is not visible to process{'es' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(str, missing))} (each host sees its own local disk); use a bucket "
+                        "(gs://BUCKET/path) or a filesystem every host mounts (NFS, gcsfuse)")
+
+
 def gather(tree) -> dict:
     """Host numpy copies of (possibly sharded over several hosts) arrays, on every process."""
     from jax.experimental.multihost_utils import process_allgather

@@ -5,7 +5,7 @@ import sys
 
 from absl import app, flags, logging
 
-from armu_jax.config import check_flagfile, define_flags, from_flag_values, help_text
+from armu_jax.config import check_flagfile, define_flags, from_flag_values, help_text, local_flagfile
 from armu_jax.errors import USAGE_EXIT, UserError, run_cli
 from armu_jax.runtime import enable_compilation_cache, go_offline
 
@@ -50,9 +50,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(help_text(), end="")
         sys.exit(0)
     try:
-        for arg in argv[1:]:
+        argv = list(argv)
+        for i, arg in enumerate(argv[1:], 1):
             if arg.startswith(("--flagfile=", "-flagfile=")):
                 check_flagfile(arg.split("=", 1)[1])
+                argv[i] = "--flagfile=" + local_flagfile(arg.split("=", 1)[1])  # gs:// flagfiles too
         return flags.FLAGS(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

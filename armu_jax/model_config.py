@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from armu_jax.errors import UserError
 
@@ -79,8 +78,9 @@ class ModelConfig:
         return cls(**model_config_fields(hf))
 
     @classmethod
-    def from_dir(cls, path: Path) -> "ModelConfig":
-        config_file = Path(path) / "config.json"
+    def from_dir(cls, path) -> "ModelConfig":
+        from armu_jax import storage
+        config_file = storage.path(path) / "config.json"
         if not config_file.is_file():
             raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")
         try:

@@ -4,14 +4,16 @@
   when it is a file, or when it already holds what the mode would write (`products`; without
   them, anything at all). Nothing is ever overwritten.
 - build_directory: a directory (an export, the embedded cache) built beside its target and renamed.
-- write_text / write_json / write_npy: atomic (a temporary file in the same directory, then
-  os.replace), so a killed process leaves the old file or the new one, never half of one.
+- write_text / write_json / write_npy: atomic (storage.write_bytes: a temporary file and
+  os.replace locally, one object upload on GCS), so a killed process leaves the old file or the
+  new one, never half of one.
 - markdown_table(): the markdown tables of every report.
 - figure() / save_figure(): matplotlib with one backend (Agg, chosen once); save_figure returns
   the data drawn on each panel (lines, bars, reference lines), which the tests check.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,21 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
+from armu_jax import storage
 from armu_jax.errors import UserError
 
 DPI = 110
 
 
-def claim(path: str | Path | None, products: tuple[str, ...] | None = None, flag: str = "--output_dir",
-          purpose: str = "", ignore: tuple[str, ...] = (), hint: str = "choose a new directory") -> Path:
+def claim(path, products: tuple[str, ...] | None = None, flag: str = "--output_dir",
+          purpose: str = "", ignore: tuple[str, ...] = (), hint: str = "choose a new directory"):
     """The output directory, checked (nothing written): a new or empty directory (entries named in
-    `ignore` aside), or with `products` one that holds none of them. Raises UserError saying what
-    to do (hint)."""
+    `ignore` aside), or with `products` one that holds none of them. A local path or a gs:// URL
+    (storage.path: the bucket reachable and there). Raises UserError saying what to do (hint)."""
     if not path:
         raise UserError(f"{flag} is required{': ' + purpose if purpose else ''}")
-    refuse_url(str(path), flag)
-    out = Path(path)
-    if out.exists() and not out.is_dir():
+    out = storage.path(path, flag)
+    storage.check_bucket(out, flag)
+    storage.refresh(out)
+    if not storage.remote(out) and out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pass a directory")
     if products is None:
         if out.is_dir() and any(p.name not in ignore for p in out.iterdir()):
@@ -46,33 +50,25 @@ def claim(path: str | Path | None, products: tuple[str, ...] | None = None, flag
     return out
 
 
-def refuse_url(path: str, flag: str) -> None:
-    """A URL (gs://, s3://, ...) is not a local path: Path() would turn it into a local directory named
-    'gs:'. Object-storage run and model directories are not supported yet; say so in one line."""
-    scheme, sep, _ = path.partition("://")
-    if sep and scheme.isidentifier():
-        raise UserError(f"{flag} {path}: {scheme}:// directories are not supported yet (nothing is written); use a "
-                        "local path or a filesystem every process mounts (NFS, gcsfuse), and copy to the bucket after")
-
-
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    return path
-
-
-def build_directory(target: str | Path, build, replace: bool = False, clean_stale: bool = False) -> Path:
+def build_directory(target, build, replace: bool = False, clean_stale: bool = False, marker: str | None = None):
     """build(tmp) into a fresh directory beside target, then renamed to target: a failure or a kill
     never leaves a half-built target. replace: an earlier target is swapped out only once the new one
     is complete, and put back if the swap fails (else an existing target is refused). clean_stale:
-    first remove what killed builds left beside it (only under a lock that excludes other builders)."""
+    first remove what killed builds left beside it (only under a lock that excludes other builders).
+
+    On GCS, where nothing renames a directory, build() writes into the target itself and `marker`
+    (a file build() writes last, an export's config.json) says the directory is complete: an
+    earlier target loses its marker first, then the rest, before the new one is written."""
+    if storage.remote(target):
+        storage.refresh(target)
+        if target.exists() and storage.files_under(target):
+            if not replace:
+                raise UserError(f"{target} exists; choose a new path (results are never overwritten)")
+            if marker and (target / marker).exists():
+                (target / marker).unlink()
+            storage.remove_tree(target)
+        build(target)
+        return target
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if clean_stale:
@@ -99,19 +95,18 @@ def build_directory(target: str | Path, build, replace: bool = False, clean_stal
     return target
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    return _atomic(Path(path), lambda temp: temp.write_text(text, encoding="utf-8"))
+def write_text(path, text: str):
+    return storage.write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | Path, obj, default=None) -> Path:
+def write_json(path, obj, default=None):
     return write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
-def write_npy(path: str | Path, array) -> Path:
-    def save(temp: Path):
-        with temp.open("wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
-    return _atomic(Path(path), save)
+def write_npy(path, array):
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return storage.write_bytes(path, buffer.getvalue())
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -151,11 +146,13 @@ def plotted(fig) -> list[dict]:
     return panels
 
 
-def save_figure(fig, path: str | Path) -> list[dict]:
+def save_figure(fig, path) -> list[dict]:
     """Save fig as PNG (atomically) and close it; returns plotted(fig)."""
     import matplotlib.pyplot as plt
     data = plotted(fig)
     fig.tight_layout()
-    _atomic(Path(path), lambda temp: fig.savefig(temp, dpi=DPI, format="png"))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    storage.write_bytes(path, buffer.getvalue())
     plt.close(fig)
     return data

@@ -2,23 +2,20 @@
 
 Layout: flags.txt (a flagfile of the run), control_vectors.npy, metrics.jsonl, tb/ (TensorBoard),
 checkpoints/ (orbax), hf/ (the final Hugging Face export), .lock (held by the running process).
+A local directory or a gs:// URL (armu_jax.storage: what the lock and the atomic writes become there).
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
-from pathlib import Path
 
-from armu_jax import outputs
+from armu_jax import outputs, storage
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile
 from armu_jax.errors import UserError
 
 LOCK_NAME = ".lock"
 
 
-def check(cfg: RunConfig) -> Path:
+def check(cfg: RunConfig):
     """The run directory of cfg, refused (before anything is written) when it cannot be used as asked."""
     # --resume and --overwrite take a directory that is not empty; a new run needs an empty one.
     out = outputs.claim(cfg.output_dir, () if cfg.resume or cfg.overwrite else None, ignore=(LOCK_NAME,),
@@ -36,7 +33,7 @@ def check(cfg: RunConfig) -> Path:
     return out
 
 
-def read_metrics(out: Path) -> list[dict]:
+def read_metrics(out) -> list[dict]:
     """metrics.jsonl's records. A last line cut short (the run was killed while writing it) is
     dropped; any other line that is not a record is refused in one line."""
     file = out / "metrics.jsonl"
@@ -58,38 +55,19 @@ def read_metrics(out: Path) -> list[dict]:
     return records
 
 
-class RunLock:
-    """An exclusive lock on the run directory (flock on <dir>/.lock, released when the process ends)."""
-
-    def __init__(self, out: Path):
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise UserError(f"--output_dir {out} is in use by another run (pid {holder}); wait for it to "
-                            "finish or choose another directory") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+def lock(out):
+    """An exclusive lock on the run directory while the run uses it (storage.lock: flock on
+    <dir>/.lock locally; on GCS an object created only if none exists)."""
+    return storage.lock(out, f"--output_dir {out}")
 
 
-def clear(out: Path) -> None:
+def clear(out) -> None:
     """--overwrite: remove everything in the (locked) run directory except its lock."""
+    storage.refresh(out)
     for item in out.iterdir():
-        if item.name == LOCK_NAME:
-            continue
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item)
-        else:
-            item.unlink()
+        if item.name != LOCK_NAME:
+            storage.remove_tree(item)
 
 
-def write_flagfile(out: Path, cfg: RunConfig) -> None:
+def write_flagfile(out, cfg: RunConfig) -> None:
     outputs.write_text(out / "flags.txt", flagfile_text(cfg))

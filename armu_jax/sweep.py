@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs, rundir
+from armu_jax import outputs, rundir, storage
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, sweep_alpha, validate
 from armu_jax.errors import RunFailure, UserError, first_line
 
@@ -332,7 +332,8 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     if hosts.several():  # --output_dir and --overwrite are checked with the sweep group (config.check_sweep)
         raise UserError("--mode=sweep runs in one process (its cells may use all of its devices via --mesh); "
                         "start it without --num_processes/--multihost")
-    out = Path(cfg.output_dir)
+    out = storage.path(cfg.output_dir, "--output_dir")
+    storage.check_bucket(out, "--output_dir")
     run = RunContext.of(cfg)
     cells = plan(cfg, run.model_cfg.num_hidden_layers)
     for cell in cells:  # every cell's settings are checked before the first one runs
@@ -340,8 +341,7 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
     saved = check_sweep_dir(cfg, out)
 
-    out.mkdir(parents=True, exist_ok=True)
-    lock = rundir.RunLock(out)
+    lock = rundir.lock(out)
     try:
         outputs.write_text(saved, flagfile_text(cfg))
         cache = ProcessCache(keep_full=True)

@@ -10,6 +10,7 @@ SIGTERM, ProfileWindow), export().
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import hosts, outputs, rundir
+from armu_jax import hosts, outputs, rundir, storage
 from armu_jax.cache import ProcessCache
 from armu_jax.checkpoints import Checkpointer
 from armu_jax.config import RunConfig, validate
@@ -42,11 +43,11 @@ def draw_control_vectors(seed: int, n_topics: int, hidden: int) -> np.ndarray:
 
 def load_control_vectors(path: str | Path, n_topics: int, hidden: int, what: str = "--control_vectors") -> np.ndarray:
     """A checked .npy of control vectors: [n_topics, hidden] unit rows, finite, no pickle."""
-    file = Path(path)
+    file = storage.path(path, what)
     if not file.is_file():
         raise UserError(f"{what} {path} does not exist")
     try:
-        vectors = np.load(file, allow_pickle=False)
+        vectors = np.load(io.BytesIO(storage.read_bytes(file)), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f"{what} {path} is not a plain .npy array ({first_line(err)})") from None
     if not isinstance(vectors, np.ndarray):  # an .npz archive
@@ -102,24 +103,29 @@ class MetricsLog:
     """metrics.jsonl (one JSON record per step) and TensorBoard scalars, written by process 0. On
     resume the records of steps before `start` are kept and later ones (not checkpointed) dropped."""
 
-    def __init__(self, out: Path, start: int, enabled: bool):
+    def __init__(self, out, start: int, enabled: bool):
         self.file, self.enabled, self.writer, self.handle = out / "metrics.jsonl", enabled, None, None
         if not enabled:
             return
         kept = [r for r in rundir.read_metrics(out) if r["step"] < start]
-        outputs.write_text(self.file, "".join(json_line(r) for r in kept))
+        # In a bucket metrics.jsonl is rewritten every few seconds and at each checkpoint (flush());
+        # tensorboardX writes gs:// event files itself (google-cloud-storage).
+        self.handle = storage.AppendLog(self.file, "".join(json_line(r) for r in kept))
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(str(out / "tb"))
-        self.handle = self.file.open("a")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.handle.write(json_line(record))
-        self.handle.flush()
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(key, value, record["step"])
+
+    def flush(self) -> None:
+        if self.handle:
+            self.handle.flush()
+            self.writer.flush()
 
     def close(self) -> None:
         if self.handle:
@@ -173,6 +179,7 @@ def prepare(cfg: RunConfig, cache: ProcessCache) -> Prepared:
     run = RunContext.of(cfg)
     validate(cfg, run.model_cfg)
     out = rundir.check(cfg)
+    hosts.check_shared(out, "--output_dir")  # several processes: every one must see the directory
     for spec in (*cfg.forget_corpora, *cfg.retain_corpora):  # bad corpora fail here, before anything loads
         cache.corpus(spec, cfg.min_len)
     if cfg.eval_every and hosts.several():
@@ -217,7 +224,7 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None) -> tuple[Path, dict
     # Everything is valid (on every process): now process 0 locks and writes the run directory.
     is_main = hosts.is_main()
     hosts.barrier("checked")
-    lock = rundir.RunLock(p.out) if is_main else None
+    lock = rundir.lock(p.out) if is_main else None
     try:
         if is_main:
             write_run_dir(p)
@@ -284,6 +291,7 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool) -> dict:
                 stopping = stop.at(done)
                 if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == p.num_steps:
                     checkpointer.save(done, state)
+                    log.flush()  # the log in a bucket holds every step up to the checkpoint
                 if stopping:
                     raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
     finally:
