@@ -39,7 +39,7 @@ def read_metrics(out) -> list[dict]:
     file = out / "metrics.jsonl"
     if not file.exists():
         return []
-    lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = storage.read_bytes(file).decode("utf-8", errors="replace").splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         try:

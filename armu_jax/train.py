@@ -108,9 +108,10 @@ class MetricsLog:
         if not enabled:
             return
         kept = [r for r in rundir.read_metrics(out) if r["step"] < start]
-        # In a bucket metrics.jsonl is rewritten every few seconds and at each checkpoint (flush());
-        # tensorboardX writes gs:// event files itself (google-cloud-storage).
+        # In a bucket metrics.jsonl and the event file are rewritten every few seconds and before each
+        # checkpoint (flush()).
         self.handle = storage.AppendLog(self.file, "".join(json_line(r) for r in kept))
+        storage.use_for_tensorboard()
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(str(out / "tb"))
 
@@ -290,8 +291,8 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool) -> dict:
                 done = step + 1
                 stopping = stop.at(done)
                 if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == p.num_steps:
+                    log.flush()  # first: the log in a bucket then holds every step the checkpoint has
                     checkpointer.save(done, state)
-                    log.flush()  # the log in a bucket holds every step up to the checkpoint
                 if stopping:
                     raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
     finally:
