@@ -183,10 +183,30 @@ def _place(stored: tensor_files.StoredTensors, key: str, path, transpose: bool, 
         begin, end, _ = first.indices(rows[1] - rows[0])
         return (slice(rows[0] + begin, rows[0] + end), *rest)
 
+    read = lambda index: stored.read(key, index)
+    if storage.remote(stored.path):  # one ranged read of the rows this process's devices need
+        read = _rows_once(stored, key, [stored_index(i) for i in where.addressable_devices_indices_map(shape).values()])
+
     def block(index):
-        values = stored.read(key, stored_index(index))
+        values = read(stored_index(index))
         return np.ascontiguousarray(values.T.astype(dtype)) if transpose else values.astype(dtype)
     return jax.make_array_from_callback(shape, where, block)
+
+
+def _rows_once(stored: tensor_files.StoredTensors, key: str, indices: list):
+    """A reader of blocks of a stored tensor in a bucket that fetches, with one ranged request, the
+    stored rows that any of `indices` (this process's devices' blocks) covers, and slices each block
+    from them: a column block costs the tensor's rows once per process, not once per device."""
+    rows = stored.shape(key)[0] if stored.shape(key) else 0
+    spans = [(index[0] if index else slice(None)).indices(rows)[:2] for index in indices] or [(0, rows)]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    fetched = stored.read(key, (slice(lo, hi),))
+
+    def read(index):
+        first, *rest = tuple(index) or (slice(None),)
+        begin, end, step = first.indices(rows)
+        return np.array(fetched[(slice(begin - lo, end - lo, step), *rest)])
+    return read
 
 
 def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",

@@ -13,16 +13,31 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--flagfile", required=True, help="the run's flagfile, e.g. configs/zephyr7b_wmdp_adaptive.flags")
     parser.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
+    parser.add_argument("--output_dir", default=None,
+                        help="the run directory, passed on as it is: a gs://bucket/path URL (every worker writes there) "
+                             "or a filesystem every process mounts")
+    parser.add_argument("--model", default=None,
+                        help="the model, passed on as it is: a gs://bucket/path URL (each worker reads its shards) "
+                             "or a directory every process sees")
     parser.add_argument("flags", nargs="*", help="more armu_jax flags after --, e.g. -- --layer_id=9")
     return parser
 
 
-def run_command(flagfile: str, flags: list[str], multihost: bool, python: str = "python3") -> list[str]:
-    """The armu_jax command each process runs (--multihost: jax.distributed finds its peers)."""
+def run_command(flagfile: str, flags: list[str], multihost: bool, python: str = "python3", output_dir: str | None = None,
+                model: str | None = None) -> list[str]:
+    """The armu_jax command each process runs (--multihost: jax.distributed finds its peers);
+    --output_dir and --model URLs go in unchanged (a URL without a bucket is refused here)."""
+    from armu_jax import storage
     bad = [f for f in flags if not f.startswith("--")]
     if bad:
         raise UserError(f"extra arguments must be armu_jax flags (--name=value), got {' '.join(bad)}")
-    return [python, "-m", "armu_jax.main", f"--flagfile={flagfile}", *(["--multihost"] if multihost else []), *flags]
+    places = []
+    for flag, value in (("--output_dir", output_dir), ("--model", model)):
+        if value:
+            storage.path(value, flag)  # the form only: the bucket is checked where the run starts
+            places.append(f"{flag}={value}")
+    return [python, "-m", "armu_jax.main", f"--flagfile={flagfile}", *(["--multihost"] if multihost else []), *places,
+            *flags]
 
 
 def execute(steps: list[tuple[str, list[str] | str]], dry_run: bool, env: dict | None = None) -> int:

@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", type=int, required=True, help="how many GPUs (CUDA_VISIBLE_DEVICES 0..N-1)")
     args = parser.parse_args(argv)
     env = {**ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(args.gpus))}
-    command = run_command(args.flagfile, [f"--mesh=fsdp:{args.gpus}", *args.flags], multihost=False)
+    command = run_command(args.flagfile, [f"--mesh=fsdp:{args.gpus}", *args.flags], multihost=False,
+                          output_dir=args.output_dir, model=args.model)
     shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(command)
     if args.dry_run:
         return execute([("run on this host's GPUs", shown)], True)

@@ -1,10 +1,12 @@
 """Run armu_jax on several GPU nodes with SLURM: writes a batch script and submits it with sbatch.
 
     python -m launch.slurm --nodes=2 --gpus_per_node=4 --flagfile=configs/llama3_8b_wmdp_adaptive.flags \
+        [--model=gs://bucket/llama-3-8b] [--output_dir=gs://bucket/runs/l8] \
         [--partition=gpu] [--time=04:00:00] [--dry_run] [-- flags]
 
 One process per node (srun), each seeing its node's GPUs; with --multihost, jax.distributed finds
-the others from SLURM's environment. The mesh is fsdp over all GPUs of all nodes.
+the others from SLURM's environment. The mesh is fsdp over all GPUs of all nodes. --model and
+--output_dir go to every task as they are (gs:// URLs, or paths every node mounts).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from launch.common import base_parser, execute, run_command
 def batch_script(args) -> str:
     total = args.nodes * args.gpus_per_node
     command = run_command(args.flagfile, [f"--mesh=fsdp:{total}", *args.flags], multihost=True,
-                          python="python")
+                          python="python", output_dir=args.output_dir, model=args.model)
     lines = ["#!/bin/bash", f"#SBATCH --job-name={args.job_name}", f"#SBATCH --nodes={args.nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={args.gpus_per_node}",
              f"#SBATCH --time={args.time}", f"#SBATCH --output={args.job_name}-%j.log"]

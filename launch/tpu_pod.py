@@ -1,10 +1,13 @@
 """Run armu_jax on every worker of a TPU VM slice or pod: copy the code, install, launch, fetch the log.
 
     python -m launch.tpu_pod --tpu=my-v5e-16 --zone=us-west4-a --flagfile=configs/zephyr7b_wmdp_adaptive.flags \
-        [--project=P] [--dry_run] -- --mesh=fsdp:-1 --output_dir=/mnt/bucket/run
+        --model=gs://my-bucket/zephyr-7b-beta --output_dir=gs://my-bucket/runs/zephyr-l7 \
+        [--project=P] [--dry_run] -- --mesh=fsdp:-1
 
-The run directory must be one every worker mounts (a bucket mounted with gcsfuse at the same path on
-each worker, or NFS); gs:// URLs are refused until object storage is supported.
+--model and --output_dir are passed to every worker as they are: gs:// URLs (each worker reads only
+the byte ranges of its shards of layers 0..l; flags, metrics, TensorBoard, orbax checkpoints and the
+export go to the bucket), or paths every worker mounts (NFS). A local directory the workers do not
+share is refused by the run itself, before anything is written.
 
 Every worker runs the same command with --multihost: jax.distributed.initialize() finds the other
 workers from the TPU VM metadata; process 0 writes the run directory. Its log comes back as
@@ -26,7 +29,8 @@ def steps(args) -> list[tuple[str, list[str]]]:
     ssh = lambda command: ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, *where, "--worker=all",
                            "--command", command]
     env = "export TPU_STDERR_LOG_LEVEL=2 JAX_COMPILATION_CACHE_DIR=~/.cache/armu_jax/xla"
-    run = shlex.join(run_command(args.flagfile, args.flags, multihost=True))
+    run = shlex.join(run_command(args.flagfile, args.flags, multihost=True, output_dir=args.output_dir,
+                                 model=args.model))
     return [
         ("copy the code to every worker",
          ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", ".", f"{args.tpu}:{REMOTE_DIR}", *where,

@@ -183,14 +183,14 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_object_storage_urls_are_refused_not_turned_into_local_directories(tmp_path, monkeypatch):
-    """Path("gs://b/run") is the local directory gs:/b/run: until object storage is supported, a URL
-    for an output or model directory is one line and nothing is written."""
+def test_urls_never_become_local_directories(tmp_path, monkeypatch):
+    """Path("gs://b/run") is the local directory gs:/b/run: a URL goes to the storage layer or is
+    refused in one line (another scheme, no bucket), and nothing is written locally."""
     from armu_jax import outputs
     from armu_jax.embedded import resolve_model
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="--output_dir gs://bucket/run: gs:// directories are not supported yet"):
-        outputs.claim("gs://bucket/run")
-    with pytest.raises(UserError, match="--model s3://bucket/llama: s3:// directories are not supported yet"):
+    with pytest.raises(UserError, match="--output_dir gs:///run names no bucket"):
+        outputs.claim("gs:///run")
+    with pytest.raises(UserError, match="--model s3://bucket/llama: s3:// is not supported"):
         resolve_model("s3://bucket/llama")
     assert list(tmp_path.iterdir()) == []

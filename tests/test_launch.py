@@ -18,14 +18,16 @@ def _dry_run(module: str, *args) -> str:
 
 
 def test_tpu_pod_launcher_dry_run():
-    out = _dry_run("launch.tpu_pod", "--tpu=pod-16", "--zone=us-west4-a", "--project=p", "--", "--mesh=fsdp:-1")
+    out = _dry_run("launch.tpu_pod", "--tpu=pod-16", "--zone=us-west4-a", "--project=p", "--model=gs://b/zephyr",
+                   "--output_dir=gs://b/runs/r1", "--", "--mesh=fsdp:-1")
     commands = [l for l in out.splitlines() if not l.startswith("#")]
     assert len(commands) == 4
     assert commands[0].startswith("gcloud compute tpus tpu-vm scp --recurse . ") and "--worker=all" in commands[0]
     assert "pip install -q -e '\"'\"'.[tpu]'\"'\"'" in commands[1] and "--worker=all" in commands[1]
     run_line = commands[2]
     assert "--worker=all" in run_line and "--zone us-west4-a --project p" in run_line
-    assert f"python3 -m armu_jax.main --flagfile={FLAGFILE} --multihost --mesh=fsdp:-1" in run_line
+    assert (f"python3 -m armu_jax.main --flagfile={FLAGFILE} --multihost --output_dir=gs://b/runs/r1 "
+            "--model=gs://b/zephyr --mesh=fsdp:-1") in run_line  # the URLs as they are
     assert "set -o pipefail" in run_line and "tee ~/armu_jax_run.log" in run_line
     assert commands[3].endswith("./pod-16-worker0.log --zone us-west4-a --project p --worker=0")
 
@@ -39,13 +41,20 @@ def test_multi_gpu_launcher_dry_run():
 
 def test_slurm_launcher_dry_run_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch.slurm", f"--flagfile={ROOT / FLAGFILE}", "--dry_run",
-                             "--nodes=2", "--gpus_per_node=4", "--partition=gpu"], cwd=tmp_path,
+                             "--nodes=2", "--gpus_per_node=4", "--partition=gpu", "--output_dir=gs://b/r"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "#SBATCH --nodes=2" in lines and "#SBATCH --gpus-per-node=4" in lines and "#SBATCH --partition=gpu" in lines
-    assert f"srun python -m armu_jax.main --flagfile={ROOT / FLAGFILE} --multihost --mesh=fsdp:8" in lines
+    assert f"srun python -m armu_jax.main --flagfile={ROOT / FLAGFILE} --multihost --output_dir=gs://b/r --mesh=fsdp:8" in lines
     assert lines[-1] == "sbatch armu_jax.sbatch" and not list(tmp_path.iterdir())
+
+
+def test_launcher_refuses_a_url_without_a_bucket():
+    result = subprocess.run([sys.executable, "-m", "launch.slurm", f"--flagfile={FLAGFILE}", "--nodes=2",
+                             "--gpus_per_node=1", "--dry_run", "--output_dir=gs:///run"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "names no bucket" in result.stderr.strip().splitlines()[-1]
 
 
 def test_launcher_refuses_stray_arguments():

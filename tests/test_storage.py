@@ -127,17 +127,18 @@ def test_bucket_run_killed_and_resumed_exports_what_the_local_run_does(bucket, l
     assert storage.files_under("gs://bkt/runs/killed/tb")  # TensorBoard's event files are in the bucket
 
 
-def test_two_processes_on_a_bucket_give_the_run_of_one_and_read_only_their_shards(bucket, local_runs):
+def test_two_processes_on_a_bucket_give_the_run_of_one_and_read_only_their_shards(bucket, local_runs, tmp_path):
     local, nudged = local_runs
     out = "gs://bkt/runs/two"
     port = gcs.free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files, not pipes: a full pipe would stall a process
     procs = [subprocess.Popen(cli_command(*cli_args(run_settings(bucket, **STEPS)), f"--output_dir={out}",
                                           f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                           f"--process_id={i}"),
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[i].open("w"))
              for i in range(2)]
-    results = [(p.wait(timeout=400), p.communicate()[1]) for p in procs]
+    results = [(p.wait(timeout=400), log.read_text()) for p, log in zip(procs, logs)]
     for code, stderr in results:
         assert code == 0, stderr[-3000:]
     reads = {int(m[1]): (float(m[2]), int(m[4])) for _, stderr in results for m in READ_LINE.finditer(stderr)}
@@ -276,9 +277,9 @@ def test_a_local_directory_other_hosts_cannot_see_is_refused(tmp_path, tiny_llam
         procs.append(subprocess.Popen(cli_command(*cli_args(run_settings(tiny_llama, mesh="fsdp:4")), "--output_dir=run",
                                                   f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                                   f"--process_id={i}"),
-                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        code, (_, stderr) = p.wait(timeout=300), p.communicate()
+                                      cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=(cwd.parent / f"{i}.log").open("w")))
+    for i, p in enumerate(procs):
+        code, stderr = p.wait(timeout=300), (tmp_path / f"{i}.log").read_text()
         assert code == 2, stderr[-2000:]
         assert "is not visible to process 1" in stderr.strip().splitlines()[-1]
         assert "use a bucket" in stderr
