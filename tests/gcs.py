@@ -1,4 +1,5 @@
-"""A local GCS for the tests: gcp-storage-emulator (the JSON API on localhost, objects in memory),
+"""A local GCS for the tests: gcp-storage-emulator (the JSON API on localhost, objects in memory;
+tests/gcs_emulator.py adds the generation headers of a download that tensorstore needs),
 started and stopped by the tests; the clients follow it through STORAGE_EMULATOR_HOST
 (google-cloud-storage, gcsfs) and TENSORSTORE_GCS_HTTP_URL (tensorstore, and so orbax). Nothing
 reaches the internet."""
@@ -12,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-EMULATOR = Path(sys.executable).parent / "gcp-storage-emulator"
+EMULATOR = [sys.executable, str(Path(__file__).with_name("gcs_emulator.py"))]  # the emulator, two headers added
 
 
 def free_port() -> int:
@@ -32,7 +33,7 @@ def emulator(buckets=("bkt",)):
     """A running emulator with the given buckets; yields its URL, with this process's environment
     pointed at it (and put back after)."""
     port = free_port()
-    proc = subprocess.Popen([str(EMULATOR), "start", "--port", str(port), "--in-memory", "-q"],
+    proc = subprocess.Popen([*EMULATOR, "start", "--port", str(port), "--in-memory", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://localhost:{port}"
     saved = {k: os.environ.get(k) for k in env_for(url)}
