@@ -284,3 +284,15 @@ def test_a_local_directory_other_hosts_cannot_see_is_refused(tmp_path, tiny_llam
         assert "is not visible to process 1" in stderr.strip().splitlines()[-1]
         assert "use a bucket" in stderr
     assert not (cwds[0] / "run").exists() and not (cwds[1] / "run").exists()  # nothing written, the token removed
+
+
+def test_copy_a_directory_down_from_the_bucket_in_one_command(bucket, tmp_path, tiny_llama):
+    """python -m armu_jax.storage cp gs://... DIR (what the README gives lm-eval users): every file, byte for byte;
+    a target that holds files is refused."""
+    from armu_jax.storage import main
+    assert main(["storage", "cp", bucket, str(tmp_path / "down")]) == 0
+    names = sorted(p.name for p in tiny_llama.iterdir())
+    assert sorted(p.name for p in (tmp_path / "down").iterdir()) == names
+    assert all((tmp_path / "down" / n).read_bytes() == (tiny_llama / n).read_bytes() for n in names)
+    with pytest.raises(UserError, match="is not empty"):
+        main(["storage", "cp", bucket, str(tmp_path / "down")])
