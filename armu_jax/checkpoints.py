@@ -22,7 +22,7 @@ class Checkpointer:
         # A gs:// directory is an epath.Path (storage.path): orbax writes its metadata through epath
         # and the arrays through tensorstore's gcs driver, and marks a finished step with
         # commit_success.txt where a local save renames a temporary directory.
-        self.directory = directory if storage.remote(directory) else Path(directory).absolute()
+        self.directory = directory if storage.is_url(directory) else Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.saved: int | None = None  # the step of the last good checkpoint (this run's or the resumed one)

@@ -75,7 +75,8 @@ def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir:
     mesh = step.mesh
     padded = lambda length: -(-length // cfg.pad_multiple) * cfg.pad_multiple
     lowered = step.lower(frozen, padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len))
-    if dump_dir and "://" in dump_dir:
+    from armu_jax import storage
+    if dump_dir and storage.is_url(dump_dir):
         raise UserError(f"--xla_dump_dir={dump_dir}: XLA dumps to a local directory; pass a local path")
     options = {"xla_dump_to": str(Path(dump_dir).absolute())} if dump_dir else None
     return lowered.compile(compiler_options=options), mesh, frozen

@@ -274,7 +274,7 @@ def local_flagfile(path) -> str:
     """A flagfile absl can open: a local path as it is, a gs:// one copied to a temporary file
     (removed at exit)."""
     from armu_jax import storage
-    if not storage.remote(path):
+    if not storage.is_url(path):
         return str(path)
     import atexit
     import tempfile
@@ -380,7 +380,8 @@ def check_evaluation(cfg: RunConfig) -> None:
 def check_output(cfg: RunConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    if cfg.profile_start_step >= 0 and cfg.output_dir and "://" in cfg.output_dir:
+    from armu_jax import storage
+    if cfg.profile_start_step >= 0 and cfg.output_dir and storage.is_url(cfg.output_dir):
         raise UserError(f"--profile_start_step with --output_dir={cfg.output_dir}: the profiler writes its trace to a "
                         "local directory; profile a run with a local --output_dir")
 

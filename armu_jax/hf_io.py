@@ -83,7 +83,7 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     missing = sorted(p for p in set(expected) - set(flat) if upto_layer is None or needed_upto(p, upto_layer))
     if missing:
         raise UserError(f"{model_dir} lacks {len(missing)} parameters, e.g. {path_to_hf_key(missing[0])[0]}")
-    if storage.remote(model_dir):
+    if storage.is_url(model_dir):
         report_reads(model_dir, reads)
     return cfg, unflatten(flat)
 
@@ -184,7 +184,7 @@ def _place(stored: tensor_files.StoredTensors, key: str, path, transpose: bool, 
         return (slice(rows[0] + begin, rows[0] + end), *rest)
 
     read = lambda index: stored.read(key, index)
-    if storage.remote(stored.path):  # one ranged read of the rows this process's devices need
+    if storage.is_url(stored.path):  # one ranged read of the rows this process's devices need
         read = _rows_once(stored, key, [stored_index(i) for i in where.addressable_devices_indices_map(shape).values()])
 
     def block(index):

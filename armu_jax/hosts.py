@@ -98,7 +98,7 @@ def check_shared(directory, flag: str) -> None:
     created = False
     if is_main():
         created = not directory.exists()
-        if not storage.remote(directory):
+        if not storage.is_url(directory):
             directory.mkdir(parents=True, exist_ok=True)
         storage.write_bytes(token, b"shared?")
     barrier("shared-token")
@@ -108,7 +108,7 @@ def check_shared(directory, flag: str) -> None:
     barrier("shared-token-read")
     if is_main():
         token.unlink()
-        if created and not storage.remote(directory) and not any(directory.iterdir()):
+        if created and not storage.is_url(directory) and not any(directory.iterdir()):
             directory.rmdir()
     if not everyone.all():
         missing = [i for i, ok in enumerate(everyone.reshape(-1)) if not ok]

@@ -38,7 +38,7 @@ def claim(path, products: tuple[str, ...] | None = None, flag: str = "--output_d
     out = storage.path(path, flag)
     storage.check_bucket(out, flag)
     storage.refresh(out)
-    if not storage.remote(out) and out.exists() and not out.is_dir():
+    if not storage.is_url(out) and out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pass a directory")
     if products is None:
         if out.is_dir() and any(p.name not in ignore for p in out.iterdir()):
@@ -59,7 +59,7 @@ def build_directory(target, build, replace: bool = False, clean_stale: bool = Fa
     On GCS, where nothing renames a directory, build() writes into the target itself and `marker`
     (a file build() writes last, an export's config.json) says the directory is complete: an
     earlier target loses its marker first, then the rest, before the new one is written."""
-    if storage.remote(target):
+    if storage.is_url(target):
         storage.refresh(target)
         if target.exists() and storage.files_under(target):
             if not replace:

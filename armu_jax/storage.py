@@ -87,10 +87,6 @@ def path(value, flag: str = "path"):
     return epath.Path(text.rstrip("/"))
 
 
-def remote(p) -> bool:
-    return is_url(p)
-
-
 def bucket_of(p) -> str:
     return urlparse(str(p)).netloc
 
@@ -114,7 +110,7 @@ def endpoint() -> str:
 def check_bucket(p, flag: str) -> None:
     """gs://BUCKET/...: the endpoint answers, the bucket exists and the credentials are accepted;
     else one line saying which and what to do. Local paths pass."""
-    if not remote(p):
+    if not is_url(p):
         return
     where = endpoint()
     parsed = urlparse(where if "://" in where else f"http://{where}")
@@ -145,7 +141,7 @@ def credential_message(p, flag: str, err: BaseException) -> str:
 
 
 def size(p) -> int:
-    if remote(p):
+    if is_url(p):
         return int(filesystem().info(key_of(p))["size"])
     return Path(p).stat().st_size
 
@@ -154,7 +150,7 @@ def read_range(p, start: int, end: int) -> bytes:
     """Bytes [start, end) of a file; from GCS one ranged GET, counted in READS."""
     if end <= start:
         return b""
-    if remote(p):
+    if is_url(p):
         data = filesystem().cat_file(key_of(p), start=start, end=end)
         READS.add(len(data))
         return data
@@ -164,7 +160,7 @@ def read_range(p, start: int, end: int) -> bytes:
 
 
 def read_bytes(p) -> bytes:
-    if remote(p):
+    if is_url(p):
         data = filesystem().cat_file(key_of(p))
         READS.add(len(data))
         return data
@@ -173,19 +169,12 @@ def read_bytes(p) -> bytes:
 
 def write_bytes(p, data: bytes):
     """The whole file at once, atomically (see the module's note)."""
-    if remote(p):
+    if is_url(p):
         filesystem().pipe_file(key_of(p), data)
         return p
-    p = Path(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    temp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, p)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    return p
+    with open_write(p) as f:
+        f.write(data)
+    return Path(p)
 
 
 class open_write:
@@ -196,7 +185,7 @@ class open_write:
         self.p = p
 
     def __enter__(self):
-        if remote(self.p):
+        if is_url(self.p):
             self.f = filesystem().open(key_of(self.p), "wb")
         else:
             self.p = Path(self.p)
@@ -206,7 +195,7 @@ class open_write:
         return self.f
 
     def __exit__(self, kind, value, tb):
-        if remote(self.p):
+        if is_url(self.p):
             if kind is None:
                 self.f.close()
             else:
@@ -222,11 +211,11 @@ class open_write:
 
 def copy(src, dst) -> None:
     """One file: within GCS a server-side copy, else streamed through this process."""
-    if remote(src) and remote(dst):
+    if is_url(src) and is_url(dst):
         filesystem().copy(key_of(src), key_of(dst))
-    elif not remote(src) and not remote(dst):
+    elif not is_url(src) and not is_url(dst):
         shutil.copy2(src, dst)
-    elif remote(dst):
+    elif is_url(dst):
         filesystem().put_file(str(src), key_of(dst))
     else:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +224,7 @@ def copy(src, dst) -> None:
 
 def remove_tree(p) -> None:
     """A directory and everything under it (nothing to do if it is not there)."""
-    if remote(p):
+    if is_url(p):
         fs = filesystem()
         if fs.exists(key_of(p)):
             fs.rm(key_of(p), recursive=True)
@@ -248,13 +237,13 @@ def remove_tree(p) -> None:
 
 def refresh(p) -> None:
     """Forget gcsfs's cached listings under p (objects another process wrote become visible)."""
-    if remote(p):
+    if is_url(p):
         filesystem().invalidate_cache(key_of(p))
 
 
 def files_under(p) -> list[str]:
     """The relative names of every file under directory p, sorted."""
-    if remote(p):
+    if is_url(p):
         root = key_of(p)
         refresh(p)
         return sorted(name[len(root) + 1:] for name in filesystem().find(root))
@@ -272,7 +261,7 @@ def local_copy(model_dir) -> Path:
     """A local directory holding the small files of a remote model directory (config, tokenizer:
     transformers reads only local files; weights are skipped, they are read by byte range), fetched
     once per process into a temporary directory removed at exit. A local directory is returned as it is."""
-    if not remote(model_dir):
+    if not is_url(model_dir):
         return Path(model_dir)
     key = str(model_dir)
     if key not in _LOCAL_COPIES:
@@ -383,7 +372,7 @@ def _describe(holder: dict) -> str:
 
 def lock(directory, what: str):
     """An exclusive lock on a run directory (see FileLock, ObjectLock)."""
-    if remote(directory):
+    if is_url(directory):
         return ObjectLock(directory / ".lock", what)
     Path(directory).mkdir(parents=True, exist_ok=True)
     return FileLock(Path(directory) / ".lock", what)
@@ -395,7 +384,7 @@ class AppendLog:
     and at flush()/close(), so a kill loses at most that much of the log, as checkpoints bound it."""
 
     def __init__(self, p, text: str = "", every: float = 10.0):
-        self.p, self.every, self.remote = p, every, remote(p)
+        self.p, self.every, self.remote = p, every, is_url(p)
         write_bytes(p, text.encode())
         if self.remote:
             self.buffer, self.written = io.StringIO(), time.time()
@@ -474,7 +463,7 @@ def copy_tree(src, dst) -> int:
     from tqdm import tqdm
     for name in tqdm(names, desc=f"copying {src}", unit="file"):
         target = dst / name
-        if not remote(target):
+        if not is_url(target):
             Path(target).parent.mkdir(parents=True, exist_ok=True)
         copy(src / name, target)
     return len(names)

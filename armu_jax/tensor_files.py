@@ -28,7 +28,7 @@ class StoredTensors:
     """The tensors of one safetensors file, by name, read without loading the file."""
 
     def __init__(self, path):
-        self.path = path if storage.remote(path) else Path(path)
+        self.path = path if storage.is_url(path) else Path(path)
         size = storage.size(self.path)
         try:
             (length,) = struct.unpack("<Q", storage.read_range(self.path, 0, min(8, size)))
@@ -85,7 +85,7 @@ class StoredTensors:
         shape, dtype = self.shape(key), self.dtype(key)
         if not shape or 0 in shape:
             return np.zeros(shape, dtype)
-        if storage.remote(self.path):
+        if storage.is_url(self.path):
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
             lo, hi, step = index[0].indices(shape[0])
             hi = max(hi, lo)
