@@ -279,7 +279,7 @@ def attack_cli(cfg: RunConfig) -> None:
         relearn_names(abstract_params(LlamaForCausalLM(target.model_cfg)), cfg.relearn_params,
                       cfg.relearn_layers or target.cfg.update_layer_ids)
     out = outputs.claim(cfg.output_dir or target.dir / "attack")
-    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
     texts = attack_texts(cfg, target)
     began = time.time()
     results, losses, arrays = run_attacks(cfg, target, tasks, texts, cfg.eval_nll_tokens)

@@ -117,7 +117,11 @@ class RunConfig:
     eval_tasks: tuple = setting("evaluation", "list", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], wmdp_bio:FILE, "
                                 "wmdp_cyber:FILE, FILE.jsonl (WMDP format); with --mode=lm_eval also lm-eval "
                                 "task names.")
-    eval_limit: int = setting("evaluation", "int", 0, "Items per evaluation task (0: all).", bound=">=0")
+    eval_limit: int = setting("evaluation", "int", 0, "Items per evaluation task (0: all), the first of --eval_split's.", bound=">=0")
+    eval_split: str = setting("evaluation", "enum", "test", "Which items of each task are scored: test (every reported "
+                              "number), validation (what --mode=tune searches on; the other half), all (the whole "
+                              "benchmark). One split for the project (armu_jax/tasks.py).",
+                              ["test", "validation", "all"])
     eval_batch_size: int = setting("evaluation", "int", 16, "Sequences per evaluation batch.", bound=">=1")
     eval_nll_tokens: int = setting("evaluation", "int", 128, "Held-out NLL over each text's first N tokens.", bound=">=2")
     # -- compile

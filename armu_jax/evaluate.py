@@ -343,7 +343,7 @@ def format_table(results: dict) -> str:
 def evaluate_cli(cfg) -> None:
     """--mode=eval: the native evaluator on --model over --eval_tasks; JSON to --output_dir/eval.json."""
     from armu_jax.context import RunContext
-    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)  # bad task files fail here, before the model is loaded
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)  # bad task files fail here, before the model is loaded
     out = outputs.claim(cfg.output_dir, ("eval.json",)) if cfg.output_dir else None
     run = RunContext.of(cfg)
     began = time.time()

@@ -31,11 +31,11 @@ def _check_builtin(names: list[str], task_manager) -> None:
 
 
 def run_lm_eval(model_dir: Path, specs, output_dir: Path, limit: int = 0, batch_size: int = 16,
-                dtype: str = "float32", log_samples: bool = False) -> dict:
-    """Run lm-eval (hf backend) on model_dir over --eval_tasks specs; returns lm-eval's results dict
-    (also saved as JSON)."""
+                dtype: str = "float32", log_samples: bool = False, split: str = "test") -> dict:
+    """Run lm-eval (hf backend) on model_dir over --eval_tasks specs (our tasks: the items of --eval_split);
+    returns lm-eval's results dict (also saved as JSON)."""
     go_offline()
-    tasks, builtin = resolve_tasks(specs, builtin_ok=True)
+    tasks, builtin = resolve_tasks(specs, builtin_ok=True, split=split)
     return run_lm_eval_on(model_dir, tasks, builtin, output_dir, limit, batch_size, dtype, log_samples)
 
 
@@ -105,7 +105,7 @@ def lm_eval_cli(cfg) -> None:
                         f"{cfg.output_dir}); copy them up after: python -m armu_jax.storage cp <dir> {cfg.output_dir}")
     out = outputs.claim(cfg.output_dir, ("lm_eval_results.json",), purpose="lm-eval's results JSON and task files")
     results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, out, cfg.eval_limit,
-                          cfg.eval_batch_size, dtype=cfg.dtype)
+                          cfg.eval_batch_size, dtype=cfg.dtype, split=cfg.eval_split)
     for task, row in summary(results).items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in row.items()))
     print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {cfg.output_dir.rstrip('/')}/lm_eval_results.json")

@@ -29,8 +29,9 @@ from armu_jax.params import merge, take, trainable_names
 class StepSpec:
     """What the step is compiled for, built once from the settings (StepSpec.of): build_step reads only
     this, and the process cache (armu_jax.cache) keys compiled steps by it. The method and its
-    numbers (beta, c, alpha, the control vectors) are not in it: they ride in every batch's
-    "settings", so one compiled step serves every cell of a sweep over them (armu_jax.sweep)."""
+    numbers (beta, c, alpha, lr, the control vectors) are not in it: they ride in every batch's
+    "settings", so one compiled step serves every cell of a sweep or trial of a tune over them
+    (armu_jax.sweep, armu_jax.tune)."""
     model_cfg: ModelConfig
     dtype: str
     layer_id: int
@@ -39,7 +40,6 @@ class StepSpec:
     adaptive_coeff: str  # "per_batch" (paper) | "first_batch" (public code)
     norm_skip_first: bool  # exclude each row's first real token from the adaptive norm
     optimizer: str
-    lr: float
     n_topics: int
     batch_size: int
     mesh: jax.sharding.Mesh
@@ -48,7 +48,7 @@ class StepSpec:
     def of(cls, cfg, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
         return cls(model_cfg, cfg.dtype, cfg.layer_id, tuple(cfg.update_layer_ids),
                    tuple(update_params_for(cfg.update_params, model_cfg)), cfg.adaptive_coeff, cfg.norm_skip_first,
-                   cfg.optimizer, cfg.lr, cfg.n_topics, cfg.batch_size, mesh)
+                   cfg.optimizer, cfg.n_topics, cfg.batch_size, mesh)
 
     @property
     def model(self) -> LlamaForCausalLM:
@@ -61,8 +61,8 @@ class StepSpec:
 
 
 def run_settings(cfg, control_vectors: np.ndarray) -> dict:
-    """The step's per-run numbers: {adaptive, beta, steering [n], alpha [n], control_vectors [n, D]}."""
-    return {"adaptive": np.bool_(cfg.method == "adaptive_rmu"), "beta": np.float32(cfg.beta),
+    """The step's per-run numbers: {adaptive, beta, lr, steering [n], alpha [n], control_vectors [n, D]}."""
+    return {"adaptive": np.bool_(cfg.method == "adaptive_rmu"), "beta": np.float32(cfg.beta), "lr": np.float32(cfg.lr),
             "steering": np.asarray(cfg.steering_coeffs, np.float32), "alpha": np.asarray(cfg.alpha, np.float32),
             "control_vectors": np.asarray(control_vectors, np.float32)}
 
@@ -75,15 +75,18 @@ def init_trainer_state(params, names, optimizer: optax.GradientTransformation, *
     return {"step": jnp.zeros([], jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable), **extra}
 
 
-def trainer_step(loss_fn, optimizer: optax.GradientTransformation, finish=None):
+def trainer_step(loss_fn, optimizer, finish=None):
     """step(state, params, batch) -> (state, metrics) training state["trainable"] on
     loss_fn(trainable, state, params, batch) -> (loss, aux): its gradient and the optimizer's update.
-    finish(state, loss, aux, grads) -> (other state entries to set, metrics); default: the loss."""
+    optimizer: an optax.GradientTransformation, or optimizer(batch) -> one (its lr read from the batch,
+    an argument of the compiled step). finish(state, loss, aux, grads) -> (other state entries to set,
+    metrics); default: the loss."""
     finish = finish or (lambda state, loss, aux, grads: ({}, loss))
+    optimizer_for = optimizer if callable(optimizer) else (lambda batch: optimizer)
 
     def step(state, params, batch):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], state, params, batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        updates, opt_state = optimizer_for(batch).update(grads, state["opt_state"], state["trainable"])
         extra, metrics = finish(state, loss, aux, grads)
         return {**state, **extra, "step": state["step"] + 1,
                 "trainable": optax.apply_updates(state["trainable"], updates), "opt_state": opt_state}, metrics
@@ -119,7 +122,9 @@ def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, ba
 
 # ----------------------------------------------------------------------------- the unlearning step
 
-def make_step(spec: StepSpec, optimizer: optax.GradientTransformation):
+def make_step(spec: StepSpec, optimizer):
+    """optimizer(lr) -> the optax transformation; lr is the batch's settings["lr"] (a traced scalar: trials
+    that differ only in lr share one compiled step)."""
     model = spec.model
     lo, hi = spec.lowest_update_layer, spec.layer_id
 
@@ -171,7 +176,7 @@ def make_step(spec: StepSpec, optimizer: optax.GradientTransformation):
         }
         return extra, metrics
 
-    return trainer_step(loss_fn, optimizer, finish)
+    return trainer_step(loss_fn, lambda batch: optimizer(batch["settings"]["lr"]), finish)
 
 
 @dataclass(frozen=True)
@@ -231,9 +236,9 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
     report alike (cached by spec in armu_jax.cache). frozen: the params of layers 0..l (arrays or
     ShapeDtypeStructs; only shapes are read). Give it a run's numbers with .with_settings(cfg, u)."""
     names = tuple(trainable_names(frozen, spec.update_layer_ids, spec.update_params))
-    optimizer = make_optimizer(spec.optimizer, spec.lr)
+    optimizer = lambda lr: make_optimizer(spec.optimizer, lr)
     n_topics = spec.n_topics
-    init = lambda p: init_trainer_state(p, names, optimizer, coeffs=jnp.ones([n_topics], jnp.float32),
+    init = lambda p: init_trainer_state(p, names, optimizer(1.0), coeffs=jnp.ones([n_topics], jnp.float32),
                                         coeff_ready=jnp.zeros([n_topics], bool))
     rows, repl = sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh)
     batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl}

@@ -338,7 +338,7 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     cells = plan(cfg, run.model_cfg.num_hidden_layers)
     for cell in cells:  # every cell's settings are checked before the first one runs
         validate(cell_config(cfg, cell, out / "cells" / cell.name), run.model_cfg)
-    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
     saved = check_sweep_dir(cfg, out)
 
     lock = rundir.lock(out)

@@ -16,6 +16,17 @@ Task specs (--eval_tasks):
   lm_eval:NAME          (--mode=lm_eval only) lm-eval's built-in task NAME; so is any other name
   FILE.jsonl            any WMDP-format jsonl, as a task named after the file
 
+The split (--eval_split), one for the whole project: every task's items are split once into
+validation (what a search such as --mode=tune scores its trials on) and test (every reported
+number), by a keyed hash of each item's identity (a demo article's title, a question's text and
+choices): sort the items by sha256("armu-split:<task>:<key>"), the first half (rounded down) is
+validation, the rest test; each side keeps the task's own order. It does not depend on
+--eval_limit, on the other items or on the machine. The demo topics are split by held-out
+article (biology 275 = 137 validation + 138 test, technology 135 = 67 + 68, retain 1,351 = 675 +
+676), and each article's question and held-out NLL text follow it: questions (the articles with a
+description) biology 137 + 137, technology 65 + 68, retain 659 + 659. "all" scores every item (the
+whole benchmark, as published MMLU/WMDP numbers are).
+
 Demo tasks: per held-out article of a topic, "<title> is" followed by one of four
 descriptions (the article's own and three from other held-out articles of the same topic,
 drawn with a fixed seed). MMLU docs are interleaved across subjects (first question of every
@@ -26,6 +37,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -35,6 +47,7 @@ from armu_jax.errors import UserError
 from armu_jax.runtime import load_cached_dataset
 
 DEMO_EVAL_TOPICS = ("bio", "cyber", "retain")
+SPLITS = ("test", "validation", "all")
 WMDP_SUBJECTS = {"wmdp_bio": "biology", "wmdp_cyber": "cybersecurity"}
 LETTERS = ("A", "B", "C", "D")
 # The prompts, once, in lm-eval's own template language: the native evaluator renders them with
@@ -90,18 +103,39 @@ class Task:
         """(context, " " + choice) for every doc and choice, in order."""
         return [(self.context(d), " " + c) for d in self.docs for c in self.choices(d)]
 
+    def split(self, split: str) -> "Task":
+        """The task's validation or test items (module docstring); "all": every item."""
+        if split == "all" or self.style == "demo":  # demo tasks are split by article (demo_task)
+            return self
+        keep = split_indices([json.dumps([d["question"], d["choices"]]) for d in self.docs], self.name, split)
+        return dataclasses.replace(self, docs=[self.docs[i] for i in keep])
+
     def limited(self, limit: int) -> "Task":
         if not limit:
             return self
         return dataclasses.replace(self, docs=self.docs[:limit], nll_texts=self.nll_texts[:limit])
 
 
+def split_indices(keys: list[str], task: str, split: str) -> list[int]:
+    """The indices (in order) of the items of `split` among items identified by `keys`: the first half
+    (rounded down) by sha256("armu-split:<task>:<key>") is validation, the rest test; "all": every one."""
+    if split not in SPLITS:
+        raise UserError(f"--eval_split={split}: choose from {', '.join(SPLITS)}")
+    if split == "all":
+        return list(range(len(keys)))
+    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"armu-split:{task}:{keys[i]}".encode()).hexdigest())
+    validation = set(ranked[:len(keys) // 2])
+    return [i for i in range(len(keys)) if (i in validation) == (split == "validation")]
+
+
 # ----------------------------------------------------------------------------- demo tasks
 
-def demo_task(topic: str, seed: int = 0) -> Task:
-    """The 4-way description question for every held-out article of a demo topic (deterministic)."""
+def demo_task(topic: str, seed: int = 0, split: str = "all") -> Task:
+    """The 4-way description question for every held-out article of a demo topic (deterministic); the
+    distractors are drawn from the whole held-out set, then the articles of `split` kept."""
     from armu_jax.data import demo_topic_articles
     held_out = demo_topic_articles(topic, held_out=True)
+    keep = set(split_indices([a["title"] for a in held_out], f"demo_{topic}", split))
     articles = [a for a in held_out if a.get("description")]
     descriptions = sorted({a["description"] for a in articles})
     rng = random.Random(f"{seed}:{topic}")
@@ -111,7 +145,9 @@ def demo_task(topic: str, seed: int = 0) -> Task:
         choices = rng.sample(others, 3) + [article["description"]]
         rng.shuffle(choices)
         docs.append({"title": article["title"], "choices": choices, "answer": choices.index(article["description"])})
-    return Task(f"demo_{topic}", docs, "demo", nll_texts=[a["extract"] for a in held_out],
+    kept = {a["title"] for i, a in enumerate(held_out) if i in keep}
+    docs = [d for d in docs if d["title"] in kept]
+    return Task(f"demo_{topic}", docs, "demo", nll_texts=[a["extract"] for i, a in enumerate(held_out) if i in keep],
                 role="retain" if topic == "retain" else "forget")
 
 
@@ -203,17 +239,19 @@ TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, mmlu[:DIR], wmdp_bio[:
                 "or a .jsonl path")
 
 
-def resolve_tasks(specs, builtin_ok: bool = False) -> tuple[list[Task], list[str]]:
-    """--eval_tasks specs -> (our tasks, lm-eval built-in task names). The one parser of the grammar
-    (module docstring). With builtin_ok (lm-eval), unknown names, `lm_eval:NAME` and wmdp_bio/wmdp_cyber
-    without a file are lm-eval's own tasks; otherwise an unknown name is an error."""
+def resolve_tasks(specs, builtin_ok: bool = False, split: str = "test") -> tuple[list[Task], list[str]]:
+    """--eval_tasks specs -> (our tasks, each cut to `split`, lm-eval built-in task names). The one parser
+    of the grammar (module docstring). With builtin_ok (lm-eval), unknown names, `lm_eval:NAME` and
+    wmdp_bio/wmdp_cyber without a file are lm-eval's own tasks (scored whole, as lm-eval defines them);
+    otherwise an unknown name is an error."""
+    split_indices([], "", split)  # an unknown split: one line
     tasks, builtin = [], []
     for spec in specs:
         name, _, arg = spec.partition(":")
         if spec == "demo":
-            tasks += [demo_task(t) for t in DEMO_EVAL_TOPICS]
+            tasks += [demo_task(t, split=split) for t in DEMO_EVAL_TOPICS]
         elif name in (f"demo_{t}" for t in DEMO_EVAL_TOPICS):
-            tasks.append(demo_task(name[len("demo_"):]))
+            tasks.append(demo_task(name[len("demo_"):], split=split))
         elif name == "mmlu":
             tasks.append(mmlu_task(arg or None))
         elif name in WMDP_SUBJECTS and arg:
@@ -226,7 +264,7 @@ def resolve_tasks(specs, builtin_ok: bool = False) -> tuple[list[Task], list[str
             tasks.append(wmdp_from_hf_cache(name))
         else:
             raise UserError(f"unknown evaluation task {spec!r}; use {TASK_GRAMMAR}")
-    return tasks, builtin
+    return [t.split(split) for t in tasks], builtin
 
 
 def mean_chance(tasks: list[Task], role: str | None = None) -> float | None:
@@ -236,14 +274,14 @@ def mean_chance(tasks: list[Task], role: str | None = None) -> float | None:
     return sum(t.chance * len(t.docs) for t in chosen) / docs if docs else None
 
 
-def load_tasks(specs, limit: int | dict = 0) -> list[Task]:
-    """The tasks named by --eval_tasks specs, for the native evaluator, each cut to its first `limit`
-    docs (and held-out texts) when limit > 0 (--eval_limit; a dict: per task name): the one place
-    tasks are limited."""
+def load_tasks(specs, limit: int | dict = 0, split: str = "test") -> list[Task]:
+    """The tasks named by --eval_tasks specs, for the native evaluator: the items of `split`
+    (--eval_split), each cut to its first `limit` docs (and held-out texts) when limit > 0 (--eval_limit;
+    a dict: per task name): the one place tasks are split and limited."""
     limits = limit if isinstance(limit, dict) else {}
     if any(n < 0 for n in (*limits.values(), 0 if limits else limit)):
         raise UserError(f"--eval_limit={limit}: must be >= 0 (0: all)")
-    return [t.limited(limits.get(t.name, 0) if limits else limit) for t in resolve_tasks(specs)[0]]
+    return [t.limited(limits.get(t.name, 0) if limits else limit) for t in resolve_tasks(specs, split=split)[0]]
 
 
 # ----------------------------------------------------------------------------- lm-eval task files

@@ -190,7 +190,7 @@ def prepare(cfg: RunConfig, cache: ProcessCache) -> Prepared:
     eval_tasks = None
     if cfg.eval_every:  # bad evaluation files fail here, before the run directory is written
         from armu_jax.tasks import load_tasks
-        eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit)
+        eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
     # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read,
     # each tensor straight onto its shards.
     params = cache.params(run.model_dir, cfg.dtype, run.mesh, None if cfg.eval_every else cfg.layer_id)
