@@ -30,6 +30,8 @@ GROUPS = {
     "evaluation": "The native evaluator and lm-eval (--mode=eval, lm_eval, sweep, attack, --eval_every).",
     "compile": "--mode=compile: the ahead-of-time compile report.",
     "sweep": "--mode=sweep: layers x methods x settings, each cell a run.",
+    "tune": "--mode=tune: a constrained search over the training settings (Optuna), many workers on one study; "
+            "--tune_storage also spreads a sweep's cells over workers.",
     "norms": "--mode=norms: every layer's activation norm on the corpora.",
     "attack": "--mode=attack: ablation and relearning attacks on a run's export.",
     "parity": "--mode=parity: the Flax port against transformers.",
@@ -53,8 +55,9 @@ class RunConfig:
                         "the step (memory per device, FLOPs); attack: robustness attacks on --run_dir's export; norms: "
                         "every layer's activation norm on the corpora (choosing c); sweep: layers x methods, each cell a run "
                         "evaluated on --eval_tasks; parity: the Flax port against transformers on --model "
-                        "(logits, layers; exit 1 above the tolerance).",
-                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep", "parity"])
+                        "(logits, layers; exit 1 above the tolerance); tune: search the settings named by --tune_space "
+                        "(trials scored on the validation split, the chosen one on the test split).",
+                        ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep", "parity", "tune"])
     # -- training
     method: str = setting("training", "enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
     model: str = setting("training", "str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
@@ -138,6 +141,28 @@ class RunConfig:
     sweep_betas: tuple = setting("sweep", "floats", None, "--mode=sweep: Adaptive RMU's beta values (default: --beta).", bound=">0")
     sweep_alphas: tuple = setting("sweep", "list", None, "--mode=sweep: alpha values, each for every topic or one per "
                                   "topic joined by / (1800/300) (default: --alpha).")
+    # -- tune
+    tune_space: str = setting("tune", "str", None, "--mode=tune: the searched settings, comma-separated, each "
+                              "setting:low:high[:log] or setting:a|b|c (a topic's value: alpha.1:30:3000:log), e.g. "
+                              "layer_id:3:9,beta:2:12:log,lr:1e-3:1e-2:log,method:rmu|adaptive_rmu; the rest from the flagfile.")
+    tune_trials: int = setting("tune", "int", 20, "--mode=tune: finished (complete or pruned) trials in the study; every "
+                               "worker stops when the study has them.", bound=">=1")
+    tune_storage: str = setting("tune", "str", None, "Optuna storage of the study: an RDB URL (sqlite:///PATH, "
+                                "postgresql://...), or journal:PATH (a journal file on a shared filesystem); default: "
+                                "sqlite:///<output_dir>/study.db. Given with --mode=sweep, the sweep's cells are spread "
+                                "over every worker started with the same command.")
+    tune_study: str = setting("tune", "str", None, "Study name in the storage (default: tune, or sweep with --mode=sweep).")
+    tune_retain_budget: str = setting("tune", "str", "acc:2,nll:0.05", "--mode=tune: the retain tasks' allowed loss against "
+                                      "the original model, acc:POINTS and/or nll:NAT_PER_TOKEN (a constraint).")
+    tune_max_trial_seconds: float = setting("tune", "float", 0.0, "--mode=tune: a run's time limit (its steps x their "
+                                            "median step time, compilation excluded; a constraint; 0: none).", bound=">=0")
+    tune_prune_every: int = setting("tune", "int", 30, "--mode=tune: report the forget tasks' held-out NLL every N steps "
+                                    "and stop trials in the worst quarter (0: no pruning).", bound=">=0")
+    tune_startup_trials: int = setting("tune", "int", 5, "--mode=tune: random trials before TPE (and before pruning).",
+                                       bound=">=0")
+    tune_seed: int = setting("tune", "int", 0, "--mode=tune: the sampler's seed (each worker adds its own offset).", bound=">=0")
+    tune_heartbeat_seconds: int = setting("tune", "int", 60, "Workers' heartbeat: a trial whose worker is silent for "
+                                          "2x this is failed and retried (once per trial).", bound=">=1")
     # -- norms
     norms_texts: int = setting("norms", "int", 64, "--mode=norms: texts of each corpus.", bound=">=1")
     norms_batch_size: int = setting("norms", "int", 16, "--mode=norms: texts per forward batch.", bound=">=1")
@@ -412,6 +437,12 @@ def check_sweep(cfg: RunConfig) -> None:
         raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
 
 
+def check_tune(cfg: RunConfig) -> None:
+    """--tune_space and --tune_retain_budget parse (their grammar lives with the tune, armu_jax.tune)."""
+    from armu_jax import tune
+    tune.check(cfg)
+
+
 def sweep_alpha(spec: str, n_topics: int) -> tuple[float, ...]:
     """One --sweep_alphas entry: a value for every topic, or one per topic joined by /."""
     try:
@@ -426,7 +457,7 @@ def sweep_alpha(spec: str, n_topics: int) -> tuple[float, ...]:
 # Each group's checks beyond the bounds (which stand beside each setting); run on every RunConfig.
 CHECKS = {"training": check_training, "hosts": check_hosts, "output": check_output, "evaluation": check_evaluation,
           "attack": check_attack,
-          "sweep": check_sweep}
+          "sweep": check_sweep, "tune": check_tune}
 
 
 def validate(cfg: RunConfig, model_cfg=None) -> None:

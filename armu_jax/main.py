@@ -22,6 +22,7 @@ MODES = {
     "sweep": "armu_jax.sweep:sweep_cli",
     "attack": "armu_jax.attack:attack_cli",
     "parity": "armu_jax.parity:parity_cli",
+    "tune": "armu_jax.tune:tune_cli",
 }
 
 

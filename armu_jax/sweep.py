@@ -264,20 +264,60 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
     return saved
 
 
-def run_cell(cfg: RunConfig, cell: Cell, directory: Path, cache, evaluate, bar) -> dict:
-    """One cell: its run (resumed if it was cut short), then the evaluator on the trained weights; a
-    failure is the row's status (tried again on the next run of the sweep)."""
-    from armu_jax.train import train
+class CellRunner:
+    """The one cell runner of the sweep and the tune: what every cell (a sweep's) or trial (a tune's) of
+    one process shares, built once: the whole model, the process cache (tokenizer, tokenized corpora,
+    compiled steps per layer and shape, the scorer) and the evaluation tasks."""
+
+    def __init__(self, cfg: RunConfig, run, tasks: list):
+        from armu_jax.cache import ProcessCache
+        from armu_jax.evaluate import EvalSpec
+        self.cache = ProcessCache(keep_full=True)
+        self.run_context = run
+        self.full = self.cache.params(run.model_dir, cfg.dtype, run.mesh)
+        self.scorer = self.cache.scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
+        self.tasks, self.nll_tokens = tasks, cfg.eval_nll_tokens
+
+    def evaluate(self, trained: dict | None = None, tasks: list | None = None) -> dict:
+        """The native evaluator on the original model or with the trained leaves swapped in."""
+        from armu_jax.evaluate import evaluate_tasks
+        from armu_jax.params import merge
+        return evaluate_tasks(self.scorer, merge(self.full, trained) if trained else self.full,
+                              self.tasks if tasks is None else tasks, nll_tokens=self.nll_tokens)
+
+    def nll(self, trained: dict, texts: list[str]) -> float:
+        """Held-out NLL per token of texts with the trained leaves (the tune's pruning signal)."""
+        from armu_jax.params import merge
+        return self.scorer.nll_per_token(self.scorer.place(merge(self.full, trained)), texts, self.nll_tokens,
+                                         desc="pruning nll")
+
+    def run(self, run_cfg: RunConfig, hook=None) -> tuple[dict, dict]:
+        """One cell: its run (resumed if run_cfg says so), then the evaluator on the trained weights:
+        ({results, forget_loss, retain_loss, coeff_used, first_step_seconds, *_seconds}, trained leaves).
+        Raises what the run raises."""
+        from armu_jax.train import train
+        began = time.time()
+        run_dir, trained = train(run_cfg, self.cache, hook)
+        trained_at = time.time()
+        results = self.evaluate(trained)
+        done = time.time()
+        return {"results": results, **_metrics_of(run_dir, run_cfg.n_topics),
+                "train_seconds": round(trained_at - began, 1), "eval_seconds": round(done - trained_at, 1),
+                "seconds": round(done - began, 1)}, trained
+
+
+CELL_ERRORS = (UserError, RunFailure, ValueError, RuntimeError, OSError)  # a cell's failure: its row's status
+
+
+def run_cell(cfg: RunConfig, cell: Cell, directory: Path, runner: CellRunner, bar) -> dict:
+    """One cell of the sweep: its run (resumed if it was cut short), then the evaluator on the trained
+    weights; a failure is the row's status (tried again on the next run of the sweep)."""
     began = time.time()
     try:
-        run_dir, trained = train(cell_config(cfg, cell, directory), cache)
-        trained_at = time.time()
-        results = evaluate(trained)
-        done = time.time()
-        return _row(cell, "ok", results, **_metrics_of(run_dir, cfg.n_topics),
-                    train_seconds=round(trained_at - began, 1), eval_seconds=round(done - trained_at, 1),
-                    seconds=round(done - began, 1))
-    except (UserError, RunFailure, ValueError, RuntimeError, OSError) as err:
+        measured, _ = runner.run(cell_config(cfg, cell, directory))
+        results = measured.pop("results")
+        return _row(cell, "ok", results, **measured)
+    except CELL_ERRORS as err:
         line = first_line(err)
         bar.write(f"{cell.name}: failed: {line}")
         return _row(cell, f"failed: {line}", seconds=round(time.time() - began, 1))
@@ -296,7 +336,7 @@ def _read_json(path: Path):
                         "again) and rerun the sweep") from None
 
 
-def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, task_names: list[str]) -> list[dict]:
+def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellRunner, task_names: list[str]) -> list[dict]:
     """Every cell in order: done ones (result.json "ok") read back, the others run; sweep.csv rewritten
     after each cell, so an interrupted sweep leaves the table of what is done."""
     rows = []
@@ -309,7 +349,7 @@ def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, tas
             if row["status"] == "ok":
                 rows.append(row)
                 continue
-        row = run_cell(cfg, cell, directory, cache, evaluate, bar)
+        row = run_cell(cfg, cell, directory, runner, bar)
         outputs.write_json(result_file, row)
         rows.append(row)
         if row["status"] == "ok":
@@ -323,10 +363,7 @@ def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, cache, evaluate, tas
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
     from armu_jax import hosts
-    from armu_jax.cache import ProcessCache
     from armu_jax.context import RunContext
-    from armu_jax.evaluate import EvalSpec, evaluate_tasks
-    from armu_jax.params import merge
     from armu_jax.tasks import load_tasks, mean_chance
 
     if hosts.several():  # --output_dir and --overwrite are checked with the sweep group (config.check_sweep)
@@ -344,11 +381,7 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     lock = rundir.lock(out)
     try:
         outputs.write_text(saved, flagfile_text(cfg))
-        cache = ProcessCache(keep_full=True)
-        full = cache.params(run.model_dir, cfg.dtype, run.mesh)
-        scorer = cache.scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
-        evaluate = lambda trained=None: evaluate_tasks(scorer, merge(full, trained) if trained else full, tasks,
-                                                       nll_tokens=cfg.eval_nll_tokens)
+        runner = CellRunner(cfg, run, tasks)
         original_file = out / "original.json"
         if original_file.is_file():
             original = _read_json(original_file)
@@ -356,9 +389,9 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
                 result.setdefault("role", next((t.role for t in tasks if t.name == name), "forget"))
         else:
             print("evaluating the original model")
-            original = evaluate()
+            original = runner.evaluate()
             outputs.write_json(original_file, original)
-        rows = run_cells(cfg, cells, out, cache, evaluate, [t.name for t in tasks])
+        rows = run_cells(cfg, cells, out, runner, [t.name for t in tasks])
         chance = mean_chance(tasks, "forget")
         table = markdown(rows, original, claim(rows, original))
         outputs.write_text(out / "sweep.md", table + "\n")

@@ -218,8 +218,10 @@ def train_cli(cfg: RunConfig) -> None:
     print(f"armu_jax: run written to {run(cfg)}")
 
 
-def train(cfg: RunConfig, cache: ProcessCache | None = None) -> tuple[Path, dict]:
-    """Run the unlearning job described by cfg: (run directory, the trained leaves {name: array})."""
+def train(cfg: RunConfig, cache: ProcessCache | None = None, hook=None) -> tuple[Path, dict]:
+    """Run the unlearning job described by cfg: (run directory, the trained leaves {name: array}).
+    hook(steps_done, trainable), if given, is called after every step (--mode=tune's pruning: it may raise
+    to stop the run)."""
     cache = cache or ProcessCache()
     p = prepare(cfg, cache)
     # Everything is valid (on every process): now process 0 locks and writes the run directory.
@@ -239,7 +241,7 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None) -> tuple[Path, dict
             frozen = truncate(evaluator.full, cfg.layer_id)
         p.params = None
         frozen = jax.device_put(frozen, p.compiled.params_shardings)
-        trained = run_steps(p, frozen, evaluator, is_main)
+        trained = run_steps(p, frozen, evaluator, is_main, hook)
         if cfg.export:
             export(p.run.model_dir, p.out / "hf", trained, cfg.export_dtype)
     finally:
@@ -248,7 +250,7 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None) -> tuple[Path, dict
     return p.out, trained
 
 
-def run_steps(p: Prepared, frozen, evaluator, is_main: bool) -> dict:
+def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
     """The loop from the last checkpoint (or step 0) to the end: returns the trained leaves."""
     cfg, out, compiled = p.cfg, p.out, p.compiled
     stop = hosts.StopRequest()
@@ -289,6 +291,8 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool) -> dict:
                     bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
                                     retain=f"{record['retain_loss']:.4g}")
                 done = step + 1
+                if hook:
+                    hook(done, state["trainable"])
                 stopping = stop.at(done)
                 if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == p.num_steps:
                     log.flush()  # first: the log in a bucket then holds every step the checkpoint has
