@@ -24,6 +24,8 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +262,7 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
                             f"--flagfile={saved} (the --sweep_* flags may change), choose a new --output_dir, "
                             "or add --allow_flag_changes")
     else:  # a new sweep: the directory must be new or empty
-        outputs.claim(out, ignore=(".lock",), hint="it holds no sweep; choose a new directory")
+        outputs.claim(out, ignore=(".lock", "study.db"), hint="it holds no sweep; choose a new directory")
     return saved
 
 
@@ -360,6 +362,87 @@ def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellRunner, 
     return rows
 
 
+def _result(out: Path, cell: Cell) -> dict | None:
+    path = out / "cells" / cell.name / "result.json"
+    return _read_json(path) if path.is_file() else None
+
+
+def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellRunner, task_names: list[str]) -> list[dict]:
+    """--tune_storage given: the cells spread over every worker started with the same command, through an
+    Optuna study (GridSampler over the cell names) in that storage. A cell is claimed before it runs: of the
+    running trials on one cell the lowest-numbered runs it and any other is marked surplus and failed;
+    a cell with result.json "ok" never runs again. A failed cell is tried once per run of the command; a
+    worker that dies leaves its cell to the others after 2 x --tune_heartbeat_seconds. Every worker
+    returns when every cell is done (or failed in this round) and writes the same tables."""
+    import optuna
+
+    from armu_jax import tune
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = {c.name: c for c in cells}
+    study_storage = tune.open_storage(cfg)
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values):  # its study.stop() is for study.optimize; the loop
+            pass                                              # below ends when every cell is settled
+
+    sampler = Grid({"cell": list(names)})
+    try:
+        study = optuna.create_study(storage=study_storage, study_name=cfg.tune_study or "sweep", sampler=sampler,
+                                    load_if_exists=True)
+    except Exception as err:
+        raise UserError(f"--tune_storage: cannot open study {cfg.tune_study or 'sweep'!r} ({first_line(err)})") from None
+    distribution = {"cell": optuna.distributions.CategoricalDistribution(list(names))}
+    began = time.time()
+    bar = tqdm(total=len(cells), desc="sweep", unit="cell")
+
+    def settled(cell):  # ok, or failed in this round of the command
+        row = _result(out, cell)
+        return row is not None and (row["status"] == "ok" or (out / "cells" / cell.name / "result.json").stat().st_mtime > began)
+
+    while True:
+        tune.fail_stale(study, cfg.tune_heartbeat_seconds)
+        pending = [c for c in cells if not settled(c)]
+        bar.n = len(cells) - len(pending)
+        bar.refresh()
+        if not pending:
+            break
+        trials = study.get_trials(deepcopy=False)
+        running = {t.params.get("cell") for t in trials if t.state.name == "RUNNING" and not t.user_attrs.get("surplus")}
+        free = [c for c in pending if c.name not in running]
+        if not free:
+            time.sleep(min(cfg.tune_heartbeat_seconds, 5))  # the rest run on other workers
+            continue
+        trial = study.ask(distribution)
+        name = trial.params["cell"]
+        claimed = any(t.number < trial.number and t.params.get("cell") == name and t.state.name == "RUNNING"
+                      and not t.user_attrs.get("surplus") for t in study.get_trials(deepcopy=False))
+        if claimed or names[name] not in free:  # another worker's, or done: hand the grid a free cell instead
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if not claimed:
+                study.enqueue_trial({"cell": free[0].name}, skip_if_exists=False)
+            continue
+        cell = names[name]
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        heartbeat = tune.Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
+        try:
+            row = run_cell(cfg, cell, out / "cells" / cell.name, runner, bar)
+        except BaseException:
+            heartbeat.close()
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        heartbeat.close()
+        outputs.write_json(out / "cells" / cell.name / "result.json", row)
+        if row["status"] == "ok":
+            study.tell(trial, row["forget_acc"])
+            bar.write(_progress_line(row, cell.name))
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    bar.close()
+    rows = [r for r in (_result(out, c) for c in cells) if r is not None]
+    outputs.write_text(out / "sweep.csv", csv_text(rows, task_names))
+    return rows
+
+
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
     from armu_jax import hosts
@@ -378,7 +461,7 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
     saved = check_sweep_dir(cfg, out)
 
-    lock = rundir.lock(out)
+    lock = None if cfg.tune_storage else rundir.lock(out)  # shared: the study's claims order the workers
     try:
         outputs.write_text(saved, flagfile_text(cfg))
         runner = CellRunner(cfg, run, tasks)
@@ -391,7 +474,7 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
             print("evaluating the original model")
             original = runner.evaluate()
             outputs.write_json(original_file, original)
-        rows = run_cells(cfg, cells, out, runner, [t.name for t in tasks])
+        rows = (run_cells_shared if cfg.tune_storage else run_cells)(cfg, cells, out, runner, [t.name for t in tasks])
         chance = mean_chance(tasks, "forget")
         table = markdown(rows, original, claim(rows, original))
         outputs.write_text(out / "sweep.md", table + "\n")
@@ -402,4 +485,5 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
               + (f"; {failed} cell(s) failed: rerun the same command to try them again" if failed else ""))
         return rows
     finally:
-        lock.release()
+        if lock:
+            lock.release()
