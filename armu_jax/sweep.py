@@ -378,6 +378,7 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
 
     from armu_jax import tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune.quiet_optuna()
     names = {c.name: c for c in cells}
     study_storage = tune.open_storage(cfg)
     class Grid(optuna.samplers.GridSampler):

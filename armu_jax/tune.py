@@ -60,6 +60,7 @@ NOT_SEARCHABLE = ("model", "forget_corpora", "retain_corpora", "mesh", "dtype", 
                   "update_params")
 NLL_CAP = 1.0  # nat/token: the NLL rise beyond which the objective gains nothing (the target's +1)
 PRUNE_PERCENTILE = 75.0  # a trial worse than 75% of the others at a step is stopped (the worst quarter)
+PRUNE_TEXTS = 16  # held-out texts per forget task in the pruning NLL (a full-model forward: kept small)
 MAX_RETRY = 1  # a trial whose worker died is retried once with its settings
 
 
@@ -250,7 +251,7 @@ def open_storage(cfg: RunConfig):
         return optuna.storages.RDBStorage(
             where, engine_kwargs=engine, heartbeat_interval=cfg.tune_heartbeat_seconds,
             grace_period=2 * cfg.tune_heartbeat_seconds,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except ModuleNotFoundError as err:
         raise UserError(f"--tune_storage={cfg.tune_storage}: its database driver is not installed ({err.name}); "
                         f"pip install it (psycopg2-binary for PostgreSQL, PyMySQL for MySQL)") from None
@@ -260,6 +261,16 @@ def open_storage(cfg: RunConfig):
 
 
 # ----------------------------------------------------------------------------- the study
+
+def quiet_optuna() -> None:
+    """Our loop drives the heartbeat and the ask/tell itself (Optuna warns that heartbeats are meant for
+    study.optimize, and that experimental features are experimental)."""
+    import warnings
+
+    import optuna
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
 
 def identity(cfg: RunConfig, dims: list[Dimension]) -> dict:
     """What a study is: its space, objective and the flagfile's other training settings. A worker on a
@@ -279,8 +290,11 @@ def open_study(cfg: RunConfig, study_storage, name: str, ident: dict, sampler=No
     """Create or load the study; refuse one with another identity (nothing of it changed)."""
     import optuna
     try:
-        study = optuna.create_study(storage=study_storage, study_name=name, direction="minimize", sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        try:  # loading writes nothing (creating an existing study would append to a journal file)
+            study = optuna.load_study(study_name=name, storage=study_storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            study = optuna.create_study(storage=study_storage, study_name=name, direction="minimize", sampler=sampler,
+                                        pruner=pruner, load_if_exists=True)
     except Exception as err:
         raise UserError(f"--tune_storage: cannot open study {name!r} ({first_line(err)})") from None
     saved = study.user_attrs.get("identity")
@@ -418,7 +432,8 @@ def fail_stale(study, interval: int) -> None:
         if now - last > 2 * interval:
             try:
                 if study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
-                    optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(t._trial_id))
+                    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                    retry(study, study._storage.get_trial(t._trial_id))
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker failed it first
 
@@ -442,16 +457,22 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
     trial_cfg = trial_config(cfg, dims, trial.params, directory)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("run_dir", str(directory))
-    forget_texts = [text for task in runner.tasks if task.role == "forget" for text in task.nll_texts]
+    forget_texts = [text for task in runner.tasks if task.role == "forget" for text in task.nll_texts[:PRUNE_TEXTS]]
+    pruning = {"seconds": 0.0}
 
     def prune(done, trainable):
         if cfg.tune_prune_every and forget_texts and done % cfg.tune_prune_every == 0 and done < trial_cfg.max_num_batches:
+            began_nll = time.time()
             value = -runner.nll(trainable, forget_texts)
+            pruning["seconds"] += time.time() - began_nll
+            trial.set_user_attr("prune_seconds", round(pruning["seconds"], 2))
+            trial.set_user_attr("steps", done)
             trial.report(value, done)
             if trial.should_prune():
                 raise Pruned(f"forget NLL {-value:.3f} at step {done}")
 
     heartbeat = Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
+    trial.set_user_attr("planned_steps", trial_cfg.max_num_batches)
     began = time.time()
     try:
         validate(trial_cfg, runner.run_context.model_cfg)
@@ -709,6 +730,7 @@ def tune_cli(cfg: RunConfig) -> dict:
                         f"--eval_tasks={','.join(cfg.eval_tasks)} has none (or give --tune_retain_budget=)")
     check_tune_dir(out, cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     study_storage = open_storage(cfg)
     name = cfg.tune_study or "tune"
     ident = identity(cfg, dims)

@@ -1,0 +1,210 @@
+"""--mode=tune: many workers on one study, each trial once; a killed worker's trial failed and retried;
+best.flags reproduces its trial; the retain budget honoured; the study opens in optuna-dashboard; bad
+input refused in one line with the study unchanged. The tiny Llama keeps each trial to seconds."""
+import hashlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from gcs import free_port
+from helpers import ROOT, cli_command, read_metrics, run_cli
+
+from armu_jax.config import config_with, from_flagfile
+from armu_jax.errors import UserError
+from armu_jax.train import run
+from armu_jax.tune import Dimension, best_flags, best_trial, markdown, parse_budget, parse_space, rows_of, storage_spec
+
+SPACE = "beta:1:10:log,lr:1e-4:1e-2:log,alpha.1:10:100"
+ENV = {"PYTHONPATH": str(ROOT)}
+
+
+def _flagfile(tmp: Path, model: Path, steps: int = 6) -> Path:
+    flags = tmp / "tune.flags"
+    flags.write_text("\n".join([
+        f"--model={model}", "--layer_id=3", "--forget_corpora=demo:bio,demo:cyber", "--alpha=50",
+        "--forget_max_len=32", "--retain_max_len=32", "--pad_multiple=32", f"--max_num_batches={steps}",
+        "--checkpoint_every=0", "--eval_tasks=demo_bio,demo_retain", "--eval_limit=4", "--eval_nll_tokens=16",
+        "--tune_startup_trials=2", "--tune_prune_every=2", "--tune_heartbeat_seconds=1"]) + "\n")
+    return flags
+
+
+def _worker(flags: Path, out: Path, log: Path, *extra) -> subprocess.Popen:
+    with open(log, "w") as f:  # stderr to a file: tqdm's output would fill a pipe
+        return subprocess.Popen(cli_command(f"--flagfile={flags}", "--mode=tune", f"--tune_space={SPACE}",
+                                            f"--output_dir={out}", *extra),
+                                cwd=ROOT, env={**os.environ, **ENV}, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _study(url: str, name: str = "tune"):
+    storage = (optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(url[8:]))
+               if url.startswith("journal:") else url)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, tiny_llama):
+    """Two worker processes on one journal-file study, 5 trials: (flagfile, output dir, storage URL)."""
+    tmp = tmp_path_factory.mktemp("tune")
+    flags, out = _flagfile(tmp, tiny_llama), tmp / "tune"
+    url = f"journal:{tmp / 'study.journal'}"
+    workers = [_worker(flags, out, tmp / f"worker{i}.log", "--tune_trials=5", f"--tune_storage={url}")
+               for i in range(2)]
+    for i, w in enumerate(workers):
+        assert w.wait(timeout=400) == 0, (tmp / f"worker{i}.log").read_text()[-3000:]
+    return flags, out, url, [(tmp / f"worker{i}.log").read_text() for i in range(2)]
+
+
+def test_two_workers_complete_the_study_with_no_trial_run_twice(two_workers):
+    flags, out, url, logs = two_workers
+    study = _study(url)
+    real = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    finished = [t for t in real if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 5 and all(t.state.name != "RUNNING" for t in study.trials)
+    assert len({t.user_attrs["worker"] for t in real}) == 2, "both workers ran trials"
+    for t in real:  # each trial ran once, by one worker, in its own directory, every step once
+        steps = [m["step"] for m in read_metrics(out / "trials" / f"{t.number:04d}")]
+        assert steps == list(range(len(steps))) and len(steps) == (6 if t.state.name == "COMPLETE" else t.user_attrs["steps"])
+        assert sum(f"trial {t.number}:" in log for log in logs) == 1
+    assert sorted(p.name for p in (out / "trials").iterdir()) == sorted(f"{t.number:04d}" for t in real)
+    # the reports: a row per trial, the chosen one's flags, the figure
+    rows = (out / "tune.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,beta,lr,alpha.1,state,objective") and len(rows) == 1 + len(real)
+    best = best_trial(study)
+    assert best is not None and f"Chosen: trial {best.number}" in (out / "tune.md").read_text()
+    assert "test split" in (out / "tune.md").read_text() and (out / "tune.png").stat().st_size > 10_000
+
+
+def test_best_flags_reproduce_the_chosen_trial(two_workers, tmp_path):
+    flags, out, url, _ = two_workers
+    best = best_trial(_study(url))
+    again = tmp_path / "again"
+    cfg = from_flagfile(out / "best.flags", output_dir=str(again))
+    assert cfg.beta == pytest.approx(best.params["beta"]) and cfg.alpha[1] == pytest.approx(best.params["alpha.1"])
+    assert cfg.mode == "train" and cfg.tune_space is None
+    run(cfg)
+    ours, theirs = read_metrics(again), read_metrics(out / "trials" / f"{best.number:04d}")
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-12), (a["step"], key)
+
+
+def test_the_study_opens_in_optuna_dashboard(two_workers, tmp_path):
+    """The journal study, served by optuna-dashboard as its users start it; its API lists our study."""
+    _, _, url, _ = two_workers
+    port = free_port()
+    log = open(tmp_path / "dashboard.log", "w")
+    server = subprocess.Popen([str(Path(os.sys.executable).parent / "optuna-dashboard"), url[8:], "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, page = time.time() + 60, None
+        while time.time() < deadline and page is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, (tmp_path / "dashboard.log").read_text()[-2000:]
+        assert '"study_name": "tune"' in page or '"study_name":"tune"' in page
+        html = urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=5).read().decode()
+        assert "<html" in html.lower()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_input_is_one_line_and_leaves_the_study_unchanged(two_workers, tiny_llama):
+    flags, out, url, _ = two_workers
+    journal = Path(url[8:])
+    before = hashlib.sha256(journal.read_bytes()).hexdigest()
+    cases = {
+        "--tune_space=beta:1:10:log,lr:1e-4:1e-2:log": "another space",  # the study's space was another
+        "--tune_space=layer_id:1:9": "the model has 4 layers",
+        "--tune_space=colour:1:2": "unknown setting 'colour'",
+        "--tune_space=beta:5:1": "LOW must be below HIGH",
+        "--tune_space=model:a|b": "cannot be searched",
+        "--tune_space=alpha.5:1:2": "topic index 5",
+        "--tune_retain_budget=acc:x": "--tune_retain_budget entry",
+    }
+    for arg, message in cases.items():
+        result = run_cli(f"--flagfile={flags}", "--mode=tune", f"--tune_space={SPACE}", arg, f"--output_dir={out}",
+                         f"--tune_storage={url}", env=ENV, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, (arg, result.stderr[-1500:])
+        assert result.stderr.strip().count("\n") == 0, result.stderr  # one line
+    blocker = journal.parent / "a-file"
+    blocker.write_text("")
+    for url_, message in ((f"sqlite:///{blocker}/study.db", "cannot open the study's storage"),
+                          ("postgresql://nobody@127.0.0.1:1/none", "cannot open the study's storage")):
+        result = run_cli(f"--flagfile={flags}", "--mode=tune", f"--tune_space={SPACE}", f"--output_dir={out}",
+                         f"--tune_storage={url_}", env=ENV, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-1500:]
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert hashlib.sha256(journal.read_bytes()).hexdigest() == before
+
+
+def test_a_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_llama):
+    """SQLite (Optuna's heartbeat): a worker SIGKILLed mid-trial, then started again: its trial is failed
+    after 2 heartbeats and retried with the same settings; the study still reaches its 2 trials."""
+    flags, out = _flagfile(tmp_path, tiny_llama, steps=60), tmp_path / "tune"
+    first = _worker(flags, out, tmp_path / "first.log", "--tune_trials=2", "--tune_prune_every=0")
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        logs = list(out.glob("trials/*/metrics.jsonl"))
+        if logs and len(logs[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed = logs[0].parent.name
+    second = _worker(flags, out, tmp_path / "second.log", "--tune_trials=2", "--tune_prune_every=0")
+    assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    study = _study(f"sqlite:///{out / 'study.db'}")
+    by_number = {t.number: t for t in study.trials}
+    dead = by_number[int(killed)]
+    assert dead.state.name == "FAIL"
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == dead.params
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+
+
+def test_the_budget_is_a_constraint_never_a_best_trial(tmp_path):
+    """An infeasible trial with the lowest objective is never chosen, nor written to best.flags."""
+    dims = parse_space("beta:1:10", 2)
+    study = optuna.create_study(direction="minimize")
+    dist = {"beta": dims[0].distribution()}
+    attrs = lambda lost, cons: {"forget_acc": 0.3, "forget_nll_rise": 0.1, "retain_acc_lost": lost,
+                                "retain_nll_gained": 0.0, "constraints": cons}
+    for value, beta, lost in ((1.0, 2.0, 5.0), (4.0, 3.0, 1.0), (6.0, 4.0, 0.0)):  # the lowest breaks acc:2
+        study.add_trial(optuna.trial.create_trial(params={"beta": beta}, distributions=dist, value=value,
+                                                  user_attrs={**attrs(lost, [lost - 2.0]), "run_dir": "x"}))
+    best = best_trial(study)
+    assert best.params["beta"] == 3.0
+    cfg = config_with(mode="tune", tune_space="beta:1:10", output_dir=str(tmp_path), forget_corpora=["a", "b"])
+    assert "--beta=3.0" in best_flags(cfg, dims, best)
+    rows = rows_of(study, dims)
+    assert [r["feasible"] for r in rows] == [False, True, True]
+    assert "Chosen: trial 1" in markdown(cfg, rows, dims, best, None, None)
+
+
+def test_space_and_budget_grammar():
+    dims = parse_space("layer_id:3:9,beta:2:12:log,lr:1e-3:1e-2:log,method:rmu|adaptive_rmu,alpha.1:30:3000:log", 2, 30)
+    assert [d.name for d in dims] == ["layer_id", "beta", "lr", "method", "alpha.1"]
+    assert dims[0] == Dimension("layer_id", None, "int", 3.0, 9.0, False)
+    assert dims[3].choices == ("rmu", "adaptive_rmu") and dims[4].index == 1 and dims[4].log
+    assert isinstance(dims[0].distribution(), optuna.distributions.IntDistribution)
+    assert parse_budget("acc:2,nll:0.05") == {"acc": 2.0, "nll": 0.05} and parse_budget("nll:0.1") == {"nll": 0.1}
+    for bad in ("beta:0:2:log", "lr:1:2:lin", "layer_id:a:3", "method:sgd", "beta", "beta:1:2,beta:2:3", "lr:-1:1"):
+        with pytest.raises(UserError):
+            parse_space(bad, 2, 30)
+    tune = dict(mode="tune", tune_space="beta:1:2", output_dir="gs://bucket/tune")
+    with pytest.raises(UserError, match="need a POSIX filesystem; give the study an RDB URL"):
+        config_with(**tune)
+    with pytest.raises(UserError, match="journal file needs a POSIX"):
+        config_with(**tune, tune_storage="journal:/x/j.log")
+    with pytest.raises(UserError, match="SQLite needs a POSIX"):
+        config_with(**tune, tune_storage="sqlite:///x.db")
+    assert storage_spec(config_with(**tune, tune_storage="postgresql://h/db")) == ("rdb", "postgresql://h/db")
