@@ -50,6 +50,20 @@ def test_slurm_launcher_dry_run_writes_nothing(tmp_path):
     assert lines[-1] == "sbatch armu_jax.sbatch" and not list(tmp_path.iterdir())
 
 
+def test_slurm_tune_workers_are_a_job_array(tmp_path):
+    common = [sys.executable, "-m", "launch.slurm", f"--flagfile={FLAGFILE}", "--gpus_per_node=2", "--dry_run",
+              "--tune_workers=8", "--output_dir=/shared/tune", "--", "--mode=tune", "--tune_space=beta:2:12:log"]
+    result = subprocess.run([*common, "--tune_storage=journal:/shared/tune/study.log"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "#SBATCH --array=0-7" in lines and "#SBATCH --nodes=1" in lines and "#SBATCH --gpus-per-node=2" in lines
+    assert (f"srun python -m armu_jax.main --flagfile={FLAGFILE} --output_dir=/shared/tune --mesh=fsdp:2 --mode=tune "
+            "--tune_space=beta:2:12:log --tune_storage=journal:/shared/tune/study.log") in lines
+    refused = subprocess.run(common, cwd=ROOT, capture_output=True, text=True, timeout=120)  # no shared study
+    assert refused.returncode == 2 and "need a study every node reaches" in refused.stderr
+
+
 def test_launcher_refuses_a_url_without_a_bucket():
     result = subprocess.run([sys.executable, "-m", "launch.slurm", f"--flagfile={FLAGFILE}", "--nodes=2",
                              "--gpus_per_node=1", "--dry_run", "--output_dir=gs:///run"], cwd=ROOT, capture_output=True,

@@ -147,3 +147,31 @@ def test_sweep_refuses_a_directory_it_did_not_write_and_changed_settings(tmp_pat
         sweep_cli(config_with(mode="sweep", sweep_layers="3:99", output_dir=str(started)))
     with pytest.raises(UserError, match="new --output_dir"):
         sweep_cli(config_with(mode="sweep", overwrite=True, output_dir=str(started)))
+
+
+def test_two_workers_share_a_sweep_each_cell_once(tmp_path, tiny_llama):
+    """--tune_storage: the cells spread over two worker processes through one Optuna study; every cell
+    runs once (one complete trial, its steps once), and both workers write the whole table."""
+    import optuna
+    out = tmp_path / "sweep"
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    args = [f"--flagfile={_flagfile(tmp_path, tiny_llama)}", "--mode=sweep", "--sweep_layers=2:4", f"--output_dir={out}",
+            f"--tune_storage={url}", "--tune_heartbeat_seconds=1"]
+    workers = []
+    for i in range(2):
+        with open(tmp_path / f"worker{i}.log", "w") as log:
+            workers.append(subprocess.Popen(cli_command(*args), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                            stdout=log, stderr=subprocess.STDOUT))
+    for i, w in enumerate(workers):
+        assert w.wait(timeout=400) == 0, (tmp_path / f"worker{i}.log").read_text()[-3000:]
+    study = optuna.load_study(study_name="sweep", storage=url)
+    complete = [t.params["cell"] for t in study.trials if t.state.name == "COMPLETE"]
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert sorted(complete) == cells and len(cells) == 4
+    assert all(t.user_attrs.get("surplus") for t in study.trials if t.state.name != "COMPLETE")
+    for cell in cells:
+        assert [m["step"] for m in read_metrics(out / "cells" / cell)] == list(range(6))
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert all(sum(f"{cell}: forget acc" in log for log in logs) == 1 for cell in cells)
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
