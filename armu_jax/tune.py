@@ -453,6 +453,7 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
     """One trial, start to tell: the run (pruned on the forget NLL), the validation evaluator, the objective
     and constraints; a failure is the trial's state FAIL with its error as an attribute."""
     import optuna
+    heartbeat = Heartbeat(study, trial, cfg.tune_heartbeat_seconds)  # first: a worker killed from here on is seen
     directory = out / "trials" / f"{trial.number:04d}"
     trial_cfg = trial_config(cfg, dims, trial.params, directory)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -471,7 +472,6 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
             if trial.should_prune():
                 raise Pruned(f"forget NLL {-value:.3f} at step {done}")
 
-    heartbeat = Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
     trial.set_user_attr("planned_steps", trial_cfg.max_num_batches)
     began = time.time()
     try:
@@ -547,7 +547,9 @@ def rows_of(study, dims: list[Dimension]) -> list[dict]:
                      "retain_acc_lost": a.get("retain_acc_lost"), "retain_nll_gained": a.get("retain_nll_gained"),
                      "feasible": feasible(t) if t.state.name == "COMPLETE" else None,
                      "constraints": a.get("constraints"), "run_seconds": a.get("run_seconds"), "seconds": a.get("seconds"),
-                     "note": a.get("error") or a.get("pruned") or "", "results": a.get("results")})
+                     "note": a.get("error") or a.get("pruned") or "", "results": a.get("results"),
+                     "steps": a.get("steps"), "planned_steps": a.get("planned_steps"),
+                     "prune_seconds": a.get("prune_seconds", 0.0)})
     return rows
 
 
@@ -585,6 +587,13 @@ def markdown(cfg, rows, dims, best, test: dict | None, original_test: dict | Non
     lines = [f"{len(finished)} trials ({sum(r['state'] == 'pruned' for r in rows)} pruned, "
              f"{sum(r['state'] == 'fail' for r in rows)} failed) over {', '.join(d.spec() for d in dims)}; "
              f"scored on the validation split. Constraints: {', '.join(constraint_names(cfg)) or 'none'}.", ""]
+    pruned = [r for r in rows if r["state"] == "pruned" and r["steps"] and r["planned_steps"]]
+    if pruned:
+        planned = sum(r["planned_steps"] for r in rows if r["state"] in ("complete", "pruned") and r["planned_steps"])
+        saved = sum(r["planned_steps"] - r["steps"] for r in pruned)
+        checks = sum(r["prune_seconds"] or 0.0 for r in rows)
+        lines += [f"Pruning stopped {len(pruned)} trials early: {saved} of {planned} planned steps ({100 * saved / planned:.0f}%) "
+                  f"not run (and their evaluations); the pruning checks cost {checks:.0f} s in all.", ""]
     ranked = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: (not r["feasible"], r["objective"]))[:10]
     table = [[r["trial"], *(_fmt(r[d.name]) for d in dims), f"{r['objective']:.2f}", pct(r["forget_acc"]),
               num(r["forget_nll_rise"]), num(r["retain_acc_lost"], "{:.1f}"), num(r["retain_nll_gained"]),
