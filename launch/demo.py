@@ -103,7 +103,7 @@ def format_attacks(attacks: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on SmolLM2-135M")
-    parser.add_argument("--limit", type=int, default=40, help="held-out questions per topic (0: all)")
+    parser.add_argument("--limit", type=int, default=40, help="held-out test-split questions per topic (0: all)")
     parser.add_argument("--lm_eval", action="store_true", help="also score the exports with lm-eval (hf backend)")
     parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<time>)")
     args = parser.parse_args(argv)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     seconds = time.time() - began
     chance = 100 * mean_chance(tasks)
     text = ["# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
-            f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic "
+            f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic, from the test split "
             f"(chance {chance:.0f}%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",
             f"## Does it come back? ({ATTACK_NOTE})\n", attack_table, ""]
     if lm_eval_scores:
