@@ -248,10 +248,16 @@ def open_storage(cfg: RunConfig):
         engine = {"connect_args": {"timeout": 120}} if where.startswith("sqlite") else {"pool_pre_ping": True}
         if where.startswith("sqlite:///"):
             Path(where[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            where, engine_kwargs=engine, heartbeat_interval=cfg.tune_heartbeat_seconds,
-            grace_period=2 * cfg.tune_heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        for attempt in range(10):  # workers started together race to create the schema: the loser retries
+            try:
+                return optuna.storages.RDBStorage(
+                    where, engine_kwargs=engine, heartbeat_interval=cfg.tune_heartbeat_seconds,
+                    grace_period=2 * cfg.tune_heartbeat_seconds,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            except Exception as err:
+                if "already exists" not in str(err) or attempt == 9:
+                    raise
+                time.sleep(0.5 + attempt * 0.5)
     except ModuleNotFoundError as err:
         raise UserError(f"--tune_storage={cfg.tune_storage}: its database driver is not installed ({err.name}); "
                         f"pip install it (psycopg2-binary for PostgreSQL, PyMySQL for MySQL)") from None

@@ -81,15 +81,15 @@ def test_markdown_table():
 
 
 def test_step_spec_is_the_key_of_the_compiled_step(smollm2_dir):
-    """Settings the step is compiled for change the spec (a new compile); the method and its numbers do
-    not (one compiled step serves every cell of a sweep over them)."""
+    """Settings the step is compiled for change the spec (a new compile); the method and its numbers,
+    lr included, do not (one compiled step serves every cell of a sweep or trial of a tune over them)."""
     from armu_jax.model_config import ModelConfig
     from armu_jax.sharding import make_mesh
     from armu_jax.step import StepSpec
     model_cfg, mesh = ModelConfig.from_dir(smollm2_dir), make_mesh("data:1")
     spec = lambda **kw: StepSpec.of(config_with(**kw), model_cfg, mesh)
-    assert spec() == spec(method="rmu", beta=3.0, alpha=["10"], steering_coeffs=["20"], seed=1)
-    for changed in (dict(lr=1e-4), dict(layer_id=6), dict(update_layer_ids=[7]), dict(batch_size=8),
+    assert spec() == spec(method="rmu", beta=3.0, alpha=["10"], steering_coeffs=["20"], seed=1, lr=1e-4)
+    for changed in (dict(layer_id=6), dict(update_layer_ids=[7]), dict(batch_size=8),
                     dict(adaptive_coeff="per_batch"), dict(norm_skip_first=True), dict(optimizer="adamw"),
                     dict(dtype="bfloat16"), dict(update_params=["mlp.up_proj"]),
                     dict(forget_corpora=["demo:bio"], retain_corpora=["demo:retain"], forget_max_len=["512"])):
@@ -97,7 +97,7 @@ def test_step_spec_is_the_key_of_the_compiled_step(smollm2_dir):
     # every field of the spec is read from a setting (or the model and mesh): none is left at a default
     assert {f.name for f in dataclasses.fields(StepSpec)} == {
         "model_cfg", "dtype", "layer_id", "update_layer_ids", "update_params", "adaptive_coeff", "norm_skip_first",
-        "optimizer", "lr", "n_topics", "batch_size", "mesh"}
+        "optimizer", "n_topics", "batch_size", "mesh"}
 
 
 def test_the_process_cache_builds_each_entry_once():
