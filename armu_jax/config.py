@@ -157,7 +157,7 @@ class RunConfig:
     tune_max_trial_seconds: float = setting("tune", "float", 0.0, "--mode=tune: a run's time limit (its steps x their "
                                             "median step time, compilation excluded; a constraint; 0: none).", bound=">=0")
     tune_prune_every: int = setting("tune", "int", 30, "--mode=tune: report the forget tasks' held-out NLL every N steps "
-                                    "and stop trials in the worst quarter (0: no pruning).", bound=">=0")
+                                    "from half of the run on and stop trials in the worst quarter (0: no pruning).", bound=">=0")
     tune_startup_trials: int = setting("tune", "int", 5, "--mode=tune: random trials before TPE (and before pruning).",
                                        bound=">=0")
     tune_seed: int = setting("tune", "int", 0, "--mode=tune: the sampler's seed (each worker adds its own offset).", bound=">=0")

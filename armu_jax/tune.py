@@ -17,7 +17,9 @@ The constraints (feasible when <= 0; Optuna's TPE honours them and no infeasible
 reported as best): retain accuracy lost against the original model minus --tune_retain_budget's
 acc points, retain NLL gained minus its nll, and the run's time (steps x median step time) minus
 --tune_max_trial_seconds. Pruning: every --tune_prune_every steps the forget tasks' held-out NLL is
-reported; a trial in the worst quarter of the others at that step stops (PercentilePruner).
+reported from half of the run on (RMU's forget loss stays flat, then breaks through: before half of
+the run the NLL tells trials apart by noise); a trial in the worst quarter of the others at that
+step stops (PercentilePruner).
 
 Workers: the same command in N processes (terminals, a SLURM array: launch/slurm.py --tune_workers)
 makes N workers of one study in --tune_storage (default SQLite in the output directory). Each
@@ -507,9 +509,11 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
         trial.set_user_attr("seconds", round(time.time() - began, 1))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         bar.write(f"trial {trial.number}: failed: {first_line(err)}")
-    except BaseException:  # Ctrl-C: the trial is failed (and retried by the next run), the worker stops
+    except BaseException:  # Ctrl-C, SIGTERM: the trial is failed, its settings retried once, the worker stops
         heartbeat.close()
+        trial.set_user_attr("error", "interrupted")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(trial._trial_id))
         raise
 
 
@@ -753,7 +757,8 @@ def tune_cli(cfg: RunConfig) -> dict:
     seed = cfg.tune_seed if not probe.trials else (cfg.tune_seed + hash((socket.gethostname(), os.getpid()))) % 2**31
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune_startup_trials,
                                          constraints_func=lambda t: t.user_attrs.get("constraints", [0.0]))
-    pruner = (optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=cfg.tune_startup_trials)
+    pruner = (optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=cfg.tune_startup_trials,
+                                              n_warmup_steps=cfg.max_num_batches // 2)
               if cfg.tune_prune_every else optuna.pruners.NopPruner())
     study = open_study(cfg, study_storage, name, ident, sampler, pruner)
     if not (out / "tune_flags.txt").is_file():
