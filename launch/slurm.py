@@ -40,14 +40,7 @@ def worker_script(args) -> str:
         raise UserError("--tune_workers: each worker is one node (--nodes=1, its --gpus_per_node GPUs)")
     command = run_command(args.flagfile, [f"--mesh=fsdp:{args.gpus_per_node}", *args.flags], multihost=False,
                           python="python", output_dir=args.output_dir, model=args.model)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={args.job_name}", f"#SBATCH --array=0-{args.tune_workers - 1}",
-             "#SBATCH --nodes=1", "#SBATCH --ntasks=1", f"#SBATCH --gpus-per-node={args.gpus_per_node}",
-             f"#SBATCH --time={args.time}", f"#SBATCH --output={args.job_name}-%A_%a.log"]
-    if args.partition:
-        lines.append(f"#SBATCH --partition={args.partition}")
-    lines += ["set -euo pipefail", "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_DEFAULT_MATMUL_PRECISION=highest",
-              f"srun {shlex.join(command)}"]
-    return "\n".join(lines) + "\n"
+    return _script(args, [f"--array=0-{args.tune_workers - 1}", "--nodes=1", "--ntasks=1"], "%A_%a", command)
 
 
 def batch_script(args) -> str:
@@ -56,9 +49,13 @@ def batch_script(args) -> str:
     total = args.nodes * args.gpus_per_node
     command = run_command(args.flagfile, [f"--mesh=fsdp:{total}", *args.flags], multihost=True,
                           python="python", output_dir=args.output_dir, model=args.model)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={args.job_name}", f"#SBATCH --nodes={args.nodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={args.gpus_per_node}",
-             f"#SBATCH --time={args.time}", f"#SBATCH --output={args.job_name}-%j.log"]
+    return _script(args, [f"--nodes={args.nodes}", "--ntasks-per-node=1"], "%j", command)
+
+
+def _script(args, layout: list[str], log: str, command: list[str]) -> str:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={args.job_name}", *(f"#SBATCH {o}" for o in layout),
+             f"#SBATCH --gpus-per-node={args.gpus_per_node}", f"#SBATCH --time={args.time}",
+             f"#SBATCH --output={args.job_name}-{log}.log"]
     if args.partition:
         lines.append(f"#SBATCH --partition={args.partition}")
     lines += ["set -euo pipefail", "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_DEFAULT_MATMUL_PRECISION=highest",
