@@ -368,7 +368,8 @@ def objective(s: dict) -> float:
 
 
 def constraints(cfg: RunConfig, s: dict, run_seconds: float) -> list[float]:
-    """Optuna's constraint values (feasible: every one <= 0), in the order of constraint_names."""
+    """Optuna's constraint values (feasible: every one <= 0, up to float rounding), in the order of
+    constraint_names."""
     budget = parse_budget(cfg.tune_retain_budget)
     values = []
     if "acc" in budget:
@@ -387,8 +388,11 @@ def constraint_names(cfg: RunConfig) -> list[str]:
         ([f"run <= {cfg.tune_max_trial_seconds:g} s"] if cfg.tune_max_trial_seconds else [])
 
 
+FEASIBLE_BELOW = 1e-9  # a retain loss of exactly the budget (2 points: 2.0000000000000004) is within it
+
+
 def feasible(trial) -> bool:
-    return trial.state.name == "COMPLETE" and all(c <= 0 for c in trial.user_attrs.get("constraints", [math.inf]))
+    return trial.state.name == "COMPLETE" and all(c <= FEASIBLE_BELOW for c in trial.user_attrs.get("constraints", [math.inf]))
 
 
 def _counted(trial) -> bool:
@@ -493,7 +497,7 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
             trial.set_user_attr(key, value)
         heartbeat.close()
         study.tell(trial, objective(s))
-        ok = all(c <= 0 for c in cons)
+        ok = all(c <= FEASIBLE_BELOW for c in cons)
         bar.write(f"trial {trial.number}: {_describe(trial.params)}: forget acc {100 * s['forget_acc']:.1f}, NLL "
                   f"{s['forget_nll_rise']:+.2f}; retain acc lost {s['retain_acc_lost'] or 0:.1f} pt"
                   f"{'' if ok else ' (breaks the budget)'} ({measured['seconds']:.0f} s)")
