@@ -493,7 +493,8 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
         run_seconds = _run_seconds(directory)
         cons = constraints(cfg, s, run_seconds)
         for key, value in {**s, "results": measured["results"], "run_seconds": round(run_seconds, 2),
-                           "seconds": measured["seconds"], "constraints": cons}.items():
+                           "seconds": measured["seconds"], "train_seconds": measured["train_seconds"],
+                           "eval_seconds": measured["eval_seconds"], "constraints": cons}.items():
             trial.set_user_attr(key, value)
         heartbeat.close()
         study.tell(trial, objective(s))
