@@ -381,6 +381,12 @@ def constraints(cfg: RunConfig, s: dict, run_seconds: float) -> list[float]:
     return values
 
 
+def constraint_keys(cfg: RunConfig) -> list[str]:
+    budget = parse_budget(cfg.tune_retain_budget)
+    return [k for k, on in (("retain_acc_lost", "acc" in budget), ("retain_nll_gained", "nll" in budget),
+                            ("run_seconds", bool(cfg.tune_max_trial_seconds))) if on]
+
+
 def constraint_names(cfg: RunConfig) -> list[str]:
     budget = parse_budget(cfg.tune_retain_budget)
     return ([f"retain acc lost <= {budget['acc']:g} pt"] if "acc" in budget else []) + \
@@ -496,6 +502,8 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
                            "seconds": measured["seconds"], "train_seconds": measured["train_seconds"],
                            "eval_seconds": measured["eval_seconds"], "constraints": cons}.items():
             trial.set_user_attr(key, value)
+        for key, value in zip(constraint_keys(cfg), cons):  # Optuna 5's constraints: TPE reads them
+            trial.set_constraint(key, value)
         heartbeat.close()
         study.tell(trial, objective(s))
         ok = all(c <= FEASIBLE_BELOW for c in cons)
@@ -760,8 +768,7 @@ def tune_cli(cfg: RunConfig) -> dict:
     ident = identity(cfg, dims)
     probe = open_study(cfg, study_storage, name, ident)  # refuses another study before anything is written
     seed = cfg.tune_seed if not probe.trials else (cfg.tune_seed + hash((socket.gethostname(), os.getpid()))) % 2**31
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune_startup_trials,
-                                         constraints_func=lambda t: t.user_attrs.get("constraints", [0.0]))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune_startup_trials)
     pruner = (optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=cfg.tune_startup_trials,
                                               n_warmup_steps=cfg.max_num_batches // 2)
               if cfg.tune_prune_every else optuna.pruners.NopPruner())

@@ -70,6 +70,8 @@ def test_two_workers_complete_the_study_with_no_trial_run_twice(two_workers):
         steps = [m["step"] for m in read_metrics(out / "trials" / f"{t.number:04d}")]
         assert steps == list(range(len(steps))) and len(steps) == (6 if t.state.name == "COMPLETE" else t.user_attrs["steps"])
         assert sum(f"trial {t.number}:" in log for log in logs) == 1
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY  # what TPE reads of the budget
+    assert all(f"{_CONSTRAINTS_KEY}:retain_acc_lost" in t.system_attrs for t in finished if t.state.name == "COMPLETE")
     assert sorted(p.name for p in (out / "trials").iterdir()) == sorted(f"{t.number:04d}" for t in real)
     # the reports: a row per trial, the chosen one's flags, the figure
     rows = (out / "tune.csv").read_text().splitlines()
