@@ -262,7 +262,7 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
                             f"--flagfile={saved} (the --sweep_* flags may change), choose a new --output_dir, "
                             "or add --allow_flag_changes")
     else:  # a new sweep: the directory must be new or empty
-        outputs.claim(out, ignore=(".lock", "study.db"), hint="it holds no sweep; choose a new directory")
+        outputs.claim(out, ignore=(".lock", "study.db", "study.db.lock"), hint="it holds no sweep; choose a new directory")
     return saved
 
 

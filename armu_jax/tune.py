@@ -248,18 +248,18 @@ def open_storage(cfg: RunConfig):
             Path(where).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(where))
         engine = {"connect_args": {"timeout": 120}} if where.startswith("sqlite") else {"pool_pre_ping": True}
-        if where.startswith("sqlite:///"):
-            Path(where[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(10):  # workers started together race to create the schema: the loser retries
-            try:
-                return optuna.storages.RDBStorage(
-                    where, engine_kwargs=engine, heartbeat_interval=cfg.tune_heartbeat_seconds,
-                    grace_period=2 * cfg.tune_heartbeat_seconds,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-            except Exception as err:
-                if "already exists" not in str(err) or attempt == 9:
-                    raise
-                time.sleep(0.5 + attempt * 0.5)
+        make = lambda: optuna.storages.RDBStorage(
+            where, engine_kwargs=engine, heartbeat_interval=cfg.tune_heartbeat_seconds,
+            grace_period=2 * cfg.tune_heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        if not where.startswith("sqlite:///"):
+            return make()
+        import fcntl
+        db = Path(where[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{db}.lock", "a") as lock:  # workers started together would race to create the schema
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return make()
     except ModuleNotFoundError as err:
         raise UserError(f"--tune_storage={cfg.tune_storage}: its database driver is not installed ({err.name}); "
                         f"pip install it (psycopg2-binary for PostgreSQL, PyMySQL for MySQL)") from None
@@ -732,7 +732,8 @@ def check_tune_dir(out: Path, cfg: RunConfig) -> None:
     """The output directory: new, or one holding this tune (tune_flags.txt)."""
     if (out / "tune_flags.txt").is_file():
         return  # the study's identity decides whether it is the same tune
-    outputs.claim(out, ignore=("study.db", "study.db-journal", ".lock"), hint="it holds no tune; choose a new directory")
+    outputs.claim(out, ignore=("study.db", "study.db-journal", "study.db.lock", ".lock"),
+                  hint="it holds no tune; choose a new directory")
 
 
 def tune_cli(cfg: RunConfig) -> dict:
