@@ -709,7 +709,7 @@ def test_scores(cfg, dims, best, runner, out: Path) -> tuple[dict, dict]:
 
 
 def report(cfg, study, dims, runner, out: Path, original: dict) -> dict:
-    from armu_jax.tasks import load_tasks, mean_chance
+    from armu_jax.tasks import mean_chance
     rows = rows_of(study, dims)
     outputs.write_text(out / "tune.csv", csv_text(rows, dims))
     best = best_trial(study)
@@ -719,7 +719,7 @@ def report(cfg, study, dims, runner, out: Path, original: dict) -> dict:
         outputs.write_text(out / "best.flags", best_flags(cfg, dims, best))
     table = markdown(cfg, rows, dims, best, test, original_test)
     outputs.write_text(out / "tune.md", table + "\n")
-    plot(out / "tune.png", rows, original, mean_chance(load_tasks(cfg.eval_tasks, cfg.eval_limit, "validation"), "forget"))
+    plot(out / "tune.png", rows, original, mean_chance(runner.tasks, "forget"))  # the validation tasks
     print(table)
     print(f"wrote {out / 'tune.csv'}, {out / 'tune.md'}, {out / 'tune.png'}"
           + (f", {out / 'best.flags'}" if best is not None else ""))
