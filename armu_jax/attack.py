@@ -34,7 +34,7 @@ from tqdm import tqdm
 from armu_jax import outputs, sharding
 from armu_jax.cache import ProcessCache
 from armu_jax.config import RunConfig, from_flagfile
-from armu_jax.data import read_corpus, tokenize
+from armu_jax.data import read_corpus, shuffled, tokenize
 from armu_jax.errors import UserError
 from armu_jax.model import LlamaForCausalLM, abstract_params
 from armu_jax.model_config import ModelConfig
@@ -79,10 +79,11 @@ class AttackedRun:
 
     def unused_texts(self, corpus: str, seed: int, count: int) -> list[str]:
         """`count` texts (seeded draw) that the run did not train on: per forget topic, the texts after
-        those its steps consumed (the reference reads corpora in order); for retain, the same past the
-        retain chunks used."""
+        those its steps consumed (the reference reads corpora in order; a --data_seed run in its order); for
+        retain, the same past the retain chunks used."""
         specs = self.cfg.forget_corpora if corpus == "forget" else self.cfg.retain_corpora[:1]
-        pools = [read_corpus(spec, self.cfg.min_len)[self.texts_used(k):] for k, spec in enumerate(specs)]
+        pools = [shuffled(read_corpus(spec, self.cfg.min_len), self.cfg.data_seed, corpus, k)[self.texts_used(k):]
+                 for k, spec in enumerate(specs)]
         available = sum(len(p) for p in pools)
         if count > available:
             raise UserError(f"--relearn_texts={count} is larger than the {available} {corpus} texts the run did "

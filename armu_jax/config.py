@@ -85,6 +85,8 @@ class RunConfig:
     min_len: int = setting("training", "int", 0, "Keep texts with more than this many characters.", bound=">=0")
     pad_multiple: int = setting("training", "int", 128, "Pad batches to a multiple of this length (one compile per shape).", bound=">=1")
     seed: int = setting("training", "int", 42, "Seed of the control vectors.", bound=">=0")
+    data_seed: int = setting("training", "int", None, "Shuffle each corpus with this seed before it is chunked "
+                             "(default: none, the reference's file order); with --seeds, seed k adds k.", bound=">=0")
     loss_mask: str = setting("training", "enum", "none", "none: reference (pads in the MSE); tokens: real tokens only; "
                              "tokens_after_first: real tokens except each row's first (the attention sink).",
                              ["none", "tokens", "tokens_after_first"])
@@ -109,6 +111,10 @@ class RunConfig:
     allow_flag_changes: bool = setting("output", "bool", False, "With --resume: continue although settings differ from "
                                        "the run's flags.txt.")
     overwrite: bool = setting("output", "bool", False, "Delete a non-empty --output_dir and start afresh.")
+    seeds: int = setting("output", "int", 1, "Runs per setting: K runs whose control vectors are drawn with --seed, "
+                         "--seed+1, ... (and data orders with --data_seed+k when it is given): a run writes "
+                         "<output_dir>/seed_<s>/ each, a sweep's cells and a tune's trials are K runs, reported as the "
+                         "mean with an interval over seeds and questions.", bound=">=1")
     log_every: int = setting("output", "int", 1, "Print/log metrics every N steps.", bound=">=1")
     export: bool = setting("output", "bool", True, "Write the final HF export to <output_dir>/hf.")
     profile_start_step: int = setting("output", "int", -1, "Start an XLA profiler trace at this step (-1: off).", bound=">=-1")
@@ -341,6 +347,12 @@ def flagfile_text(cfg: RunConfig) -> str:
             value = str(value).lower()
         lines.append(f"--{name}={value}")
     return "\n".join(lines) + "\n"
+
+
+def seed_configs(cfg: RunConfig) -> list[RunConfig]:
+    """The --seeds runs of cfg: seed + k (and data_seed + k when given), k = 0..K-1, each with seeds=1."""
+    return [dataclasses.replace(cfg, seed=cfg.seed + k, seeds=1,
+                                data_seed=None if cfg.data_seed is None else cfg.data_seed + k) for k in range(cfg.seeds)]
 
 
 def differences(saved: RunConfig, now: RunConfig) -> list[str]:

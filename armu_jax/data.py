@@ -179,11 +179,20 @@ class DataSpec:
     pad_multiple: int
     loss_mask: str
     rows: int  # rows of a device batch (>= batch_size, see sharding.batch_rows)
+    data_seed: int | None = None  # None: the reference's file order; else each corpus shuffled (shuffled)
 
     @classmethod
     def of(cls, cfg, model_dir: Path, rows: int) -> "DataSpec":
         return cls(str(model_dir), tuple(cfg.forget_corpora), tuple(cfg.retain_corpora), cfg.min_len, cfg.batch_size,
-                   tuple(cfg.forget_max_len), cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows)
+                   tuple(cfg.forget_max_len), cfg.retain_max_len, cfg.pad_multiple, cfg.loss_mask, rows, cfg.data_seed)
+
+
+def shuffled(texts: list[str], data_seed: int | None, side: str, topic: int) -> list[str]:
+    """--data_seed: the texts of a topic's forget or retain corpus in a seeded order (None: as read)."""
+    if data_seed is None:
+        return texts
+    rng = np.random.default_rng([data_seed, topic, 0 if side == "forget" else 1])
+    return [texts[i] for i in rng.permutation(len(texts))]
 
 
 class UnlearningData:
@@ -205,8 +214,10 @@ class UnlearningData:
     @classmethod
     def from_spec(cls, spec: DataSpec, tokenizer, corpus=read_corpus) -> "UnlearningData":
         """The batches of spec; corpus(spec, min_len) reads a corpus (the process cache passes its own)."""
-        return cls(tokenizer, [corpus(c, spec.min_len) for c in spec.forget_corpora],
-                   [corpus(c, spec.min_len) for c in spec.retain_corpora], spec.batch_size, list(spec.forget_max_len),
+        order = lambda texts, side, k: shuffled(texts, spec.data_seed, side, k)
+        return cls(tokenizer, [order(corpus(c, spec.min_len), "forget", k) for k, c in enumerate(spec.forget_corpora)],
+                   [order(corpus(c, spec.min_len), "retain", k) for k, c in enumerate(spec.retain_corpora)],
+                   spec.batch_size, list(spec.forget_max_len),
                    spec.retain_max_len, spec.pad_multiple, spec.loss_mask, rows=spec.rows)
 
     @property

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs, sharding
+from armu_jax import outputs, sharding, stats
 from armu_jax.errors import UserError
 from armu_jax.model import LlamaForCausalLM
 from armu_jax.params import merge
@@ -226,48 +226,98 @@ class Scorer:
         return np.array([float(scores[i][b].sum()) for i, b in slots], np.float64)
 
     def multiple_choice(self, params, task: Task) -> dict:
-        """acc (and acc_norm) of a task under params, with each doc's log-likelihoods and predictions."""
+        """acc (and acc_norm) of a task under params with their Wilson intervals, and one record per doc
+        ("docs": task, doc_id, target, each choice's log-likelihood, the picks and whether each is right)."""
         ll = self.loglikelihoods(params, task.requests(), desc=task.name)
-        acc = acc_norm = 0
         cursor = 0
-        preds = []
-        for doc in task.docs:
+        records = []
+        for doc_id, doc in enumerate(task.docs):
             choices = task.choices(doc)
             scores = ll[cursor:cursor + len(choices)]
             cursor += len(choices)
             pred = int(np.argmax(scores))
             pred_norm = int(np.argmax(scores / np.array([float(len(c)) for c in choices])))
-            acc += pred == doc["answer"]
-            acc_norm += pred_norm == doc["answer"]
-            preds.append({"pred": pred, "pred_norm": pred_norm, "loglikelihoods": scores.tolist()})
-        n = len(task.docs)
-        result = {"acc": acc / n, "n": n, "role": task.role, "chance": task.chance, "docs": preds}
-        if "acc_norm" in task.metrics:
-            result["acc_norm"] = acc_norm / n
+            record = {"task": task.name, "doc_id": doc_id, "target": doc["answer"], "loglikelihoods": scores.tolist(),
+                      "pred": pred, "pred_norm": pred_norm, "acc": int(pred == doc["answer"]),
+                      "acc_norm": int(pred_norm == doc["answer"])}
+            record.update({k: doc[k] for k in RECORD_KEYS if k in doc})
+            records.append(record)
+        result = {**accuracy(records, task.metrics), "n": len(records), "role": task.role, "chance": task.chance}
+        topics = sorted({r["topic"] for r in records if "topic" in r})
+        if len(topics) > 1:  # a task over several topics (demo_retain): each topic's share
+            result["by_topic"] = {t: {**accuracy([r for r in records if r.get("topic") == t], ("acc",)),
+                                      "n": sum(r.get("topic") == t for r in records)} for t in topics}
+        result["docs"] = records
         return result
+
+    def nll_records(self, params, texts: list[str], max_tokens: int = 128, desc: str = "nll",
+                    task: str = "") -> list[dict]:
+        """Per text (each cut to max_tokens; texts under 2 tokens are skipped): {task, doc_id, tokens (the
+        predicted ones), nll (their summed negative log-likelihood)}."""
+        encoded = [self._tokens(t)[:max_tokens] for t in texts]
+        kept = [i for i, e in enumerate(encoded) if len(e) >= 2]
+        if not kept:
+            raise UserError("no held-out text of at least 2 tokens to compute NLL on")
+        items = [_Item(tuple(encoded[i][:1]), [tuple(encoded[i][1:])]) for i in kept]
+        logps = [branches[0] for branches in self._score(params, items, desc)]
+        return [{"task": task, "doc_id": i, "tokens": len(lp), "nll": float(-lp.sum())} for i, lp in zip(kept, logps)]
 
     def nll_per_token(self, params, texts: list[str], max_tokens: int = 128, desc: str = "nll") -> float:
         """Mean negative log-likelihood per predicted token of the texts (each cut to max_tokens)."""
-        encoded = [self._tokens(t)[:max_tokens] for t in texts]
-        items = [_Item(tuple(e[:1]), [tuple(e[1:])]) for e in encoded if len(e) >= 2]
-        if not items:
-            raise UserError("no held-out text of at least 2 tokens to compute NLL on")
-        logps = [branches[0] for branches in self._score(params, items, desc)]
-        return float(-sum(lp.sum() for lp in logps) / sum(len(lp) for lp in logps))
+        return nll_of(self.nll_records(params, texts, max_tokens, desc))
 
 
-def evaluate_tasks(scorer: Scorer, params, tasks: list[Task], nll: bool = True, nll_tokens: int = 128) -> dict:
-    """{task: {acc, acc_norm?, n, role, chance, nll?}} of params on each task (nll, over each text's
-    first nll_tokens tokens, for tasks with held-out texts). Limit tasks with load_tasks(limit=)."""
+RECORD_KEYS = ("topic", "title")  # doc fields copied into its record (the demo's Wikipedia topic and title)
+
+
+def accuracy(records: list[dict], metrics=("acc", "acc_norm")) -> dict:
+    """{acc, acc_ci, acc_norm?, acc_norm_ci?} of per-question records: the means of their 0/1 fields and
+    the Wilson 95% intervals (armu_jax.stats)."""
+    out = {}
+    for key in ("acc", "acc_norm"):
+        if key in metrics or key == "acc":
+            correct = sum(r[key] for r in records)
+            out[key] = correct / len(records) if records else float("nan")
+            out[f"{key}_ci"] = list(stats.wilson(correct, len(records)))
+    return out
+
+
+def nll_of(records: list[dict]) -> float:
+    """NLL per token of NLL records: their summed NLL over their summed tokens."""
+    return float(sum(r["nll"] for r in records) / sum(r["tokens"] for r in records))
+
+
+def evaluate_tasks(scorer: Scorer, params, tasks: list[Task], nll: bool = True, nll_tokens: int = 128,
+                   samples: list | None = None) -> dict:
+    """{task: {acc, acc_ci, acc_norm?, acc_norm_ci?, n, role, chance, by_topic?, nll?, nll_ci?, nll_n?}} of
+    params on each task (nll, over each text's first nll_tokens tokens, for tasks with held-out texts; its
+    interval a bootstrap over texts). With `samples` (a list), every question's and text's record is
+    appended to it (samples.jsonl). Limit tasks with load_tasks(limit=)."""
     params = scorer.place(params)
     results = {}
     for task in tasks:
         res = scorer.multiple_choice(params, task)
-        res.pop("docs")
+        records = res.pop("docs")
         if nll and task.nll_texts:
-            res["nll"] = scorer.nll_per_token(params, task.nll_texts, nll_tokens, desc=f"{task.name} nll")
+            texts = scorer.nll_records(params, task.nll_texts, nll_tokens, desc=f"{task.name} nll", task=task.name)
+            res.update(nll=nll_of(texts), nll_ci=list(stats.bootstrap_ratio([r["nll"] for r in texts],
+                                                                            [r["tokens"] for r in texts])),
+                       nll_n=len(texts))
+            records += [{**r, "type": "nll"} for r in texts]
+        if samples is not None:
+            samples += records
         results[task.name] = res
     return results
+
+
+def write_samples(path, samples: list[dict]) -> None:
+    """samples.jsonl: one record per scored question (and per held-out text, "type": "nll")."""
+    outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in samples))
+
+
+def read_samples(path) -> list[dict]:
+    from armu_jax import storage
+    return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
 def max_length_of(model_dir: Path) -> int:
@@ -335,24 +385,40 @@ class InRunEvaluator:
 
 
 def format_table(results: dict) -> str:
-    rows = [[name, r["n"], f"{100 * r['acc']:.1f}", f"{100 * r['acc_norm']:.1f}" if "acc_norm" in r else "-",
-             f"{r['nll']:.3f}" if "nll" in r else "-"] for name, r in results.items()]
-    return outputs.markdown_table(["task", "n", "acc", "acc_norm", "NLL/token"], rows)
+    """The markdown table of evaluate_tasks' results: each number with its 95% interval."""
+    ci = lambda r, key, scale: f" [{stats.fmt_ci(r[key + '_ci'], scale, 1 if scale == 100 else 3)}]" if key + "_ci" in r else ""
+    rows = [[name, r["n"], f"{100 * r['acc']:.1f}{ci(r, 'acc', 100)}",
+             f"{100 * r['acc_norm']:.1f}{ci(r, 'acc_norm', 100)}" if "acc_norm" in r else "-",
+             f"{r['nll']:.3f}{ci(r, 'nll', 1)}" if "nll" in r else "-"] for name, r in results.items()]
+    table = outputs.markdown_table(["task", "n", "acc % [95% CI]", "acc_norm %", "NLL/token"], rows)
+    topics = [(name, t, r) for name, res in results.items() for t, r in res.get("by_topic", {}).items()]
+    if topics:
+        table += "\n\n" + outputs.markdown_table(
+            ["task", "topic", "n", "acc % [95% CI]"],
+            [[name, t, r["n"], f"{100 * r['acc']:.1f} [{stats.fmt_ci(r['acc_ci'])}]"] for name, t, r in topics])
+    return table
+
+
+INTERVALS = ("acc and acc_norm: Wilson 95% score intervals over questions; NLL per token: 95% percentile "
+             "bootstrap over texts (2,000 resamples); samples.jsonl: a record per question and per text")
 
 
 def evaluate_cli(cfg) -> None:
-    """--mode=eval: the native evaluator on --model over --eval_tasks; JSON to --output_dir/eval.json."""
+    """--mode=eval: the native evaluator on --model over --eval_tasks; JSON to --output_dir/eval.json and a
+    record per question to --output_dir/samples.jsonl."""
     from armu_jax.context import RunContext
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)  # bad task files fail here, before the model is loaded
-    out = outputs.claim(cfg.output_dir, ("eval.json",)) if cfg.output_dir else None
+    out = outputs.claim(cfg.output_dir, ("eval.json", "samples.jsonl")) if cfg.output_dir else None
     run = RunContext.of(cfg)
     began = time.time()
     scorer = build_scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
+    samples: list[dict] = []
     results = evaluate_tasks(scorer, load_params(run.model_dir, cfg.dtype, run.mesh), tasks,
-                             nll_tokens=cfg.eval_nll_tokens)
+                             nll_tokens=cfg.eval_nll_tokens, samples=samples)
     print(format_table(results))
-    print(f"native evaluation: {time.time() - began:.1f} s")
+    print(f"native evaluation: {time.time() - began:.1f} s ({INTERVALS})")
     if out is not None:
         outputs.write_json(out / "eval.json", {"model": str(run.model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
-                                               "results": results})
-        print(f"wrote {out / 'eval.json'}")
+                                               "split": cfg.eval_split, "intervals": INTERVALS, "results": results})
+        write_samples(out / "samples.jsonl", samples)
+        print(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")

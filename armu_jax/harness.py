@@ -4,12 +4,15 @@ Our tasks (demo_*, mmlu from local CSVs, wmdp_*:FILE, *.jsonl) run through task 
 from the same prompts the native evaluator uses, written with their docs into
 <output_dir>/lm_eval_tasks/ (reusable with `lm_eval --include_path`). Any other task name (or `lm_eval:NAME`) is lm-eval's built-in task,
 which needs its dataset in the local HF cache: nothing is downloaded, a missing dataset is one
-clear error. lm-eval's results JSON is saved as <output_dir>/lm_eval_results.json.
+clear error. lm-eval's results JSON is saved as <output_dir>/lm_eval_results.json and, with log_samples
+(--mode=lm_eval always), a record per question as <output_dir>/samples.jsonl, in the native evaluator's format.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import numpy as np
 
 from armu_jax import outputs
 from armu_jax.errors import UserError
@@ -50,7 +53,7 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
-    output_dir = outputs.claim(output_dir, ("lm_eval_results.json",))
+    output_dir = outputs.claim(output_dir, ("lm_eval_results.json", "samples.jsonl"))
     target = output_dir / "lm_eval_results.json"
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -69,8 +72,35 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
         device=device, log_samples=log_samples)
     results["armu_jax"] = {"seconds": time.time() - began, "model": str(model_dir), "tasks": names + builtin}
     from lm_eval.utils import handle_non_serializable
-    outputs.write_json(target, results, default=handle_non_serializable)
+    saved = {k: v for k, v in results.items() if k != "samples"}  # the samples go to samples.jsonl
+    outputs.write_json(target, saved, default=handle_non_serializable)
+    if results.get("samples"):
+        from armu_jax.evaluate import write_samples
+        write_samples(output_dir / "samples.jsonl", lm_eval_records(results, tasks, builtin))
     return results
+
+
+def lm_eval_records(results: dict, tasks: list, builtin: list[str]) -> list[dict]:
+    """lm-eval's logged samples as the native evaluator's records (armu_jax.evaluate.Scorer.multiple_choice):
+    task (ours; lm-eval's name in lm_eval_task), doc_id, target, loglikelihoods, pred, pred_norm (argmax of
+    log-likelihood per character of the choice, as acc_norm), and lm-eval's own acc / acc_norm as 0/1."""
+    from armu_jax.tasks import lm_eval_task_name
+    ours = {lm_eval_task_name(t): t for t in tasks}
+    records = []
+    for name in [*ours, *builtin]:
+        for sample in sorted(results["samples"].get(name, []), key=lambda s: s["doc_id"]):
+            lls = [float(r[0]) for r in sample["filtered_resps"]]
+            task = ours.get(name)
+            record = {"task": task.name if task else name, "lm_eval_task": name, "doc_id": sample["doc_id"],
+                      "target": sample.get("target"), "loglikelihoods": lls, "pred": int(np.argmax(lls))}
+            if task is not None:
+                lengths = np.array([float(len(c)) for c in task.choices(task.docs[sample["doc_id"]])])
+                record["pred_norm"] = int(np.argmax(np.array(lls) / lengths))
+            for key in ("acc", "acc_norm"):
+                if key in sample:
+                    record[key] = int(round(float(sample[key])))
+            records.append(record)
+    return records
 
 
 def summary(results: dict) -> dict:
@@ -103,9 +133,10 @@ def lm_eval_cli(cfg) -> None:
     if cfg.output_dir and storage.is_url(cfg.output_dir):
         raise UserError(f"--mode=lm_eval writes lm-eval's task files and results to a local --output_dir (not "
                         f"{cfg.output_dir}); copy them up after: python -m armu_jax.storage cp <dir> {cfg.output_dir}")
-    out = outputs.claim(cfg.output_dir, ("lm_eval_results.json",), purpose="lm-eval's results JSON and task files")
+    out = outputs.claim(cfg.output_dir, ("lm_eval_results.json", "samples.jsonl"), purpose="lm-eval's results JSON and task files")
     results = run_lm_eval(resolve_model(cfg.model), cfg.eval_tasks, out, cfg.eval_limit,
-                          cfg.eval_batch_size, dtype=cfg.dtype, split=cfg.eval_split)
+                          cfg.eval_batch_size, dtype=cfg.dtype, log_samples=True, split=cfg.eval_split)
     for task, row in summary(results).items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in row.items()))
-    print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {cfg.output_dir.rstrip('/')}/lm_eval_results.json")
+    print(f"lm-eval: {results['armu_jax']['seconds']:.1f} s; wrote {out / 'lm_eval_results.json'} and "
+          f"{out / 'samples.jsonl'} (a record per question)")

@@ -125,12 +125,29 @@ def figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+CI_LABEL = "_95% CI of "  # errorbar(..., label=CI_LABEL + name): an interval, kept out of the legend
+
+
+def errorbars(ax, xs, values, intervals, color, name: str, scale: float = 1.0, offset: float = 0.0) -> None:
+    """95% intervals [(low, high)] (None: none) drawn as error bars at xs (+ offset), named for plotted()."""
+    keep = [(x + offset, v, ci) for x, v, ci in zip(xs, values, intervals) if ci is not None and v is not None]
+    if not keep:
+        return
+    x, v, ci = zip(*keep)
+    v = np.array(v, float) * scale
+    low, high = np.array([c[0] for c in ci], float) * scale, np.array([c[1] for c in ci], float) * scale
+    ax.errorbar(x, v, yerr=[np.maximum(v - low, 0), np.maximum(high - v, 0)], fmt="none", ecolor=color,
+                elinewidth=1, capsize=2, label=CI_LABEL + name)
+
+
 def plotted(fig) -> list[dict]:
     """What each panel of fig shows: {title, lines: {label: (x, y)}, bars: {label: heights}, hlines:
-    {label: y}} (horizontal reference lines, axhline)."""
+    {label: y} (horizontal reference lines, axhline), errorbars: {label: [(low, high)]} (intervals drawn
+    with errorbar(..., label=CI_LABEL + label))}."""
+    from matplotlib.container import ErrorbarContainer
     panels = []
     for ax in fig.axes:
-        lines, hlines, bars = {}, {}, {}
+        lines, hlines, bars, errorbars = {}, {}, {}, {}
         for k, line in enumerate(ax.get_lines()):
             label = line.get_label() if not line.get_label().startswith("_") else f"line{k}"
             x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
@@ -140,9 +157,14 @@ def plotted(fig) -> list[dict]:
             else:
                 lines[label] = (x.tolist(), y.tolist())
         for k, container in enumerate(ax.containers):
-            label = container.get_label() if not str(container.get_label()).startswith("_") else f"bars{k}"
+            label = str(container.get_label())
+            if isinstance(container, ErrorbarContainer):
+                segments = container.lines[2][0].get_segments() if container.lines[2] else []
+                errorbars[label.removeprefix(CI_LABEL)] = [(float(s[0][1]), float(s[1][1])) for s in segments]
+                continue
+            label = label if not label.startswith("_") else f"bars{k}"
             bars[label] = [float(p.get_height()) for p in container.patches]
-        panels.append({"title": ax.get_title(), "lines": lines, "bars": bars, "hlines": hlines})
+        panels.append({"title": ax.get_title(), "lines": lines, "bars": bars, "hlines": hlines, "errorbars": errorbars})
     return panels
 
 

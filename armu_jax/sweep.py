@@ -33,15 +33,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs, rundir, storage
+from armu_jax import compare, outputs, rundir, stats, storage
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, sweep_alpha, validate
 from armu_jax.errors import RunFailure, UserError, first_line
+from armu_jax.evaluate import read_samples, write_samples
 
-FIXED_COLUMNS = ("layer", "method", "coeff", "beta", "alpha", "status")
 TAIL_COLUMNS = ("forget_loss", "retain_loss", "seconds", "train_seconds", "eval_seconds", "first_step_seconds")
-METRICS = ("acc", "acc_norm", "nll")
-RETAIN_WITHIN = 0.02  # the claim's retain tolerance: 2 points of accuracy
-RETAIN_NLL_WITHIN = 0.05  # and by held-out NLL: +0.05 nat/token
 
 
 @dataclass(frozen=True)
@@ -51,11 +48,13 @@ class Cell:
     coeff: float | None  # RMU's c (every topic)
     beta: float | None  # Adaptive RMU's beta
     alpha: tuple[float, ...]  # per topic
+    seed: int | None = None  # --seeds: the control vectors' seed (None: the flagfile's --seed, the first)
 
     @property
     def name(self) -> str:
         knob = f"c{self.coeff:g}" if self.method == "rmu" else f"b{self.beta:g}"
-        return f"l{self.layer:02d}_{self.method}_{knob}_a{'-'.join(f'{a:g}' for a in dict.fromkeys(self.alpha))}"
+        seed = "" if self.seed is None else f"_s{self.seed}"
+        return f"l{self.layer:02d}_{self.method}_{knob}_a{'-'.join(f'{a:g}' for a in dict.fromkeys(self.alpha))}{seed}"
 
     @property
     def setting(self) -> str:
@@ -88,7 +87,13 @@ def parse_layers(spec: str | None, default: int, num_layers: int) -> list[int]:
 
 
 def plan(cfg: RunConfig, num_layers: int) -> list[Cell]:
-    """The cells, in order (--sweep_methods is checked with its group, config.check_sweep)."""
+    """The cells, in order, each setting --seeds times (--sweep_methods is checked with its group,
+    config.check_sweep)."""
+    seeds = [None] + [cfg.seed + k for k in range(1, cfg.seeds)]
+    return [dataclasses.replace(cell, seed=seed) for cell in _settings(cfg, num_layers) for seed in seeds]
+
+
+def _settings(cfg: RunConfig, num_layers: int) -> list[Cell]:
     layers = parse_layers(cfg.sweep_layers, cfg.layer_id, num_layers)
     alphas = [sweep_alpha(spec, cfg.n_topics) for spec in cfg.sweep_alphas] if cfg.sweep_alphas else [cfg.alpha]
     cells = []
@@ -111,19 +116,24 @@ def cell_config(cfg: RunConfig, cell: Cell, directory: Path) -> RunConfig:
     done = directory.is_dir() and (directory / "checkpoints").is_dir() and (directory / "flags.txt").is_file()
     started = directory.is_dir() and any(directory.iterdir())
     n = cfg.n_topics
+    seed = cfg.seed if cell.seed is None else cell.seed
     return dataclasses.replace(
-        cfg, mode="train", method=cell.method, layer_id=cell.layer,
+        cfg, mode="train", method=cell.method, layer_id=cell.layer, seed=seed, seeds=1,
+        data_seed=None if cfg.data_seed is None else cfg.data_seed + seed - cfg.seed,
         update_layer_ids=tuple(cell.layer + o for o in offsets if cell.layer + o >= 0),
         steering_coeffs=(cell.coeff,) * n if cell.coeff is not None else cfg.steering_coeffs,
         beta=cell.beta if cell.beta is not None else cfg.beta, alpha=cell.alpha, output_dir=str(directory),
         resume=done, overwrite=started and not done, allow_flag_changes=False, export=False, eval_every=0)
 
 
+SIDES = ("forget", "retain", "neighbour")
+
+
 def summary(results: dict) -> dict:
-    """Mean acc and NLL over the forget tasks and over the retain tasks (each result carries its
-    task's role)."""
+    """Mean acc and NLL over the forget tasks, the retain tasks and the neighbour tasks (each result
+    carries its task's role)."""
     out = {}
-    for side in ("forget", "retain"):
+    for side in SIDES:
         names = [t for t, r in results.items() if r["role"] == side]
         out[f"{side}_acc"] = float(np.mean([results[t]["acc"] for t in names])) if names else None
         nll = [results[t]["nll"] for t in names if "nll" in results[t]]
@@ -131,29 +141,95 @@ def summary(results: dict) -> dict:
     return out
 
 
-def claim(rows: list[dict], original: dict) -> list[dict]:
-    """Per (RMU setting, Adaptive RMU setting) with the same alpha: at how many layers swept with both
-    Adaptive RMU has lower mean forget accuracy and retain accuracy within 2 points of the original."""
-    base = summary(original)
-    ok = [r for r in rows if r["status"] == "ok"]
+def roles(results: dict) -> dict[str, list[str]]:
+    """{side: its task names} of an evaluation's results."""
+    return {side: [t for t, r in results.items() if r["role"] == side] for side in SIDES}
+
+
+@dataclass
+class Point:
+    """One setting at one layer over its seeds (the original model: layer None): the mean of each side's
+    score over seeds with its interval (two-way bootstrap over seeds and questions, compare.score), and the
+    seeds' records for the paired comparisons (None when a cell has no samples.jsonl)."""
+    layer: int | None
+    setting: str
+    method: str
+    rows: list[dict]
+    records: list[list[dict]] | None
+    values: dict
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+
+def point(layer, setting: str, method: str, rows: list[dict], records, sides: dict) -> Point:
+    values = {}
+    for side, tasks in sides.items():
+        for metric in ("acc", "nll"):
+            key = f"{side}_{metric}"
+            got = compare.score(records, tasks, metric) if records and tasks else None
+            if got is not None:
+                values[key], values[f"{key}_ci"] = got["mean"], got["ci"]
+            else:  # no records: the seeds' mean of the reported means, no interval
+                means = [summary(r["results"])[key] if r.get("results") else r.get(key) for r in rows]
+                values[key] = float(np.mean(means)) if means and None not in means else None
+    coeffs = [r["coeff"] if r.get("coeff") is not None else r.get("coeff_used") for r in rows]
+    values["coeff"] = float(np.mean(coeffs)) if coeffs and None not in coeffs else None
+    return Point(layer, setting, method, rows, records, values)
+
+
+def points(rows: list[dict], records_of: dict, sides: dict) -> list[Point]:
+    """The ok cells grouped by (layer, setting): one Point each, over its seeds, in the rows' order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((r["layer"], r["setting"]), []).append(r)
     out = []
-    alpha_of = {r["setting"]: r["alpha"] for r in ok}
-    for rmu_setting in dict.fromkeys(r["setting"] for r in ok if r["method"] == "rmu"):
-        for ada_setting in dict.fromkeys(r["setting"] for r in ok if r["method"] == "adaptive_rmu"):
+    for (layer, setting), members in groups.items():
+        records = [records_of.get(r["name"]) for r in members]
+        out.append(point(layer, setting, members[0]["method"], members, None if None in records else records, sides))
+    return out
+
+
+def claim(points_: list[Point], original: Point, sides: dict, level: float = 0.05) -> list[dict]:
+    """Per (RMU setting, Adaptive RMU setting) with the same alpha, over the layers swept with both: where
+    Adaptive RMU forgets more than RMU, the paired difference of forget accuracy (per question, averaged
+    over seeds: compare.paired) significant at `level` after Holm's correction over the layers, and its
+    retain accuracy not significantly below the original's (paired, uncorrected: the stricter side). The
+    same by held-out NLL (forget NLL higher than RMU's; retain NLL not significantly higher than the
+    original's). A layer without per-question records is not tested."""
+    alpha_of = {p.setting: p.rows[0]["alpha"] for p in points_}
+    out = []
+    for rmu_setting in dict.fromkeys(p.setting for p in points_ if p.method == "rmu"):
+        for ada_setting in dict.fromkeys(p.setting for p in points_ if p.method == "adaptive_rmu"):
             if alpha_of[rmu_setting] != alpha_of[ada_setting]:
                 continue
-            rmu = {r["layer"]: r for r in ok if r["setting"] == rmu_setting}
-            ada = {r["layer"]: r for r in ok if r["setting"] == ada_setting}
+            rmu = {p.layer: p for p in points_ if p.setting == rmu_setting}
+            ada = {p.layer: p for p in points_ if p.setting == ada_setting}
             layers = sorted(set(rmu) & set(ada))
-            wins = [l for l in layers if ada[l]["forget_acc"] < rmu[l]["forget_acc"]
-                    and (base["retain_acc"] is None or ada[l]["retain_acc"] >= base["retain_acc"] - RETAIN_WITHIN - 1e-9)]
-            # The same question asked of held-out NLL (finer than 40 questions' accuracy): a forget NLL
-            # more than 0.05 nat/token above RMU's with the retain NLL within +0.05 of the original.
-            wins_nll = [l for l in layers if None not in (ada[l]["forget_nll"], rmu[l]["forget_nll"])
-                        and ada[l]["forget_nll"] > rmu[l]["forget_nll"] + RETAIN_NLL_WITHIN
-                        and (base["retain_nll"] is None or ada[l]["retain_nll"] <= base["retain_nll"] + RETAIN_NLL_WITHIN)]
-            out.append({"rmu": rmu_setting, "adaptive_rmu": ada_setting, "layers": layers, "wins": wins,
-                        "count": len(wins), "of": len(layers), "wins_nll": wins_nll})
+            entry = {"rmu": rmu_setting, "adaptive_rmu": ada_setting, "layers": layers, "of": len(layers), "per_layer": {}}
+            for metric, better in (("acc", -1), ("nll", 1)):
+                tests = {}
+                for l in layers:
+                    if ada[l].records and rmu[l].records and original.records:
+                        tests[l] = (compare.paired(ada[l].records, rmu[l].records, sides["forget"], metric),
+                                    compare.paired(ada[l].records, original.records, sides["retain"], metric)
+                                    if sides["retain"] else None)
+                tested = [l for l in layers if l in tests and tests[l][0] is not None]
+                adjusted = dict(zip(tested, stats.holm_adjusted([tests[l][0]["p"] for l in tested])))
+                wins = []
+                for l in tested:
+                    forget, retain = tests[l]
+                    retain_worse = retain is not None and retain["diff"] * better > 0 and retain["p"] < level
+                    won = better * forget["diff"] > 0 and adjusted[l] <= level and not retain_worse
+                    entry["per_layer"].setdefault(l, {})[metric] = {
+                        "forget": forget, "holm_p": adjusted[l], "retain_vs_original": retain,
+                        "retain_worse": retain_worse, "win": won}
+                    wins += [l] if won else []
+                entry["wins" if metric == "acc" else "wins_nll"] = wins
+                entry["tested" if metric == "acc" else "tested_nll"] = tested
+            entry["count"] = len(entry["wins"])
+            out.append(entry)
     return out
 
 
@@ -172,7 +248,7 @@ def _metrics_of(run_dir: Path, n_topics: int) -> dict:
 
 def _row(cell: Cell, status: str, results: dict | None = None, **extra) -> dict:
     row = {"layer": cell.layer, "method": cell.method, "coeff": cell.coeff, "beta": cell.beta,
-           "alpha": "/".join(f"{a:g}" for a in dict.fromkeys(cell.alpha)), "status": status,
+           "alpha": "/".join(f"{a:g}" for a in dict.fromkeys(cell.alpha)), "seed": cell.seed, "status": status,
            "setting": cell.setting, "name": cell.name, "results": results or {}}
     if results:
         row.update(summary(results))
@@ -180,71 +256,118 @@ def _row(cell: Cell, status: str, results: dict | None = None, **extra) -> dict:
     return row
 
 
+FIXED_COLUMNS = ("layer", "method", "coeff", "beta", "alpha", "seed", "status")
+TASK_COLUMNS = ("acc", "acc_lo", "acc_hi", "acc_norm", "nll", "nll_lo", "nll_hi")  # _lo, _hi: the 95% interval
+
+
 def csv_text(rows: list[dict], tasks: list[str]) -> str:
-    columns = [*FIXED_COLUMNS, *(f"{t}/{m}" for t in tasks for m in METRICS), *TAIL_COLUMNS]
+    """A row per cell (per seed): each task's acc, acc_norm and NLL with their 95% intervals."""
+    columns = [*FIXED_COLUMNS, *(f"{t}/{m}" for t in tasks for m in TASK_COLUMNS), *TAIL_COLUMNS]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     fmt = lambda v: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+    def task_value(result: dict, column: str):
+        if column.endswith(("_lo", "_hi")):
+            ci = result.get(column[:-3] + "_ci")
+            return None if ci is None else ci[column.endswith("_hi")]
+        return result.get(column)
     for r in rows:
         coeff = r["coeff"] if r["coeff"] is not None else r.get("coeff_used")  # Adaptive: the c it derived
-        values = [r["layer"], r["method"], fmt(coeff), fmt(r["beta"]), r["alpha"], r["status"]]
-        values += [fmt(r["results"].get(t, {}).get(m)) for t in tasks for m in METRICS]
+        values = [r["layer"], r["method"], fmt(coeff), fmt(r["beta"]), r["alpha"], r.get("seed", ""), r["status"]]
+        values += [fmt(task_value(r["results"].get(t, {}), m)) for t in tasks for m in TASK_COLUMNS]
         values += [fmt(r.get(k)) for k in TAIL_COLUMNS]
         writer.writerow(values)
     return buffer.getvalue()
 
 
-def markdown(rows: list[dict], original: dict, claims: list[dict]) -> str:
-    base = summary(original)
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    nll = lambda v: "-" if v is None else f"{v:.3f}"
-    table = [["-", "original", "-", "-", "-", pct(base["forget_acc"]), pct(base["retain_acc"]), nll(base["forget_nll"]),
-              nll(base["retain_nll"]), "-"]]
-    for r in rows:
-        coeff = r["coeff"] if r["coeff"] is not None else r.get("coeff_used")
-        table.append([r["layer"], r["method"], "-" if coeff is None else f"{coeff:.4g}",
-                      "-" if r["beta"] is None else f"{r['beta']:g}", r["alpha"], pct(r.get("forget_acc")),
-                      pct(r.get("retain_acc")), nll(r.get("forget_nll")), nll(r.get("retain_nll")), r["status"]])
-    lines = [outputs.markdown_table(["layer", "method", "coeff", "beta", "alpha", "forget acc", "retain acc",
-                                     "forget NLL", "retain NLL", "status"], table), ""]
+def _with_ci(p: Point, key: str, scale: float, digits: int) -> str:
+    value, ci = p.get(key), p.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{scale * value:.{digits}f}" + (f" [{stats.fmt_ci(ci, scale, digits)}]" if ci else "")
+
+
+def markdown(points_: list[Point], original: Point, claims: list[dict], failed: list[dict] = ()) -> str:
+    """The table (a row per setting and layer: means over seeds with 95% intervals) and the claim."""
+    header = ["layer", "method", "coeff", "beta", "alpha", "seeds", "forget acc %", "retain acc %",
+              "neighbour acc %", "forget NLL", "retain NLL"]
+    def row(p: Point, layer, method, coeff, beta, alpha, seeds):
+        return [layer, method, coeff, beta, alpha, seeds, _with_ci(p, "forget_acc", 100, 1),
+                _with_ci(p, "retain_acc", 100, 1), _with_ci(p, "neighbour_acc", 100, 1), _with_ci(p, "forget_nll", 1, 3),
+                _with_ci(p, "retain_nll", 1, 3)]
+    table = [row(original, "-", "original", "-", "-", "-", "-")]
+    for p in points_:
+        first = p.rows[0]
+        table.append(row(p, p.layer, p.method, "-" if p.get("coeff") is None else f"{p.get('coeff'):.4g}",
+                         "-" if first["beta"] is None else f"{first['beta']:g}", first["alpha"], len(p.rows)))
+    lines = [outputs.markdown_table(header, table), "",
+             "Means over the seeds; [95% interval]: a two-way bootstrap over seeds and questions (one seed, one "
+             "task: Wilson). Side scores are means over their tasks.", ""]
+    for f in failed:
+        lines.append(f"- {f['name']}: {f['status']} (rerun the same command to try it again)")
     for c in claims:
-        share = f" ({100 * c['count'] / c['of']:.0f}%)" if c["of"] else ""
-        wins = ", ".join(map(str, c["wins"])) or "none"
-        lines.append(f"Adaptive RMU ({c['adaptive_rmu']}) forgets more than RMU ({c['rmu']}) with retain within "
-                     f"{100 * RETAIN_WITHIN:.0f} points of the original at {c['count']} of {c['of']} layers{share}: "
-                     f"{wins}.")
-        if c["of"]:
-            lines.append(f"By held-out NLL (forget NLL more than {RETAIN_NLL_WITHIN} above RMU's, retain NLL within "
-                         f"+{RETAIN_NLL_WITHIN} nat/token of the original): "
-                         f"{len(c['wins_nll'])} of {c['of']} layers ({100 * len(c['wins_nll']) / c['of']:.0f}%): "
-                         f"{', '.join(map(str, c['wins_nll'])) or 'none'}.")
+        lines += _claim_lines(c)
     return "\n".join(lines)
 
 
-def plot_sweep(path: Path, rows: list[dict], original: dict, chance: float | None) -> list[dict]:
-    """Forget accuracy, retain accuracy and forget NLL vs layer, a line per setting (RMU dashed), with
-    chance and the original model; returns what is drawn."""
-    base = summary(original)
+def _claim_lines(c: dict) -> list[str]:
+    lines = [f"### Adaptive RMU ({c['adaptive_rmu']}) against RMU ({c['rmu']})", "",
+             "Per layer, paired over the same questions (each question's correctness averaged over seeds): Adaptive "
+             "minus RMU on the forget tasks (negative: forgets more) with its 95% interval and p-value (McNemar's "
+             "exact test, or the sign-flip test with several seeds or tasks), Holm-adjusted over the layers; and "
+             "Adaptive minus the original on the retain tasks.", ""]
+    table = []
+    for l in c["layers"]:
+        r = c["per_layer"].get(l, {}).get("acc")
+        if r is None:
+            table.append([l, "not tested (no per-question records)", "-", "-", "-"])
+            continue
+        table.append([l, compare.fmt_paired(r["forget"]), f"{r['holm_p']:.2g}", compare.fmt_paired(r["retain_vs_original"]),
+                      "yes" if r["win"] else "no"])
+    lines += [outputs.markdown_table(["layer", "forget acc: Adaptive - RMU (points)", "Holm p",
+                                      "retain acc: Adaptive - original", "claim holds"], table), ""]
+    wins = ", ".join(map(str, c["wins"])) or "none"
+    share = f" ({100 * c['count'] / c['of']:.0f}%)" if c["of"] else ""
+    lines.append(f"**The claim's count: {c['count']} of {c['of']} layers{share}** ({wins}): Adaptive RMU forgets "
+                 f"more than RMU, significant at 5% after Holm's correction over the {len(c['tested'])} layers tested, "
+                 "with retain accuracy not significantly below the original's.")
+    wins_nll = ", ".join(map(str, c["wins_nll"])) or "none"
+    lines.append(f"By held-out NLL (per text, paired; forget NLL above RMU's, Holm at 5%; retain NLL not significantly "
+                 f"above the original's): {len(c['wins_nll'])} of {c['of']} layers ({wins_nll}).")
+    return lines + [""]
+
+
+def plot_sweep(path: Path, points_: list[Point], original: Point, chance: float | None) -> list[dict]:
+    """Forget accuracy, retain accuracy and forget NLL vs layer, a line per setting (RMU dashed) with its
+    95% intervals as error bars, chance and the original model (its interval as a band); returns what is
+    drawn."""
     fig, axes = outputs.figure(1, 3, figsize=(18, 4.8))
-    ok = [r for r in rows if r["status"] == "ok"]
     panels = ((axes[0], "forget_acc", 100, "forget tasks: mean accuracy % (lower: more forgotten)"),
               (axes[1], "retain_acc", 100, "retain tasks: mean accuracy % (higher: kept)"),
               (axes[2], "forget_nll", 1, "forget tasks: held-out NLL per token (higher: more forgotten)"))
-    for k, setting in enumerate(dict.fromkeys(r["setting"] for r in ok)):
-        mine = sorted((r for r in ok if r["setting"] == setting), key=lambda r: r["layer"])
-        style = "-o" if mine[0]["method"] == "adaptive_rmu" else "--s"
+    settings = list(dict.fromkeys(p.setting for p in points_))
+    for k, setting in enumerate(settings):
+        mine = sorted((p for p in points_ if p.setting == setting), key=lambda p: p.layer)
+        style = "-o" if mine[0].method == "adaptive_rmu" else "--s"
+        offset = 0.15 * (k - (len(settings) - 1) / 2)  # the settings' error bars side by side
         for ax, key, scale, _ in panels:
-            if all(r.get(key) is not None for r in mine):
-                ax.plot([r["layer"] for r in mine], [scale * r[key] for r in mine], style, color=f"C{k}",
-                        markersize=4, label=setting)
+            if all(p.get(key) is not None for p in mine):
+                xs = [p.layer for p in mine]
+                ax.plot(xs, [scale * p.get(key) for p in mine], style, color=f"C{k}", markersize=4, label=setting)
+                outputs.errorbars(ax, xs, [p.get(key) for p in mine], [p.get(f"{key}_ci") for p in mine], f"C{k}",
+                                  setting, scale, offset)
     for ax, key, scale, title in panels:
         if key.endswith("acc") and chance is not None:
             ax.axhline(100 * chance, color="gray", linestyle=":", linewidth=1, label="chance")
-        if base[key] is not None:
-            ax.axhline(scale * base[key], color="black", linestyle="--", linewidth=1, label="original")
+        if original.get(key) is not None:
+            ax.axhline(scale * original.get(key), color="black", linestyle="--", linewidth=1, label="original")
+            if original.get(f"{key}_ci"):
+                low, high = original.get(f"{key}_ci")
+                ax.axhspan(scale * low, scale * high, color="black", alpha=0.08, linewidth=0)
         ax.set_xlabel("unlearn layer l (updated: the layers below it, by --update_layer_ids' offsets)")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + " [95% CI]", fontsize=9)
     axes[0].set_ylim(0, 100)
     axes[1].set_ylim(0, 100)
     axes[1].legend(fontsize=7)
@@ -280,12 +403,13 @@ class CellRunner:
         self.scorer = self.cache.scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
         self.tasks, self.nll_tokens = tasks, cfg.eval_nll_tokens
 
-    def evaluate(self, trained: dict | None = None, tasks: list | None = None) -> dict:
-        """The native evaluator on the original model or with the trained leaves swapped in."""
+    def evaluate(self, trained: dict | None = None, tasks: list | None = None, samples: list | None = None) -> dict:
+        """The native evaluator on the original model or with the trained leaves swapped in (each
+        question's record appended to `samples` when given)."""
         from armu_jax.evaluate import evaluate_tasks
         from armu_jax.params import merge
         return evaluate_tasks(self.scorer, merge(self.full, trained) if trained else self.full,
-                              self.tasks if tasks is None else tasks, nll_tokens=self.nll_tokens)
+                              self.tasks if tasks is None else tasks, nll_tokens=self.nll_tokens, samples=samples)
 
     def nll(self, trained: dict, texts: list[str]) -> float:
         """Held-out NLL per token of texts with the trained leaves (the tune's pruning signal)."""
@@ -295,15 +419,16 @@ class CellRunner:
 
     def run(self, run_cfg: RunConfig, hook=None) -> tuple[dict, dict]:
         """One cell: its run (resumed if run_cfg says so), then the evaluator on the trained weights:
-        ({results, forget_loss, retain_loss, coeff_used, first_step_seconds, *_seconds}, trained leaves).
-        Raises what the run raises."""
+        ({results, samples (a record per question), forget_loss, retain_loss, coeff_used, first_step_seconds,
+        *_seconds}, trained leaves). Raises what the run raises."""
         from armu_jax.train import train
         began = time.time()
         run_dir, trained = train(run_cfg, self.cache, hook)
         trained_at = time.time()
-        results = self.evaluate(trained)
+        samples: list[dict] = []
+        results = self.evaluate(trained, samples=samples)
         done = time.time()
-        return {"results": results, **_metrics_of(run_dir, run_cfg.n_topics),
+        return {"results": results, "samples": samples, **_metrics_of(run_dir, run_cfg.n_topics),
                 "train_seconds": round(trained_at - began, 1), "eval_seconds": round(done - trained_at, 1),
                 "seconds": round(done - began, 1)}, trained
 
@@ -318,6 +443,7 @@ def run_cell(cfg: RunConfig, cell: Cell, directory: Path, runner: CellRunner, ba
     try:
         measured, _ = runner.run(cell_config(cfg, cell, directory))
         results = measured.pop("results")
+        write_samples(directory / "samples.jsonl", measured.pop("samples"))
         return _row(cell, "ok", results, **measured)
     except CELL_ERRORS as err:
         line = first_line(err)
@@ -444,6 +570,36 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
     return rows
 
 
+def evaluate_original(out: Path, runner: CellRunner, tasks: list) -> tuple[dict, list[dict]]:
+    """The original model's results and records (original.json, original_samples.jsonl), evaluated once
+    (again when the records are missing: a sweep begun before samples.jsonl)."""
+    original_file, samples_file = out / "original.json", out / "original_samples.jsonl"
+    if original_file.is_file() and samples_file.is_file():
+        original = _read_json(original_file)
+        for name, result in original.items():  # a sweep begun before tasks carried their role
+            result.setdefault("role", next((t.role for t in tasks if t.name == name), "forget"))
+        return original, read_samples(samples_file)
+    print("evaluating the original model")
+    samples: list[dict] = []
+    original = runner.evaluate(samples=samples)
+    write_samples(samples_file, samples)
+    outputs.write_json(original_file, original)
+    return original, samples
+
+
+def report(out: Path, rows: list[dict], original: dict, original_records: list[dict], chance: float | None) -> str:
+    """sweep.md and sweep.png from the rows and every cell's samples.jsonl; returns the markdown."""
+    sides = roles(original)
+    records_of = {r["name"]: read_samples(out / "cells" / r["name"] / "samples.jsonl") for r in rows
+                  if r["status"] == "ok" and (out / "cells" / r["name"] / "samples.jsonl").is_file()}
+    pts = points(rows, records_of, sides)
+    base = point(None, "original", "original", [{"results": original}], [original_records], sides)
+    table = markdown(pts, base, claim(pts, base, sides), [r for r in rows if r["status"] != "ok"])
+    outputs.write_text(out / "sweep.md", table + "\n")
+    plot_sweep(out / "sweep.png", pts, base, chance)
+    return table
+
+
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
     from armu_jax import hosts
@@ -466,20 +622,9 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     try:
         outputs.write_text(saved, flagfile_text(cfg))
         runner = CellRunner(cfg, run, tasks)
-        original_file = out / "original.json"
-        if original_file.is_file():
-            original = _read_json(original_file)
-            for name, result in original.items():  # a sweep begun before tasks carried their role
-                result.setdefault("role", next((t.role for t in tasks if t.name == name), "forget"))
-        else:
-            print("evaluating the original model")
-            original = runner.evaluate()
-            outputs.write_json(original_file, original)
+        original, original_records = evaluate_original(out, runner, tasks)
         rows = (run_cells_shared if cfg.tune_storage else run_cells)(cfg, cells, out, runner, [t.name for t in tasks])
-        chance = mean_chance(tasks, "forget")
-        table = markdown(rows, original, claim(rows, original))
-        outputs.write_text(out / "sweep.md", table + "\n")
-        plot_sweep(out / "sweep.png", rows, original, chance)
+        table = report(out, rows, original, original_records, mean_chance(tasks, "forget"))
         print(table)
         failed = sum(r["status"] != "ok" for r in rows)
         print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}"

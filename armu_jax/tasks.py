@@ -7,8 +7,10 @@ continuation) pairs lm-eval's `multiple_choice` output type sends to a model, an
 PROMPTS, so lm-eval's `hf` backend scores the very same items with the very same prompts.
 
 Task specs (--eval_tasks):
-  demo                  demo_bio, demo_cyber, demo_retain (held-out Wikipedia, see below)
-  demo_bio|demo_cyber|demo_retain
+  demo                  demo_bio, demo_cyber, demo_retain, demo_physical (held-out Wikipedia, see below)
+  demo_bio|demo_cyber|demo_retain|demo_physical
+                        demo_physical: the physical sciences articles of demo_retain, a task of its own
+                        (the retain topic nearest the forget topics; role "neighbour")
   mmlu[:DIR]            MMLU test CSVs in the original layout (<subject>_test.csv, or DIR/test/);
                         default: the embedded copy of all 57 subjects
   wmdp_bio:FILE         WMDP-format jsonl (question, choices, answer); also wmdp_cyber:FILE
@@ -46,7 +48,11 @@ from pathlib import Path
 from armu_jax.errors import UserError
 from armu_jax.runtime import load_cached_dataset
 
-DEMO_EVAL_TOPICS = ("bio", "cyber", "retain")
+DEMO_EVAL_TOPICS = ("bio", "cyber", "retain", "physical")
+# The retain topics nearest the forget topics, also tasks of their own (as the WMDP paper reports MMLU's
+# college biology and computer security beside MMLU): role "neighbour", in neither the forget nor the
+# retain means (their articles are part of demo_retain's).
+NEIGHBOUR_TOPICS = {"physical": "Physical sciences"}
 SPLITS = ("test", "validation", "all")
 WMDP_SUBJECTS = {"wmdp_bio": "biology", "wmdp_cyber": "cybersecurity"}
 LETTERS = ("A", "B", "C", "D")
@@ -83,7 +89,8 @@ class Task:
     style: str
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     nll_texts: list[str] = field(default_factory=list)
-    role: str = "forget"  # "forget" (the knowledge to remove) or "retain" (to keep: demo_retain, MMLU)
+    role: str = "forget"  # "forget" (the knowledge to remove), "retain" (to keep: demo_retain, MMLU) or
+    # "neighbour" (a retain topic next to a forget topic, reported on its own: demo_physical)
 
     @property
     def chance(self) -> float:
@@ -134,8 +141,12 @@ def demo_task(topic: str, seed: int = 0, split: str = "all") -> Task:
     """The 4-way description question for every held-out article of a demo topic (deterministic); the
     distractors are drawn from the whole held-out set, then the articles of `split` kept."""
     from armu_jax.data import demo_topic_articles
-    held_out = demo_topic_articles(topic, held_out=True)
-    keep = set(split_indices([a["title"] for a in held_out], f"demo_{topic}", split))
+    held_out = demo_topic_articles(NEIGHBOUR_TOPICS.get(topic, topic), held_out=True)
+    # A neighbour's articles are split as demo_retain's: its test articles are demo_retain's test articles of its topic
+    pool = demo_topic_articles("retain", held_out=True) if topic in NEIGHBOUR_TOPICS else held_out
+    chosen = {pool[i]["title"] for i in split_indices([a["title"] for a in pool], "demo_retain" if pool is not held_out
+                                                      else f"demo_{topic}", split)}
+    keep = {i for i, a in enumerate(held_out) if a["title"] in chosen}
     articles = [a for a in held_out if a.get("description")]
     descriptions = sorted({a["description"] for a in articles})
     rng = random.Random(f"{seed}:{topic}")
@@ -144,11 +155,12 @@ def demo_task(topic: str, seed: int = 0, split: str = "all") -> Task:
         others = [d for d in descriptions if d != article["description"]]
         choices = rng.sample(others, 3) + [article["description"]]
         rng.shuffle(choices)
-        docs.append({"title": article["title"], "choices": choices, "answer": choices.index(article["description"])})
+        docs.append({"title": article["title"], "choices": choices, "answer": choices.index(article["description"]),
+                     "topic": article["topic"]})
     kept = {a["title"] for i, a in enumerate(held_out) if i in keep}
     docs = [d for d in docs if d["title"] in kept]
     return Task(f"demo_{topic}", docs, "demo", nll_texts=[a["extract"] for i, a in enumerate(held_out) if i in keep],
-                role="retain" if topic == "retain" else "forget")
+                role="retain" if topic == "retain" else "neighbour" if topic in NEIGHBOUR_TOPICS else "forget")
 
 
 # ----------------------------------------------------------------------------- local files
@@ -235,7 +247,7 @@ def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     return Task(name, interleaved, "letters", metrics=("acc",), role="retain")
 
 
-TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, mmlu[:DIR], wmdp_bio[:FILE], wmdp_cyber[:FILE] "
+TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, demo_physical, mmlu[:DIR], wmdp_bio[:FILE], wmdp_cyber[:FILE] "
                 "or a .jsonl path")
 
 

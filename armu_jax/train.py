@@ -10,6 +10,7 @@ SIGTERM, ProfileWindow), export().
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from armu_jax import hosts, outputs, rundir, storage
 from armu_jax.cache import ProcessCache
 from armu_jax.checkpoints import Checkpointer
-from armu_jax.config import RunConfig, validate
+from armu_jax.config import RunConfig, seed_configs, validate
 from armu_jax.context import RunContext
 from armu_jax.data import DataSpec, UnlearningData
 from armu_jax.errors import RunFailure, UserError, first_line
@@ -215,7 +216,31 @@ def run(cfg: RunConfig) -> Path:
 
 
 def train_cli(cfg: RunConfig) -> None:
-    print(f"armu_jax: run written to {run(cfg)}")
+    """--mode=train; with --seeds=K, K runs side by side in <output_dir>/seed_<s>/ (each its own export)."""
+    if cfg.seeds == 1:
+        print(f"armu_jax: run written to {run(cfg)}")
+        return
+    configs = seed_run_configs(cfg)
+    for seeded in configs:  # every seed's settings and directory checked before the first runs
+        rundir.check(seeded)
+    cache = ProcessCache()  # one model, tokenizer and compiled step for every seed
+    for k, seeded in enumerate(configs):
+        print(f"armu_jax: seed {seeded.seed} ({k + 1} of {len(configs)})")
+        print(f"armu_jax: run written to {train(seeded, cache)[0]}")
+
+
+def seed_run_configs(cfg: RunConfig) -> list[RunConfig]:
+    """--seeds=K: the K runs, in <output_dir>/seed_<s>/ (s = --seed + k). With --resume, a seed whose
+    directory has no checkpoint yet starts afresh (the run was stopped before it)."""
+    if not cfg.output_dir:
+        raise UserError("--seeds needs --output_dir: the K runs are written to <output_dir>/seed_<s>/")
+    base = storage.path(cfg.output_dir, "--output_dir")
+    configs = []
+    for seeded in seed_configs(cfg):
+        directory = base / f"seed_{seeded.seed}"
+        resume = cfg.resume and (directory / "checkpoints").is_dir()
+        configs.append(dataclasses.replace(seeded, output_dir=str(directory), resume=resume))
+    return configs
 
 
 def train(cfg: RunConfig, cache: ProcessCache | None = None, hook=None) -> tuple[Path, dict]:
