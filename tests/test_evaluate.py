@@ -8,8 +8,9 @@ import transformers
 
 from armu_jax.data import is_held_out, read_corpus
 from armu_jax.errors import UserError
-from armu_jax.evaluate import load_params, scorer_for
+from armu_jax.evaluate import load_params, read_samples, scorer_for, write_samples
 from armu_jax.harness import per_doc_predictions, run_lm_eval_on
+from armu_jax.stats import wilson
 from armu_jax.tasks import demo_task, load_tasks, mean_chance, mmlu_task
 
 
@@ -30,14 +31,14 @@ def test_nll_matches_transformers(smollm2_dir):
 
 
 def test_demo_tasks_are_deterministic_and_held_out():
-    for topic in ("bio", "cyber", "retain"):
+    for topic in ("bio", "cyber", "retain", "physical"):
         a, b = demo_task(topic), demo_task(topic)
         assert a.docs == b.docs and a.requests() == b.requests() and len(a.docs) > 50
         assert all(is_held_out(doc["title"]) for doc in a.docs)
         assert all(len(doc["choices"]) == 4 and len(set(doc["choices"])) == 4 for doc in a.docs)
         answers = np.bincount([doc["answer"] for doc in a.docs], minlength=4) / len(a.docs)
         assert answers.min() > 0.15  # the correct answer's position is spread over A-D
-        train = set(read_corpus(f"demo:{topic}"))
+        train = set(read_corpus("demo:retain" if topic == "physical" else f"demo:{topic}"))  # physical: of retain
         assert not train & set(a.nll_texts)
     assert demo_task("bio", seed=1).docs != demo_task("bio").docs
 
@@ -57,7 +58,8 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     docs = [d for d in mmlu_task().docs if d["subject"] == "college_biology"][:8]
     wmdp.write_text("".join(json.dumps({k: d[k] for k in ("question", "choices", "answer")}) + "\n" for d in docs))
     specs = ["demo", "mmlu", f"wmdp_bio:{wmdp}"]
-    limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "mmlu": 30, "wmdp_bio": 8}  # mmlu: 30 subjects
+    limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "demo_physical": 6, "mmlu": 30,
+              "wmdp_bio": 8}  # mmlu: 30 subjects
     tasks = load_tasks(specs, limits, "all")  # every item of the 8-question file
     scorer, params = scorer_for(smollm2_dir, batch_size=8), load_params(smollm2_dir)
     native = {t.name: scorer.multiple_choice(params, t) for t in tasks}
@@ -85,6 +87,24 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
                 float(d["pred_norm"] == t["answer"]) for d, t in
                 zip(ours["docs"], next(x for x in tasks if x.name == name).docs)]
             assert ours["acc_norm"] == metrics["acc_norm,none"]
+
+    # samples.jsonl of both evaluators, item by item: the same questions, the same 0/1 scores, the same
+    # log-likelihoods (to the float32 drift above); each file's mean is the accuracy it reports
+    native_file = tmp_path / "native_samples.jsonl"
+    write_samples(native_file, [d for ours in native.values() for d in ours["docs"]])
+    mine, lm_eval = read_samples(native_file), read_samples(tmp_path / "lm_eval" / "samples.jsonl")
+    assert len(mine) == len(lm_eval) == sum(limits.values())
+    key = lambda r: (r["task"], r["doc_id"])
+    for a, b in zip(sorted(mine, key=key), sorted(lm_eval, key=key)):
+        assert key(a) == key(b) and a["acc"] == b["acc"]
+        assert a["acc_norm"] == b.get("acc_norm", a["acc_norm"])  # lm-eval logs acc_norm where the task has it
+        assert a["target"] == b["target"] and a["pred"] == b["pred"] and a["pred_norm"] == b["pred_norm"]
+        assert np.abs(np.array(a["loglikelihoods"]) - b["loglikelihoods"]).max() <= 2e-3
+    assert sum("acc_norm" in r for r in lm_eval) >= limits["demo_bio"]
+    for name, ours in native.items():
+        assert np.mean([r["acc"] for r in lm_eval if r["task"] == name]) == pytest.approx(ours["acc"])
+        low, high = ours["acc_ci"]
+        assert low <= ours["acc"] <= high and (low, high) == pytest.approx(wilson(ours["acc"] * ours["n"], ours["n"]))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -174,7 +194,7 @@ def test_tasks_know_their_role_and_chance_and_are_limited_in_one_place(tmp_path)
                             for i in range(5)))
     tasks = load_tasks(["demo", "mmlu", f"wmdp_cyber:{wmdp}"], limit=3)
     assert {t.name: t.role for t in tasks} == {"demo_bio": "forget", "demo_cyber": "forget", "demo_retain": "retain",
-                                                "mmlu": "retain", "wmdp_cyber": "forget"}
+                                                "demo_physical": "neighbour", "mmlu": "retain", "wmdp_cyber": "forget"}
     assert all(len(t.docs) == 3 and t.chance == 0.25 for t in tasks)
     assert mean_chance(tasks, "forget") == 0.25 and mean_chance(tasks, "other") is None
     assert len(tasks[0].nll_texts) == 3

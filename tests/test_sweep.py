@@ -13,7 +13,9 @@ from helpers import ROOT, cli_command, read_metrics, run_cli
 
 from armu_jax.config import config_with
 from armu_jax.errors import UserError
-from armu_jax.sweep import claim, parse_layers, plan, plot_sweep
+from armu_jax.evaluate import read_samples
+from armu_jax.stats import mcnemar_exact
+from armu_jax.sweep import claim, parse_layers, plan, plot_sweep, point, points, roles
 from armu_jax.train import run
 
 
@@ -38,21 +40,43 @@ def test_layers_and_cells():
             plan(config_with(sweep_alphas=[bad]), 30)
 
 
-def test_claim_counts_layers_where_adaptive_forgets_more_and_keeps_retain():
-    original = {"demo_bio": {"acc": 0.5, "nll": 3.0, "role": "forget"},
-                "demo_retain": {"acc": 0.6, "nll": 3.0, "role": "retain"}}
+def _records(correct: list[int], task: str, nll: list[float] | None = None) -> list[dict]:
+    out = [{"task": task, "doc_id": i, "acc": c, "acc_norm": c} for i, c in enumerate(correct)]
+    out += [{"task": task, "doc_id": i, "tokens": 10, "nll": 10 * v, "type": "nll"} for i, v in enumerate(nll or [])]
+    return out
 
-    def row(layer, method, forget, retain, forget_nll=3.0, retain_nll=3.0, status="ok"):
-        setting = f"{method} alpha=1"
-        return {"layer": layer, "method": method, "status": status, "setting": setting, "alpha": "1", "forget_acc": forget,
-                "retain_acc": retain, "forget_nll": forget_nll, "retain_nll": retain_nll}
-    rows = [row(3, "rmu", 0.40, 0.60), row(3, "adaptive_rmu", 0.30, 0.59, 5.0, 3.04),  # wins (both)
-            row(5, "rmu", 0.30, 0.60, 4.0), row(5, "adaptive_rmu", 0.35, 0.60, 3.5),  # forgets less
-            row(7, "rmu", 0.45, 0.60), row(7, "adaptive_rmu", 0.25, 0.57, 4.0, 3.06),  # retain lost
-            row(9, "rmu", 0.45, 0.60), row(9, "adaptive_rmu", 0.25, 0.60, status="failed: x")]
-    (result,) = claim(rows, original)
-    assert result["layers"] == [3, 5, 7] and result["wins"] == [3] and result["count"] == 1 and result["of"] == 3
-    assert result["wins_nll"] == [3]
+
+def test_claim_counts_layers_where_adaptive_forgets_more_and_keeps_retain():
+    """Per-question records (one seed): a layer counts when Adaptive's forget accuracy is below RMU's by a
+    McNemar-significant margin after Holm over the layers, and its retain accuracy is not significantly
+    below the original's."""
+    sides = {"forget": ["demo_bio"], "retain": ["demo_retain"], "neighbour": []}
+    n = 60
+    ones = lambda k: [1] * k + [0] * (n - k)  # k of n correct, the first k questions
+
+    def model(forget_k, retain_k, forget_nll=3.0, retain_nll=3.0):
+        return [_records(ones(forget_k), "demo_bio", [forget_nll] * 20) + _records(ones(retain_k), "demo_retain",
+                                                                                     [retain_nll] * 20)]
+
+    def pt(layer, method, *args):
+        recs = model(*args)
+        return point(layer, f"{method} alpha=1", method, [{"alpha": "1", "beta": None, "coeff": None}], recs, sides)
+    original = point(None, "original", "original", [{}], model(40, 40), sides)
+    pts = [pt(3, "rmu", 40, 40), pt(3, "adaptive_rmu", 20, 40, 5.0),  # 20 discordant: p ~ 2e-6, wins
+           pt(5, "rmu", 30, 40, 4.0), pt(5, "adaptive_rmu", 35, 40, 3.5),  # forgets less
+           pt(7, "rmu", 40, 40), pt(7, "adaptive_rmu", 15, 20),  # retain lost (20 of 40: significant)
+           pt(9, "rmu", 40, 40), pt(9, "adaptive_rmu", 37, 40)]  # 3 fewer: not significant
+    (result,) = claim(pts, original, sides)
+    assert result["layers"] == [3, 5, 7, 9] and result["of"] == 4
+    assert result["wins"] == [3] and result["count"] == 1
+    three = result["per_layer"][3]["acc"]
+    assert three["forget"]["diff"] == pytest.approx(-20 / n)
+    assert three["forget"]["p"] == pytest.approx(mcnemar_exact(0, 20))  # b=0, c=20 discordant
+    # Holm over the 4 layers: layer 7's p (25 discordant) is the smallest (x4), layer 3's the second (x3)
+    assert three["holm_p"] == pytest.approx(max(4 * mcnemar_exact(0, 25), 3 * mcnemar_exact(0, 20)))
+    assert result["per_layer"][7]["acc"]["retain_worse"] and not result["per_layer"][7]["acc"]["win"]
+    assert not result["per_layer"][9]["acc"]["win"] and result["per_layer"][9]["acc"]["forget"]["diff"] < 0
+    assert result["wins_nll"] == [3]  # forget NLL 5 vs 3 on every text; retain NLL unchanged
 
 
 def _flagfile(tmp_path, model) -> Path:
@@ -92,7 +116,8 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, tiny_ll
     assert [(int(r["layer"]), r["method"]) for r in rows] == [(l, m) for l in (2, 3)
                                                               for m in ("rmu", "adaptive_rmu")]
     columns = list(rows[0])
-    assert columns[:6] == ["layer", "method", "coeff", "beta", "alpha", "status"]
+    assert columns[:7] == ["layer", "method", "coeff", "beta", "alpha", "seed", "status"]
+    assert {r["seed"] for r in rows} == {"42"}  # the flagfile's --seed (the first seed names no suffix)
     for task in ("demo_bio", "demo_retain"):
         assert {f"{task}/acc", f"{task}/acc_norm", f"{task}/nll"} <= set(columns)
     assert {"forget_loss", "retain_loss", "seconds"} <= set(columns)
@@ -102,11 +127,17 @@ def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, tiny_ll
     # the figure: forget acc, retain acc and forget NLL by layer, a line per setting, chance and the original
     results = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
     original = json.loads((out / "original.json").read_text())
-    forget_acc, retain_acc, forget_nll = plot_sweep(tmp_path / "again.png", results, original, 0.25)
+    sides = roles(original)
+    records = {r["name"]: read_samples(out / "cells" / r["name"] / "samples.jsonl") for r in results}
+    base = point(None, "original", "original", [{"results": original}], [read_samples(out / "original_samples.jsonl")],
+                 sides)
+    forget_acc, retain_acc, forget_nll = plot_sweep(tmp_path / "again.png", points(results, records, sides), base, 0.25)
     for r in results:
         layers, values = forget_acc["lines"][r["setting"]]
-        assert values[layers.index(r["layer"])] == pytest.approx(100 * r["forget_acc"])
+        assert values[layers.index(r["layer"])] == pytest.approx(100 * r["forget_acc"])  # records' mean = reported
         assert forget_nll["lines"][r["setting"]][1][layers.index(r["layer"])] == pytest.approx(r["forget_nll"])
+        low, high = forget_acc["errorbars"][r["setting"]][layers.index(r["layer"])]
+        assert low < 100 * r["forget_acc"] < high or low == 100 * r["forget_acc"] == 0
     assert forget_acc["hlines"] == {"chance": 25.0, "original": pytest.approx(100 * original["demo_bio"]["acc"])}
     assert retain_acc["hlines"]["original"] == pytest.approx(100 * original["demo_retain"]["acc"])
     assert set(forget_acc["lines"]) == {r["setting"] for r in results}
