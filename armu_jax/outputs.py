@@ -148,7 +148,10 @@ def plotted(fig) -> list[dict]:
     panels = []
     for ax in fig.axes:
         lines, hlines, bars, errorbars = {}, {}, {}, {}
+        caps = {id(c) for cont in ax.containers if isinstance(cont, ErrorbarContainer) for c in cont.lines[1]}
         for k, line in enumerate(ax.get_lines()):
+            if id(line) in caps:  # an error bar's caps: reported with its interval
+                continue
             label = line.get_label() if not line.get_label().startswith("_") else f"line{k}"
             x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
             x_in_data, _ = line.get_transform().contains_branch_seperately(ax.transData)

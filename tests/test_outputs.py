@@ -69,10 +69,12 @@ def test_save_figure_returns_the_data_drawn(tmp_path):
     ax.plot([0, 1, 2], [3.0, 4.0, 5.0], label="curve")
     ax.bar([0, 1], [7.0, 8.0], label="bars")
     ax.axhline(25, label="chance")
+    outputs.errorbars(ax, [0, 1, 2], [0.03, 0.04, 0.05], [(0.02, 0.035), None, (0.045, 0.06)], "C0", "curve", 100)
     ax.set_title("panel")
     drawn = outputs.save_figure(fig, tmp_path / "f.png")
     assert drawn == [{"title": "panel", "lines": {"curve": ([0.0, 1.0, 2.0], [3.0, 4.0, 5.0])},
-                      "bars": {"bars": [7.0, 8.0]}, "hlines": {"chance": 25.0}}]
+                      "bars": {"bars": [7.0, 8.0]}, "hlines": {"chance": 25.0},
+                      "errorbars": {"curve": [pytest.approx((2.0, 3.5)), pytest.approx((4.5, 6.0))]}}]
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
