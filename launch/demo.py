@@ -14,11 +14,11 @@ import argparse
 import time
 from pathlib import Path
 
-from armu_jax import outputs
+from armu_jax import compare, outputs, stats
 from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.embedded import smollm2_dir
-from armu_jax.evaluate import EvalSpec, evaluate_tasks
+from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline
 from armu_jax.sharding import make_mesh
@@ -29,47 +29,84 @@ ROOT = Path(__file__).resolve().parents[1]
 NLL_TOKENS = 64  # held-out NLL over each extract's first 64 tokens
 
 
+def _ci(r: dict, key: str, scale: float, digits: int) -> str:
+    ci = r.get(f"{key}_ci")
+    return f"{scale * r[key]:.{digits}f}" + (f" [{stats.fmt_ci(ci, scale, digits)}]" if ci else "")
+
+
 def report_table(results: dict) -> str:
+    """A row per topic (and per retain topic, indented): each model's acc and NLL with 95% intervals
+    (Wilson for accuracy, the bootstrap over texts for NLL)."""
     rows = []
     for topic in DEMO_EVAL_TOPICS:
         cells = [topic]
         for res in results.values():
             r = res[f"demo_{topic}"]
-            cells += [f"{100 * r['acc']:.1f}", f"{100 * r['acc_norm']:.1f}", f"{r['nll']:.3f}"]
+            cells += [_ci(r, "acc", 100, 1), f"{100 * r['acc_norm']:.1f}", _ci(r, "nll", 1, 3)]
         rows.append(cells)
-    return outputs.markdown_table(["topic"] + [f"{m} {k}" for m in results for k in ("acc", "acc_norm", "NLL")], rows)
+        for sub in results["original"][f"demo_{topic}"].get("by_topic", {}):
+            cells = [f"  retain: {sub} (n={results['original'][f'demo_{topic}']['by_topic'][sub]['n']})"]
+            for res in results.values():
+                b = res[f"demo_{topic}"]["by_topic"][sub]
+                cells += [_ci(b, "acc", 100, 1), "", ""]
+            rows.append(cells)
+    return outputs.markdown_table(["topic"] + [f"{m} {k}" for m in results for k in ("acc % [95% CI]", "acc_norm", "NLL [95% CI]")],
+                                  rows)
+
+
+PAIRS = (("rmu", "original"), ("adaptive_rmu", "original"), ("adaptive_rmu", "rmu"))
+
+
+def paired_table(records: dict) -> str:
+    """Paired differences on the same questions (McNemar's exact test) and texts (sign-flip test of NLL)."""
+    rows = []
+    for a, b in PAIRS:
+        for topic in DEMO_EVAL_TOPICS:
+            task = [f"demo_{topic}"]
+            acc = compare.paired([records[a]], [records[b]], task, "acc")
+            nll = compare.paired([records[a]], [records[b]], task, "nll")
+            rows.append([f"{a} - {b}", topic, compare.fmt_paired(acc), compare.fmt_paired(nll, 1, 3)])
+    return outputs.markdown_table(["comparison", "topic", "acc (points) [95% CI], p", "NLL [95% CI], p"], rows)
 
 
 def plot(path: Path, results: dict, curves: dict) -> list[dict]:
-    """Accuracy and NLL per topic and model, and both runs' losses; returns what is drawn."""
+    """Accuracy and NLL per topic and model with 95% intervals, and both runs' losses (a line per topic);
+    returns what is drawn."""
     fig, axes = outputs.figure(1, 3, figsize=(16, 4.5))
     width = 0.8 / len(results)
     colors = {name: f"C{k}" for k, name in enumerate(results)}
     for k, (name, res) in enumerate(results.items()):
         xs = [i + k * width for i in range(len(DEMO_EVAL_TOPICS))]
-        axes[0].bar(xs, [100 * res[f"demo_{t}"]["acc"] for t in DEMO_EVAL_TOPICS], width, label=name,
-                    color=colors[name])
-        axes[1].bar(xs, [res[f"demo_{t}"]["nll"] for t in DEMO_EVAL_TOPICS], width, label=name, color=colors[name])
-    for ax, title in ((axes[0], "held-out description questions: acc (%)"), (axes[1], "held-out NLL per token")):
+        rs = [res[f"demo_{t}"] for t in DEMO_EVAL_TOPICS]
+        axes[0].bar(xs, [100 * r["acc"] for r in rs], width, label=name, color=colors[name])
+        outputs.errorbars(axes[0], xs, [r["acc"] for r in rs], [r.get("acc_ci") for r in rs], "black", name, 100)
+        axes[1].bar(xs, [r["nll"] for r in rs], width, label=name, color=colors[name])
+        outputs.errorbars(axes[1], xs, [r["nll"] for r in rs], [r.get("nll_ci") for r in rs], "black", name)
+    for ax, title in ((axes[0], "held-out description questions: acc % [95% CI]"),
+                      (axes[1], "held-out NLL per token [95% CI]")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DEMO_EVAL_TOPICS))], DEMO_EVAL_TOPICS)
         ax.set_title(title)
     chance = 100 * sum(r["chance"] for r in results["original"].values()) / len(results["original"])
     axes[0].axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     axes[0].set_ylim(0, 100)
     axes[0].legend(loc="upper left", fontsize=8, ncol=2)
-    top = max(res[f"demo_{t}"]["nll"] for res in results.values() for t in DEMO_EVAL_TOPICS)
+    top = max(res[f"demo_{t}"].get("nll_ci", [0, res[f"demo_{t}"]["nll"]])[1] for res in results.values()
+              for t in DEMO_EVAL_TOPICS)
     axes[1].set_ylim(0, top * 1.3)
     axes[1].legend(loc="upper right", fontsize=8, ncol=3)
+    styles = ("-", ":", "-.", (0, (5, 1)))
     for name, metrics in curves.items():
         later = [m for m in metrics if m["step"] > 0]  # step 0's retain loss is 0: the models are equal
-        axes[2].plot([m["step"] for m in later], [m["forget_loss"] for m in later], color=colors[name],
-                     linewidth=1, label=f"{name} forget")
-        axes[2].plot([m["step"] for m in later], [m["retain_loss"] for m in later], "--", color=colors[name],
-                     linewidth=1, label=f"{name} retain")
+        for j, topic in enumerate(dict.fromkeys(m.get("topic", 0) for m in later)):
+            mine = [m for m in later if m.get("topic", 0) == topic]
+            axes[2].plot([m["step"] for m in mine], [m["forget_loss"] for m in mine], linestyle=styles[j % 4],
+                         color=colors[name], linewidth=1, label=f"{name} forget, topic {topic}")
+            axes[2].plot([m["step"] for m in mine], [m["retain_loss"] for m in mine], linestyle=styles[j % 4],
+                         color=colors[name], linewidth=0.6, alpha=0.5, label=f"{name} retain, topic {topic}")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("step (topics alternate)")
-    axes[2].set_title("losses (forget: MSE to c*u; retain: alpha*MSE to frozen)")
-    axes[2].legend(fontsize=7)
+    axes[2].set_title("losses per topic (forget: MSE to c*u, bold; retain: alpha*MSE to frozen, faint)")
+    axes[2].legend(fontsize=6)
     return outputs.save_figure(fig, path)
 
 
@@ -103,7 +140,7 @@ def format_attacks(attacks: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on SmolLM2-135M")
-    parser.add_argument("--limit", type=int, default=40, help="held-out test-split questions per topic (0: all)")
+    parser.add_argument("--limit", type=int, default=60, help="held-out test-split questions per topic (0: all)")
     parser.add_argument("--lm_eval", action="store_true", help="also score the exports with lm-eval (hf backend)")
     parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<time>)")
     args = parser.parse_args(argv)
@@ -121,8 +158,12 @@ def main(argv=None) -> int:
     cache = ProcessCache()
     model_dir, mesh = smollm2_dir(), make_mesh("data:1")
     scorer = cache.scorer(EvalSpec(str(model_dir), "float32", 16, mesh))
-    evaluate = lambda params: evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS)
-    results = {"original": evaluate(cache.params(model_dir, "float32", mesh))}
+    records: dict[str, list[dict]] = {}
+
+    def evaluate(name, params):
+        records[name] = []
+        return evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS, samples=records[name])
+    results = {"original": evaluate("original", cache.params(model_dir, "float32", mesh))}
 
     print("[2/5] Adaptive RMU (configs/demo.flags)")
     adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
@@ -138,7 +179,7 @@ def main(argv=None) -> int:
 
     print("[4/5] evaluating the unlearned models")
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
-        results[name] = evaluate(cache.params(run_dir / "hf", "float32", mesh))
+        results[name] = evaluate(name, cache.params(run_dir / "hf", "float32", mesh))
 
     print(f"[5/5] attacks on the forgotten biology: {ATTACK_NOTE}")
     attacks = {name: attack_results(run_dir, cache, results, name, args.limit) for name, run_dir in
@@ -158,7 +199,10 @@ def main(argv=None) -> int:
     chance = 100 * mean_chance(tasks)
     text = ["# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
             f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic, from the test split "
-            f"(chance {chance:.0f}%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}.\n", table, "",
+            f"(chance {chance:.0f}%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}. [95% CI]: Wilson "
+            "for accuracy, the bootstrap over texts for NLL.\n", table, "",
+            "## Paired: the same questions under two models (McNemar's exact test; NLL: sign-flip test over texts)\n",
+            paired_table(records), "",
             f"## Does it come back? ({ATTACK_NOTE})\n", attack_table, ""]
     if lm_eval_scores:
         text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
@@ -166,6 +210,8 @@ def main(argv=None) -> int:
                  for m, rows in lm_eval_scores.items() for t, r in rows.items()]
     text.append(f"\nTotal time: {seconds / 60:.1f} min.")
     outputs.write_text(out / "report.md", "\n".join(text) + "\n")
+    for name, recs in records.items():
+        write_samples(out / f"samples_{name}.jsonl", recs)
     outputs.write_json(out / "results.json", {"native": results, "lm_eval": lm_eval_scores, "attacks": attacks,
                                               "rmu_coeff": coeff, "seconds": seconds})
     plot(out / "report.png", results, curves)

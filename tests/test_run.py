@@ -5,6 +5,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 from helpers import ROOT, cli_args, cli_command, read_metrics, run_cli, run_settings
 from safetensors.numpy import load_file
 
@@ -69,3 +70,26 @@ def test_eval_every_logs_the_native_scores(tmp_path, tiny_llama):
     assert rows[-1]["eval/demo_bio/acc"] == final["acc"] and rows[-1]["eval/demo_bio/acc_norm"] == final["acc_norm"]
     assert abs(rows[-1]["eval/demo_bio/nll"] - final["nll"]) <= 1e-5 * final["nll"]
     assert rows[0]["eval/demo_bio/nll"] != rows[-1]["eval/demo_bio/nll"]  # the weights moved in between
+
+
+def test_seeds_change_the_control_vectors_and_nothing_else(tmp_path, tiny_llama):
+    """--seeds=2: two runs side by side (seed_42/, seed_43/) whose flags differ only in --seed and whose
+    control vectors differ; the batches are the same (the frozen model's norms on them, every step), and
+    the same seed alone gives the same run."""
+    from armu_jax.train import train_cli
+    out = tmp_path / "runs"
+    train_cli(config_with(**run_settings(tiny_llama, max_num_batches=3, seeds=2, export=False, output_dir=str(out))))
+    a, b = out / "seed_42", out / "seed_43"
+    flags = [set((d / "flags.txt").read_text().splitlines()) for d in (a, b)]
+    differ = {line.split("=")[0] for line in flags[0] ^ flags[1]}
+    assert differ == {"--seed", "--output_dir"}, differ
+    ua, ub = np.load(a / "control_vectors.npy"), np.load(b / "control_vectors.npy")
+    assert ua.shape == ub.shape and not np.allclose(ua, ub)
+    ma, mb = read_metrics(a), read_metrics(b)
+    for key in ("forget_norm_frozen", "retain_norm_frozen"):  # the same texts in the same order
+        assert [m[key] for m in ma] == pytest.approx([m[key] for m in mb], rel=1e-6)
+    assert ma[0]["forget_loss"] != mb[0]["forget_loss"]  # a different target c*u
+    alone = tmp_path / "alone"
+    run(config_with(**run_settings(tiny_llama, max_num_batches=3, seed=43, export=False, output_dir=str(alone))))
+    assert np.array_equal(np.load(alone / "control_vectors.npy"), ub)
+    assert [m["loss"] for m in read_metrics(alone)] == pytest.approx([m["loss"] for m in mb], rel=1e-6)
