@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from armu_jax import outputs, sharding
+from armu_jax import outputs, sharding, stats
 from armu_jax.cache import ProcessCache
 from armu_jax.config import RunConfig, from_flagfile
 from armu_jax.data import read_corpus, shuffled, tokenize
@@ -221,10 +221,12 @@ def attack_texts(cfg: RunConfig, target: AttackedRun) -> dict:
 
 
 def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, nll_tokens: int = 128,
-                known: dict | None = None, cache: ProcessCache | None = None) -> tuple[dict, dict, dict]:
+                known: dict | None = None, cache: ProcessCache | None = None,
+                records: dict | None = None) -> tuple[dict, dict, dict]:
     """Evaluate the original and unlearned models (unless `known` has them), then each attack and
     control, with one scorer (the cache's, for the original's shapes). Returns (results, relearning
-    losses, arrays)."""
+    losses, arrays); `records`, when given, gets {model: its per-question records} of every model it
+    evaluates (the known models' records may be in it already)."""
     from armu_jax.evaluate import EvalSpec, evaluate_tasks
     from armu_jax.model import parse_dtype
     cache = cache or ProcessCache()
@@ -240,7 +242,11 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
 
     def evaluate(name: str, variables: dict) -> dict:
         print(f"evaluating: {name}")
-        return _flat(evaluate_tasks(scorer, variables, tasks, nll_tokens=nll_tokens))
+        samples: list[dict] = []
+        flat = _flat(evaluate_tasks(scorer, variables, tasks, nll_tokens=nll_tokens, samples=samples))
+        if records is not None:
+            records[name] = samples
+        return flat
 
     results = dict(known or {})
     for name, variables in (("original", original), ("unlearned", unlearned)):
@@ -283,9 +289,12 @@ def attack_cli(cfg: RunConfig) -> None:
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
     texts = attack_texts(cfg, target)
     began = time.time()
-    results, losses, arrays = run_attacks(cfg, target, tasks, texts, cfg.eval_nll_tokens)
-    report = make_report(cfg, target, results, losses, texts, time.time() - began)
+    records: dict[str, list[dict]] = {}
+    results, losses, arrays = run_attacks(cfg, target, tasks, texts, cfg.eval_nll_tokens, records=records)
+    report = make_report(cfg, target, results, losses, texts, time.time() - began, records)
     outputs.write_json(out / "attack.json", report)
+    from armu_jax.evaluate import write_samples
+    write_samples(out / "samples.jsonl", [{"model": name, **r} for name, recs in records.items() for r in recs])
     for name, array in arrays.items():
         outputs.write_npy(out / f"{name}.npy", array)
     outputs.write_text(out / "attack.md", format_report(report) + "\n")
@@ -294,9 +303,14 @@ def attack_cli(cfg: RunConfig) -> None:
     print(f"wrote {out / 'attack.json'}, {out / 'attack.md'}, {out / 'attack.png'}")
 
 
-def recovery(results: dict) -> dict:
+def recovery(results: dict, records: dict | None = None) -> dict:
     """{attack: {task: {acc, nll?}}}: the recovered fraction of each attack on the unlearned model
-    (controls and the two reference models left out)."""
+    (controls and the two reference models left out). With the models' per-question records: acc_ci and
+    nll_ci, the 95% bootstrap interval of the fraction (questions resampled together across the three
+    models), and acc_vs_unlearned / nll_vs_unlearned, the paired test of attacked against unlearned
+    (compare.paired: McNemar's exact test for accuracy)."""
+    from armu_jax import compare
+    have = records is not None and {"original", "unlearned"} <= set(records)
     out = {}
     for name, res in results.items():
         if name in ("original", "unlearned") or name.startswith("control"):
@@ -304,19 +318,30 @@ def recovery(results: dict) -> dict:
         out[name] = {}
         for task, r in res.items():
             o, u = results["original"][task], results["unlearned"][task]
-            out[name][task] = {"acc": recovered(o["acc"], u["acc"], r["acc"], 1.0 / r["n"]),
-                               **({"nll": recovered(o["nll"], u["nll"], r["nll"], 0.01)} if "nll" in r else {})}
+            entry = {"acc": recovered(o["acc"], u["acc"], r["acc"], 1.0 / r["n"]),
+                     **({"nll": recovered(o["nll"], u["nll"], r["nll"], 0.01)} if "nll" in r else {})}
+            if have and name in records:
+                for metric, resolution in (("acc", 1.0 / r["n"]), ("nll", 0.01)):
+                    if metric not in entry:
+                        continue
+                    scores = [compare.matrix([records[m]], [task], metric) for m in ("original", "unlearned", name)]
+                    if entry[metric] is not None and len({len(w) for _, w, _ in scores}) == 1:
+                        entry[f"{metric}_ci"] = list(stats.bootstrap_recovered(
+                            *(v[0] for v, _, _ in scores), scores[0][1], resolution))
+                    entry[f"{metric}_vs_unlearned"] = compare.paired([records[name]], [records["unlearned"]], [task], metric)
+            out[name][task] = entry
     return out
 
 
-def make_report(cfg: RunConfig, target: AttackedRun, results: dict, losses: dict, texts: dict, seconds: float) -> dict:
+def make_report(cfg: RunConfig, target: AttackedRun, results: dict, losses: dict, texts: dict, seconds: float,
+                records: dict | None = None) -> dict:
     settings = {k: getattr(cfg, k) for k in ("attacks", "ablate_k", "relearn_texts", "relearn_steps", "relearn_lr",
                                               "relearn_weight_decay", "relearn_params", "relearn_max_len", "attack_seed",
                                               "eval_tasks", "eval_limit", "dtype", "attack_controls")}
     settings["relearn_layers"] = list(cfg.relearn_layers or target.cfg.update_layer_ids)
     return {"run_dir": str(target.dir), "original_model": str(target.original), "unlearned_model": str(target.unlearned),
             "method": target.cfg.method, "layer_id": target.cfg.layer_id, "settings": settings,
-            "results": results, "recovery": recovery(results), "relearn_losses": losses,
+            "results": results, "recovery": recovery(results, records), "relearn_losses": losses,
             "relearn_texts": texts, "seconds": round(seconds, 1)}
 
 
@@ -329,8 +354,16 @@ def _cell(r: dict) -> str:
     return f"{100 * r['acc']:.1f} / {r['nll']:.3f}" if "nll" in r else f"{100 * r['acc']:.1f} / -"
 
 
-def _fraction(value) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
+def _fraction(value, ci=None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+
+
+def _versus(frac: dict) -> str:
+    """attacked - unlearned, paired: accuracy points and p."""
+    r = frac.get("acc_vs_unlearned")
+    return "-" if r is None else f"{100 * r['diff']:+.1f}, p={r['p']:.2g}"
 
 
 def format_report(report: dict) -> str:
@@ -338,12 +371,16 @@ def format_report(report: dict) -> str:
     lines = [f"Attacks on {report['unlearned_model']} ({report['method']}, layer {report['layer_id']}); "
              f"relearning: {s['relearn_texts']} texts, {s['relearn_steps']} steps, lr {s['relearn_lr']}, "
              f"params {','.join(s['relearn_params'])}. Cells: acc (%) / NLL per token.", "",
-             "| attack | task | original | unlearned | attacked | recovered acc / NLL |", "|---|---|---|---|---|---|"]
+             "Recovered: (attacked - unlearned) / (original - unlearned) [95% bootstrap interval over questions]; "
+             "attacked - unlearned: paired on the same questions (McNemar's exact test).", "",
+             "| attack | task | original | unlearned | attacked | recovered acc / NLL | attacked - unlearned acc (pts), p |",
+             "|---|---|---|---|---|---|---|"]
     for name, per_task in report["recovery"].items():
         for task, frac in per_task.items():
             lines.append(f"| {name} | {task} | {_cell(results['original'][task])} | "
                          f"{_cell(results['unlearned'][task])} | {_cell(results[name][task])} | "
-                         f"{_fraction(frac['acc'])} / {_fraction(frac.get('nll'))} |")
+                         f"{_fraction(frac['acc'], frac.get('acc_ci'))} / {_fraction(frac.get('nll'), frac.get('nll_ci'))} | "
+                         f"{_versus(frac)} |")
     controls = [n for n in results if n.startswith("control")]
     if controls:
         lines += ["", "| control | task | original | after | change acc (pts) / NLL | noise (2 s.e., pts) |",

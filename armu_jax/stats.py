@@ -14,6 +14,8 @@
   mean difference, which is McNemar's exact test again when every difference is -1, 0 or +1. Exact
   enumeration up to 20 non-zero differences, else 20,000 seeded sign flips. The interval is the
   paired percentile bootstrap over questions.
+- A recovered fraction (attacked - unlearned) / (original - unlearned): the bootstrap over questions,
+  the three models' scores resampled together (`bootstrap_recovered`).
 - Several layers tested at once: Holm's step-down correction (`holm`).
 
 Every bootstrap uses a fixed seed (the numbers are reproducible run to run) and B = 2,000 resamples.
@@ -98,6 +100,26 @@ def bootstrap_seeds(scores, weights=None, resamples: int = RESAMPLES, seed: int 
         seeds = rng.integers(0, k, k) if k > 1 else np.zeros(1, int)
         means[b] = scores[seeds][:, rng.integers(0, n, n)].mean()
     return _percentiles(means)
+
+
+def bootstrap_recovered(original, unlearned, attacked, weights=None, resolution: float = 0.0,
+                        resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    """Percentile bootstrap of the recovered fraction (mean(attacked) - mean(unlearned)) / (mean(original)
+    - mean(unlearned)) over the same items (per-question scores of the three models, resampled together;
+    optional per-item weights). Resamples whose gap is under `resolution` are left out (the fraction is
+    undefined there); NaNs when most are."""
+    o, u, a = (np.asarray(x, np.float64) for x in (original, unlearned, attacked))
+    w = np.ones_like(o) if weights is None else np.asarray(weights, np.float64)
+    if o.size == 0:
+        return (float("nan"), float("nan"))
+    index = _rng(seed).integers(0, o.size, (resamples, o.size))
+    ww = w[index]
+    mean = lambda x: (x[index] * ww).sum(axis=1) / ww.sum(axis=1)
+    gap = mean(o) - mean(u)
+    keep = np.abs(gap) >= max(resolution, 1e-12)
+    if keep.mean() < 0.5:
+        return (float("nan"), float("nan"))
+    return _percentiles(((mean(a) - mean(u))[keep]) / gap[keep])
 
 
 def interval(scores) -> tuple[float, float]:

@@ -118,24 +118,37 @@ ATTACK_SETTINGS = dict(mode="attack", attacks=["ablate_u", "relearn_forget"], re
 ATTACK_NOTE = "u ablated after layer l; relearning: 10 unused forget-topic texts, 3 AdamW steps at lr 3e-5"
 
 
-def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str, limit: int) -> dict:
-    """The demo's attacks on one run, scored on demo_bio (original and unlearned scores reused)."""
+def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str, limit: int, records: dict) -> dict:
+    """The demo's attacks on one run, scored on demo_bio (original and unlearned scores and records reused):
+    the recovered fractions with their bootstrap intervals, and attacked vs unlearned paired."""
     from armu_jax.attack import AttackedRun, attack_texts, recovery, run_attacks
     cfg = config_with(**ATTACK_SETTINGS)
     target = AttackedRun(str(run_dir))
     tasks = load_tasks(["demo_bio"], limit)
     known = {"original": {"demo_bio": results["original"]["demo_bio"]}, "unlearned": {"demo_bio": results[name]["demo_bio"]}}
-    scores, _, _ = run_attacks(cfg, target, tasks, attack_texts(cfg, target), NLL_TOKENS, known, cache)
-    fractions = recovery(scores)
-    return {attack: {**scores[attack]["demo_bio"], "recovered_acc": fractions[attack]["demo_bio"]["acc"],
-                     "recovered_nll": fractions[attack]["demo_bio"]["nll"]} for attack in ATTACK_SETTINGS["attacks"]}
+    mine = {"original": records["original"], "unlearned": records[name]}
+    scores, _, _ = run_attacks(cfg, target, tasks, attack_texts(cfg, target), NLL_TOKENS, known, cache, mine)
+    fractions = recovery(scores, mine)
+    out = {}
+    for attack in ATTACK_SETTINGS["attacks"]:
+        f = fractions[attack]["demo_bio"]
+        out[attack] = {**scores[attack]["demo_bio"], "recovered_acc": f["acc"], "recovered_nll": f["nll"],
+                       "recovered_acc_ci": f.get("acc_ci"), "recovered_nll_ci": f.get("nll_ci"),
+                       "vs_unlearned": f.get("acc_vs_unlearned")}
+    return out
 
 
 def format_attacks(attacks: dict) -> str:
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-    rows = [[model, attack, f"{100 * r['acc']:.1f} / {r['nll']:.3f}", f"{pct(r['recovered_acc'])} / {pct(r['recovered_nll'])}"]
+    def pct(v, ci=None):
+        if v is None:
+            return "-"
+        return f"{100 * v:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci and ci[0] == ci[0] else "")
+    rows = [[model, attack, f"{100 * r['acc']:.1f} / {r['nll']:.3f}",
+             f"{pct(r['recovered_acc'], r.get('recovered_acc_ci'))} / {pct(r['recovered_nll'], r.get('recovered_nll_ci'))}",
+             compare.fmt_paired(r.get("vs_unlearned"))]
             for model, per_attack in attacks.items() for attack, r in per_attack.items()]
-    return outputs.markdown_table(["model", "attack", "bio acc / NLL", "recovered acc / NLL"], rows)
+    return outputs.markdown_table(["model", "attack", "bio acc / NLL", "recovered acc / NLL [95% CI]",
+                                   "attacked - unlearned acc (pts) [95% CI], p"], rows)
 
 
 def main(argv=None) -> int:
@@ -182,7 +195,7 @@ def main(argv=None) -> int:
         results[name] = evaluate(name, cache.params(run_dir / "hf", "float32", mesh))
 
     print(f"[5/5] attacks on the forgotten biology: {ATTACK_NOTE}")
-    attacks = {name: attack_results(run_dir, cache, results, name, args.limit) for name, run_dir in
+    attacks = {name: attack_results(run_dir, cache, results, name, args.limit, records) for name, run_dir in
                (("rmu", rmu), ("adaptive_rmu", adaptive))}
 
     lm_eval_scores = {}

@@ -11,6 +11,7 @@ from armu_jax.attack import AttackedRun, ablation_variables, attack_cli, plot_re
 from armu_jax.config import config_with
 from armu_jax.data import load_tokenizer, read_corpus
 from armu_jax.errors import UserError
+from armu_jax.evaluate import read_samples
 from armu_jax.hf_io import load_hf
 from armu_jax.model import LlamaForCausalLM
 from armu_jax.params import flatten, path_to_hf_key
@@ -153,6 +154,16 @@ def test_attack_mode_end_to_end(unlearned_run, tmp_path):
             o, u, a = (results[k][task]["nll"] for k in ("original", "unlearned", attack))
             if fraction["nll"] is not None:
                 assert fraction["nll"] == pytest.approx((a - u) / (o - u))
+                low, high = fraction["nll_ci"]  # the bootstrap over texts holds the point
+                assert low <= fraction["nll"] <= high
+            versus = fraction["acc_vs_unlearned"]  # paired on the same questions
+            assert versus["test"] == "mcnemar_exact" and versus["diff"] == pytest.approx(
+                results[attack][task]["acc"] - results["unlearned"][task]["acc"])
+    # a record per question (and text) per model, whose means are the reported accuracies
+    samples = read_samples(report_dir / "samples.jsonl")
+    for name in results:
+        mine = [r for r in samples if r["model"] == name and r.get("type") != "nll"]
+        assert len(mine) == 6 and np.mean([r["acc"] for r in mine]) == pytest.approx(results[name]["demo_bio"]["acc"])
     assert len(report["relearn_texts"]["forget"]) == 4 and len(report["relearn_texts"]["retain"]) == 4
     used = AttackedRun(str(out)).texts_used(0)  # relearning texts are ones the run did not train on
     assert not set(report["relearn_texts"]["forget"]) & set(read_corpus("demo:bio")[:used])

@@ -88,3 +88,18 @@ def test_pooled_score_is_the_mean_of_task_means_and_seeds_average_per_question()
     per_question = np.mean([[r["acc"] for r in s] for s in seeds], axis=0)
     assert versus["diff"] == pytest.approx(float((per_question - big).mean()))
     assert versus["test"] == "sign_flip" and 0 < versus["p"] <= 1
+
+
+def test_recovered_fraction_interval_holds_the_point_and_widens_with_noise():
+    rng = np.random.default_rng(2)
+    n = 200
+    original = (rng.random(n) < 0.7).astype(float)
+    unlearned = original * (rng.random(n) < 0.4)  # most right answers lost
+    attacked = np.where(rng.random(n) < 0.5, original, unlearned)  # about half of them back
+    point = (attacked.mean() - unlearned.mean()) / (original.mean() - unlearned.mean())
+    low, high = stats.bootstrap_recovered(original, unlearned, attacked)
+    assert low < point < high and 0.2 < point < 0.8
+    half = slice(0, 50)
+    low_small, high_small = stats.bootstrap_recovered(original[half], unlearned[half], attacked[half])
+    assert high_small - low_small > high - low  # fewer questions: a wider interval
+    assert all(np.isnan(stats.bootstrap_recovered(original, original, original)))  # no gap: undefined
