@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs
+from armu_jax import outputs, stats
 from armu_jax.config import RunConfig
 from armu_jax.data import load_tokenizer, read_corpus, tokenize
 from armu_jax.model import DecoderLayer, LlamaForCausalLM, parse_dtype
@@ -63,7 +63,11 @@ def corpus_profile(model: LlamaForCausalLM, params, tokenizer, texts: list[str],
     std = np.sqrt(np.maximum(r["sum_sq"].sum(1) / tokens - mean_token ** 2, 0.0))
     has_skip = r["count_skip"] > 0
     return {"mean": per_text.mean(1).tolist(),
+            "mean_ci": [list(stats.bootstrap_mean(p)) for p in per_text],
             "mean_skip_first": [float(p[h].mean()) if h.any() else None for p, h in zip(per_text_skip, has_skip)],
+            "mean_skip_first_ci": [list(stats.bootstrap_mean(p[h])) if h.any() else None
+                                   for p, h in zip(per_text_skip, has_skip)],
+            "text_spread": per_text.std(1).tolist(),
             "std": std.tolist(), "texts": len(texts), "tokens": int(tokens[0])}
 
 
@@ -99,20 +103,30 @@ def norms_cli(cfg: RunConfig) -> None:
 def format_norms(report: dict) -> str:
     names = list(report["corpora"])
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
-    rows = [[layer] + [" / ".join(fmt(p[k][layer]) for k in ("mean", "mean_skip_first", "std", "coeff"))
+
+    def with_ci(p, key, layer):
+        ci = (p.get(f"{key}_ci") or [None] * (layer + 1))[layer]
+        return fmt(p[key][layer]) + (f" [{ci[0]:.1f}-{ci[1]:.1f}]" if ci else "")
+    rows = [[layer] + [" / ".join([with_ci(p, "mean", layer), with_ci(p, "mean_skip_first", layer),
+                                   fmt(p["std"][layer]), fmt(p["coeff"][layer])])
                        for p in report["corpora"].values()]
             for layer in range(len(next(iter(report["corpora"].values()))["mean"]))]
     table = outputs.markdown_table(["layer"] + [f"{n} norm / w/o first / spread / coeff" for n in names], rows)
     return (f"Mean token norm of each layer's output (beta = {report['beta']}; coeff = beta x "
-            f"{'norm without the first token' if report['norm_skip_first'] else 'norm'}).\n\n" + table)
+            f"{'norm without the first token' if report['norm_skip_first'] else 'norm'}). [95% interval]: the "
+            "bootstrap over texts of the mean of per-text norms; spread: the standard deviation of token norms "
+            "(norms.json also has text_spread, the standard deviation of the per-text means).\n\n" + table)
 
 
 def plot_norms(path: Path, report: dict) -> list[dict]:
-    """norm vs layer, a line per corpus (all tokens, and without the first); returns what is drawn."""
+    """norm vs layer, a line per corpus (all tokens with its 95% interval over texts, and without the first);
+    returns what is drawn."""
     fig, ax = outputs.figure(figsize=(8, 4.5))
     for k, (name, p) in enumerate(report["corpora"].items()):
         layers = range(len(p["mean"]))
         ax.plot(layers, p["mean"], color=f"C{k}", label=f"{name}: all tokens")
+        if p.get("mean_ci"):
+            outputs.errorbars(ax, list(layers), p["mean"], p["mean_ci"], f"C{k}", f"{name}: all tokens")
         ax.plot(layers, [np.nan if v is None else v for v in p["mean_skip_first"]], "--", color=f"C{k}",
                 label=f"{name}: without the first")
     ax.set_xlabel("layer")

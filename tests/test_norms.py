@@ -32,8 +32,13 @@ def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, tiny_llama):
         assert len(corpus["mean"]) == 4 and corpus["texts"] == 4
         assert set(report["corpora"]) == {"demo:bio", "demo:cyber", "demo:retain"}
         assert np.all(np.array(corpus["std"]) > 0)
+        for layer, (low, high) in enumerate(corpus["mean_ci"]):  # the interval over texts holds the mean
+            assert low <= corpus["mean"][layer] <= high and high > low
+        assert np.all(np.array(corpus["text_spread"]) > 0)
         (panel,) = plot_norms(tmp_path / "again.png", report)  # the figure: each corpus's profile by layer
         assert panel["lines"][f"{['demo:bio', 'demo:cyber'][topic]}: all tokens"] == (
             [0.0, 1.0, 2.0, 3.0], corpus["mean"])
+        name = f"{['demo:bio', 'demo:cyber'][topic]}: all tokens"
+        assert np.allclose(panel["errorbars"][name], corpus["mean_ci"])
         assert set(panel["lines"]) == {f"{c}: {w}" for c in report["corpora"] for w in ("all tokens", "without the first")}
         assert "| 2 |" in (profile_dir / "norms.md").read_text()
