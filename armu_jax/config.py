@@ -113,8 +113,8 @@ class RunConfig:
     overwrite: bool = setting("output", "bool", False, "Delete a non-empty --output_dir and start afresh.")
     seeds: int = setting("output", "int", 1, "Runs per setting: K runs whose control vectors are drawn with --seed, "
                          "--seed+1, ... (and data orders with --data_seed+k when it is given): a run writes "
-                         "<output_dir>/seed_<s>/ each, a sweep's cells and a tune's trials are K runs, reported as the "
-                         "mean with an interval over seeds and questions.", bound=">=1")
+                         "<output_dir>/seed_<s>/ each, a sweep runs every cell K times, reported as the mean with an "
+                         "interval over seeds and questions (--mode=train and --mode=sweep only).", bound=">=1")
     log_every: int = setting("output", "int", 1, "Print/log metrics every N steps.", bound=">=1")
     export: bool = setting("output", "bool", True, "Write the final HF export to <output_dir>/hf.")
     profile_start_step: int = setting("output", "int", -1, "Start an XLA profiler trace at this step (-1: off).", bound=">=-1")
@@ -419,6 +419,9 @@ def check_evaluation(cfg: RunConfig) -> None:
 
 
 def check_output(cfg: RunConfig) -> None:
+    if cfg.seeds > 1 and cfg.mode not in ("train", "sweep"):
+        raise UserError(f"--seeds={cfg.seeds} applies to --mode=train and --mode=sweep only (--mode={cfg.mode} runs "
+                        "once); to confirm a tune's best setting over seeds, run it with --mode=sweep --seeds=K")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     from armu_jax import storage

@@ -93,3 +93,11 @@ def test_seeds_change_the_control_vectors_and_nothing_else(tmp_path, tiny_llama)
     run(config_with(**run_settings(tiny_llama, max_num_batches=3, seed=43, export=False, output_dir=str(alone))))
     assert np.array_equal(np.load(alone / "control_vectors.npy"), ub)
     assert [m["loss"] for m in read_metrics(alone)] == pytest.approx([m["loss"] for m in mb], rel=1e-6)
+
+
+def test_seeds_is_refused_where_it_would_be_ignored():
+    from armu_jax.errors import UserError
+    for mode in ("tune", "eval", "attack"):
+        with pytest.raises(UserError, match=f"--seeds=3 applies to --mode=train and --mode=sweep only .--mode={mode}"):
+            config_with(mode=mode, seeds=3)
+    assert config_with(mode="sweep", seeds=3, output_dir="runs/x").seeds == 3
