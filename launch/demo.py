@@ -69,7 +69,7 @@ def paired_table(records: dict) -> str:
     return outputs.markdown_table(["comparison", "topic", "acc (points) [95% CI], p", "NLL [95% CI], p"], rows)
 
 
-def plot(path: Path, results: dict, curves: dict) -> list[dict]:
+def plot(path: Path, results: dict, curves: dict, topic_names=()) -> list[dict]:
     """Accuracy and NLL per topic and model with 95% intervals, and both runs' losses (a line per topic);
     returns what is drawn."""
     fig, axes = outputs.figure(1, 3, figsize=(16, 4.5))
@@ -97,12 +97,13 @@ def plot(path: Path, results: dict, curves: dict) -> list[dict]:
     styles = ("-", ":", "-.", (0, (5, 1)))
     for name, metrics in curves.items():
         later = [m for m in metrics if m["step"] > 0]  # step 0's retain loss is 0: the models are equal
-        for j, topic in enumerate(dict.fromkeys(m.get("topic", 0) for m in later)):
+        for j, topic in enumerate(sorted({m.get("topic", 0) for m in later})):
             mine = [m for m in later if m.get("topic", 0) == topic]
+            label = topic_names[topic] if topic < len(topic_names) else f"topic {topic}"
             axes[2].plot([m["step"] for m in mine], [m["forget_loss"] for m in mine], linestyle=styles[j % 4],
-                         color=colors[name], linewidth=1, label=f"{name} forget, topic {topic}")
+                         color=colors[name], linewidth=1, label=f"{name} forget, {label}")
             axes[2].plot([m["step"] for m in mine], [m["retain_loss"] for m in mine], linestyle=styles[j % 4],
-                         color=colors[name], linewidth=0.6, alpha=0.5, label=f"{name} retain, topic {topic}")
+                         color=colors[name], linewidth=0.6, alpha=0.5, label=f"{name} retain, {label}")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("step (topics alternate)")
     axes[2].set_title("losses per topic (forget: MSE to c*u, bold; retain: alpha*MSE to frozen, faint)")
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
         write_samples(out / f"samples_{name}.jsonl", recs)
     outputs.write_json(out / "results.json", {"native": results, "lm_eval": lm_eval_scores, "attacks": attacks,
                                               "rmu_coeff": coeff, "seconds": seconds})
-    plot(out / "report.png", results, curves)
+    plot(out / "report.png", results, curves, from_flagfile(flagfile).forget_corpora)
     print("\n".join(text))
     print(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
     return 0
