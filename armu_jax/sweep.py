@@ -384,14 +384,22 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
     """The sweep's directory: new, or one holding this sweep (its sweep_flags.txt agrees on the training
     settings; the --sweep_* flags may change). Returns the flagfile's path; nothing is written."""
     saved = out / "sweep_flags.txt"
+    if not saved.is_file():  # a new sweep: the directory must be new or empty
+        try:
+            outputs.claim(out, ignore=(".lock", "study.db", "study.db.lock"), hint="it holds no sweep; choose a new directory")
+        except UserError:
+            # --tune_storage: a worker started with the same command may be writing this sweep's flags now
+            deadline = time.time() + (10 if cfg.tune_storage else 0)
+            while not saved.is_file() and time.time() < deadline:
+                time.sleep(0.1)
+            if not saved.is_file():
+                raise
     if saved.is_file():
         changed = differences(from_flagfile(saved), cfg)
         if changed and not cfg.allow_flag_changes:
             raise UserError(f"{out} holds a sweep with other settings: " + "; ".join(changed) + "; rerun with "
                             f"--flagfile={saved} (the --sweep_* flags may change), choose a new --output_dir, "
                             "or add --allow_flag_changes")
-    else:  # a new sweep: the directory must be new or empty
-        outputs.claim(out, ignore=(".lock", "study.db", "study.db.lock"), hint="it holds no sweep; choose a new directory")
     return saved
 
 
