@@ -325,7 +325,7 @@ def recovery(results: dict, records: dict | None = None) -> dict:
                     if metric not in entry:
                         continue
                     scores = [compare.matrix([records[m]], [task], metric) for m in ("original", "unlearned", name)]
-                    if entry[metric] is not None and len({len(w) for _, w, _ in scores}) == 1:
+                    if entry[metric] is not None and scores[0][2] == scores[1][2] == scores[2][2]:  # same items
                         entry[f"{metric}_ci"] = list(stats.bootstrap_recovered(
                             *(v[0] for v, _, _ in scores), scores[0][1], resolution))
                     entry[f"{metric}_vs_unlearned"] = compare.paired([records[name]], [records["unlearned"]], [task], metric)
@@ -354,10 +354,11 @@ def _cell(r: dict) -> str:
     return f"{100 * r['acc']:.1f} / {r['nll']:.3f}" if "nll" in r else f"{100 * r['acc']:.1f} / -"
 
 
-def _fraction(value, ci=None) -> str:
+def fraction_text(value, ci=None) -> str:
+    """"25% [10, 40]" of a recovered fraction and its interval ("-": undefined; no interval when it is)."""
     if value is None:
         return "-"
-    return f"{100 * value:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
+    return f"{100 * value:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci and ci[0] == ci[0] else "")
 
 
 def _versus(frac: dict) -> str:
@@ -379,7 +380,7 @@ def format_report(report: dict) -> str:
         for task, frac in per_task.items():
             lines.append(f"| {name} | {task} | {_cell(results['original'][task])} | "
                          f"{_cell(results['unlearned'][task])} | {_cell(results[name][task])} | "
-                         f"{_fraction(frac['acc'], frac.get('acc_ci'))} / {_fraction(frac.get('nll'), frac.get('nll_ci'))} | "
+                         f"{fraction_text(frac['acc'], frac.get('acc_ci'))} / {fraction_text(frac.get('nll'), frac.get('nll_ci'))} | "
                          f"{_versus(frac)} |")
     controls = [n for n in results if n.startswith("control")]
     if controls:

@@ -140,10 +140,7 @@ def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str,
 
 
 def format_attacks(attacks: dict) -> str:
-    def pct(v, ci=None):
-        if v is None:
-            return "-"
-        return f"{100 * v:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci and ci[0] == ci[0] else "")
+    from armu_jax.attack import fraction_text as pct
     rows = [[model, attack, f"{100 * r['acc']:.1f} / {r['nll']:.3f}",
              f"{pct(r['recovered_acc'], r.get('recovered_acc_ci'))} / {pct(r['recovered_nll'], r.get('recovered_nll_ci'))}",
              compare.fmt_paired(r.get("vs_unlearned"))]
