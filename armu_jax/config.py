@@ -113,8 +113,9 @@ class RunConfig:
     overwrite: bool = setting("output", "bool", False, "Delete a non-empty --output_dir and start afresh.")
     seeds: int = setting("output", "int", 1, "Runs per setting: K runs whose control vectors are drawn with --seed, "
                          "--seed+1, ... (and data orders with --data_seed+k when it is given): a run writes "
-                         "<output_dir>/seed_<s>/ each, a sweep runs every cell K times, reported as the mean with an "
-                         "interval over seeds and questions (--mode=train and --mode=sweep only).", bound=">=1")
+                         "<output_dir>/seed_<s>/ each, a sweep runs every cell K times and a tune's trial is K runs, "
+                         "reported as the mean with an interval over seeds and questions (--mode=train, sweep and "
+                         "tune only).", bound=">=1")
     log_every: int = setting("output", "int", 1, "Print/log metrics every N steps.", bound=">=1")
     export: bool = setting("output", "bool", True, "Write the final HF export to <output_dir>/hf.")
     profile_start_step: int = setting("output", "int", -1, "Start an XLA profiler trace at this step (-1: off).", bound=">=-1")
@@ -419,9 +420,9 @@ def check_evaluation(cfg: RunConfig) -> None:
 
 
 def check_output(cfg: RunConfig) -> None:
-    if cfg.seeds > 1 and cfg.mode not in ("train", "sweep"):
-        raise UserError(f"--seeds={cfg.seeds} applies to --mode=train and --mode=sweep only (--mode={cfg.mode} runs "
-                        "once); to confirm a tune's best setting over seeds, run it with --mode=sweep --seeds=K")
+    if cfg.seeds > 1 and cfg.mode not in ("train", "sweep", "tune"):
+        raise UserError(f"--seeds={cfg.seeds} applies to --mode=train, sweep and tune only (--mode={cfg.mode} "
+                        "scores one model)")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     from armu_jax import storage

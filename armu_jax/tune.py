@@ -21,6 +21,11 @@ reported from half of the run on (RMU's forget loss stays flat, then breaks thro
 the run the NLL tells trials apart by noise); a trial in the worst quarter of the others at that
 step stops (PercentilePruner).
 
+Seeds: with --seeds=K a trial is K runs of its settings (control vectors drawn with --seed, --seed+1, ...;
+in trials/NNNN/seed_<s>/), scored as the mean over them (each task's accuracy and NLL averaged; the
+intervals of the chosen trial's test scores a two-way bootstrap over seeds and questions). Pruning
+watches the first seed only: a trial it stops runs no other seed. The time constraint is one run's.
+
 Workers: the same command in N processes (terminals, a SLURM array: launch/slurm.py --tune_workers)
 makes N workers of one study in --tune_storage (default SQLite in the output directory). Each
 trial runs once: a worker takes a trial only while the study's running and finished trials are
@@ -290,7 +295,8 @@ def identity(cfg: RunConfig, dims: list[Dimension]) -> dict:
             "objective": {"retain_budget": parse_budget(cfg.tune_retain_budget),
                           "max_trial_seconds": cfg.tune_max_trial_seconds, "eval_tasks": list(cfg.eval_tasks),
                           "eval_limit": cfg.eval_limit, "eval_nll_tokens": cfg.eval_nll_tokens,
-                          "prune_every": cfg.tune_prune_every, "trials_split": "validation"},
+                          "prune_every": cfg.tune_prune_every, "trials_split": "validation",
+                          **({"seeds": cfg.seeds} if cfg.seeds > 1 else {})},
             "fixed": fixed}
 
 
@@ -340,6 +346,38 @@ def trial_config(cfg: RunConfig, dims: list[Dimension], params: dict, directory)
         changes["update_layer_ids"] = tuple(changes["layer_id"] + o for o in offsets if changes["layer_id"] + o >= 0)
     return dataclasses.replace(cfg, mode="train", output_dir=str(directory), resume=False, overwrite=False,
                                allow_flag_changes=False, export=False, eval_every=0, **changes)
+
+
+def seed_runs(trial_cfg: RunConfig) -> list[RunConfig]:
+    """A trial's runs: itself (--seeds=1), or its --seeds runs in <trial dir>/seed_<s>/ (as --mode=train
+    --seeds=K writes them, so best.flags reproduces every one)."""
+    from armu_jax.config import seed_configs
+    if trial_cfg.seeds == 1:
+        return [trial_cfg]
+    return [dataclasses.replace(c, output_dir=str(Path(trial_cfg.output_dir) / f"seed_{c.seed}"))
+            for c in seed_configs(trial_cfg)]
+
+
+def mean_results(per_seed: list[dict], samples: list[list[dict]]) -> dict:
+    """The evaluator's results of K seeds' runs as one: each task's acc, acc_norm and NLL the mean over the
+    seeds, their intervals the two-way bootstrap over seeds and questions (compare.score) of the seeds'
+    records. One seed: its results as they are."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    from armu_jax import compare
+    out = {}
+    for task, first in per_seed[0].items():
+        merged = {k: first[k] for k in ("n", "role", "chance", "nll_n") if k in first}
+        for metric in ("acc", "acc_norm", "nll"):
+            if metric not in first:
+                continue
+            merged[metric] = float(np.mean([r[task][metric] for r in per_seed]))
+            pooled = compare.score(samples, [task], metric)
+            if pooled is not None:
+                merged[f"{metric}_ci"] = pooled["ci"]
+        merged["seeds"] = len(per_seed)
+        out[task] = merged
+    return out
 
 
 def summary(results: dict, original: dict) -> dict:
@@ -494,13 +532,22 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
     began = time.time()
     try:
         validate(trial_cfg, runner.run_context.model_cfg)
-        measured, _ = runner.run(trial_cfg, prune)
-        s = summary(measured["results"], original)
-        run_seconds = _run_seconds(directory)
+        runs = seed_runs(trial_cfg)
+        measured = []
+        for k, seeded in enumerate(runs):  # pruned on the first seed: the others run only for a trial that survives it
+            if len(runs) > 1:
+                bar.write(f"trial {trial.number}: seed {seeded.seed} ({k + 1} of {len(runs)})")
+            measured.append(runner.run(seeded, prune if k == 0 else None)[0])
+        results = mean_results([m["results"] for m in measured], [m["samples"] for m in measured])
+        s = summary(results, original)
+        run_seconds = float(np.mean([_run_seconds(Path(seeded.output_dir)) for seeded in runs]))  # one run's time
         cons = constraints(cfg, s, run_seconds)
-        for key, value in {**s, "results": measured["results"], "run_seconds": round(run_seconds, 2),
-                           "seconds": measured["seconds"], "train_seconds": measured["train_seconds"],
-                           "eval_seconds": measured["eval_seconds"], "constraints": cons}.items():
+        total = lambda key: round(sum(m[key] for m in measured), 1)
+        per_seed = {"seed_results": [m["results"] for m in measured], "seeds": [seeded.seed for seeded in runs]} \
+            if len(runs) > 1 else {}
+        for key, value in {**s, "results": results, **per_seed, "run_seconds": round(run_seconds, 2),
+                           "seconds": total("seconds"), "train_seconds": total("train_seconds"),
+                           "eval_seconds": total("eval_seconds"), "constraints": cons}.items():
             trial.set_user_attr(key, value)
         for key, value in zip(constraint_keys(cfg), cons):  # Optuna 5's constraints: TPE reads them
             trial.set_constraint(key, value)
@@ -509,7 +556,8 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
         ok = all(c <= FEASIBLE_BELOW for c in cons)
         bar.write(f"trial {trial.number}: {_describe(trial.params)}: forget acc {100 * s['forget_acc']:.1f}, NLL "
                   f"{s['forget_nll_rise']:+.2f}; retain acc lost {s['retain_acc_lost'] or 0:.1f} pt"
-                  f"{'' if ok else ' (breaks the budget)'} ({measured['seconds']:.0f} s)")
+                  f"{'' if ok else ' (breaks the budget)'}{f' (mean of {len(runs)} seeds)' if len(runs) > 1 else ''} "
+                  f"({total('seconds'):.0f} s)")
     except Pruned as why:
         heartbeat.close()
         trial.set_user_attr("seconds", round(time.time() - began, 1))
@@ -609,7 +657,9 @@ def markdown(cfg, rows, dims, best, test: dict | None, original_test: dict | Non
     finished = [r for r in rows if r["state"] in ("complete", "pruned")]
     lines = [f"{len(finished)} trials ({sum(r['state'] == 'pruned' for r in rows)} pruned, "
              f"{sum(r['state'] == 'fail' for r in rows)} failed) over {', '.join(d.spec() for d in dims)}; "
-             f"scored on the validation split. Constraints: {', '.join(constraint_names(cfg)) or 'none'}.", ""]
+             f"scored on the validation split"
+             f"{f' (a trial: the mean of {cfg.seeds} runs, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}; pruned on the first)' if cfg.seeds > 1 else ''}. "
+             f"Constraints: {', '.join(constraint_names(cfg)) or 'none'}.", ""]
     pruned = [r for r in rows if r["state"] == "pruned" and r["steps"] and r["planned_steps"]]
     if pruned:
         planned = sum(r["planned_steps"] for r in rows if r["state"] in ("complete", "pruned") and r["planned_steps"])
@@ -629,10 +679,16 @@ def markdown(cfg, rows, dims, best, test: dict | None, original_test: dict | Non
     else:
         lines.append(f"Chosen: trial {best.number} ({_describe(best.params)}), best.flags.")
         if test:
-            head = ["task", "n", "original acc", "chosen acc", "original NLL", "chosen NLL"]
-            body = [[t, r["n"], pct(original_test[t]["acc"]), pct(r["acc"]), num(original_test[t].get("nll"), "{:.3f}"),
-                     num(r.get("nll"), "{:.3f}")] for t, r in test.items()]
-            lines += ["", "The chosen trial on the test split (no trial saw it):", "", outputs.markdown_table(head, body)]
+            from armu_jax.stats import fmt_ci
+            ci = lambda r, k, scale, f: "-" if r.get(k) is None else \
+                f"{f.format(scale * r[k])} [{fmt_ci(r.get(k + '_ci'), scale, 1 if scale == 100 else 3)}]"
+            head = ["task", "n", "original acc %", "chosen acc %", "original NLL", "chosen NLL"]
+            body = [[t, r["n"], ci(original_test[t], "acc", 100, "{:.1f}"), ci(r, "acc", 100, "{:.1f}"),
+                     ci(original_test[t], "nll", 1, "{:.3f}"), ci(r, "nll", 1, "{:.3f}")] for t, r in test.items()]
+            seeds = f", the mean of its {cfg.seeds} seeds" if cfg.seeds > 1 else ""
+            lines += ["", f"The chosen trial on the test split (no trial saw it){seeds}; [95% interval: "
+                      + ("two-way bootstrap over seeds and questions (texts for NLL)]:" if cfg.seeds > 1 else
+                         "Wilson for accuracy, bootstrap over texts for NLL]:"), "", outputs.markdown_table(head, body)]
     return "\n".join(lines)
 
 
@@ -697,12 +753,16 @@ def test_scores(cfg, dims, best, runner, out: Path) -> tuple[dict, dict]:
     run = runner.run_context
     frozen = truncate(runner.full, trial_cfg.layer_id)
     compiled = runner.cache.step(StepSpec.of(trial_cfg, run.model_cfg, run.mesh), frozen)
-    checkpointer = Checkpointer(storage.path(best.user_attrs["run_dir"]) / "checkpoints", trial_cfg.keep_checkpoints)
-    try:
-        state = checkpointer.restore(compiled.init(frozen), compiled.state_shardings)
-    finally:
-        checkpointer.close()
-    chosen = runner.evaluate(state["trainable"], tasks)
+    per_seed, samples = [], []
+    for seeded in seed_runs(trial_cfg):  # the chosen trial's every seed, averaged as on the validation split
+        checkpointer = Checkpointer(storage.path(seeded.output_dir) / "checkpoints", trial_cfg.keep_checkpoints)
+        try:
+            state = checkpointer.restore(compiled.init(frozen), compiled.state_shardings)
+        finally:
+            checkpointer.close()
+        samples.append([])
+        per_seed.append(runner.evaluate(state["trainable"], tasks, samples=samples[-1]))
+    chosen = mean_results(per_seed, samples)
     original = runner.evaluate(None, tasks)
     outputs.write_json(cached, {"trial": best.number, "chosen": chosen, "original": original})
     return chosen, original

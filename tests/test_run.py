@@ -97,7 +97,8 @@ def test_seeds_change_the_control_vectors_and_nothing_else(tmp_path, tiny_llama)
 
 def test_seeds_is_refused_where_it_would_be_ignored():
     from armu_jax.errors import UserError
-    for mode in ("tune", "eval", "attack"):
-        with pytest.raises(UserError, match=f"--seeds=3 applies to --mode=train and --mode=sweep only .--mode={mode}"):
+    for mode in ("eval", "attack", "lm_eval", "norms"):
+        with pytest.raises(UserError, match=f"--seeds=3 applies to --mode=train, sweep and tune only .--mode={mode}"):
             config_with(mode=mode, seeds=3)
     assert config_with(mode="sweep", seeds=3, output_dir="runs/x").seeds == 3
+    assert config_with(mode="tune", seeds=3, tune_space="beta:1:2", output_dir="runs/x").seeds == 3

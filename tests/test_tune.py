@@ -210,3 +210,37 @@ def test_space_and_budget_grammar():
     with pytest.raises(UserError, match="SQLite needs a POSIX"):
         config_with(**tune, tune_storage="sqlite:///x.db")
     assert storage_spec(config_with(**tune, tune_storage="postgresql://h/db")) == ("rdb", "postgresql://h/db")
+
+
+def test_seeds_make_a_trial_the_mean_of_its_runs(tmp_path, tiny_llama):
+    """--seeds=2: each trial is two runs side by side (trials/NNNN/seed_<s>/, control vectors of --seed and
+    --seed+1), scored as their mean; best.flags carries --seeds; the chosen trial's test scores average
+    both seeds' checkpoints."""
+    import json
+
+    import numpy as np
+    flags, out = _flagfile(tmp_path, tiny_llama, steps=4), tmp_path / "tune"
+    result = run_cli(f"--flagfile={flags}", "--mode=tune", "--tune_space=beta:1:10:log", f"--output_dir={out}",
+                     "--tune_trials=2", "--tune_prune_every=0", "--seeds=2", "--seed=7", env=ENV, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["identity"]["objective"]["seeds"] == 2
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 2
+    for t in complete:
+        trial_dir = out / "trials" / f"{t.number:04d}"
+        assert sorted(p.name for p in trial_dir.iterdir()) == ["seed_7", "seed_8"]
+        u7, u8 = (np.load(trial_dir / f"seed_{s}" / "control_vectors.npy") for s in (7, 8))
+        assert not np.allclose(u7, u8)
+        assert [len(read_metrics(trial_dir / f"seed_{s}")) for s in (7, 8)] == [4, 4]
+        per_seed, results = t.user_attrs["seed_results"], t.user_attrs["results"]
+        assert t.user_attrs["seeds"] == [7, 8] and len(per_seed) == 2
+        for task in ("demo_bio", "demo_retain"):
+            assert results[task]["acc"] == pytest.approx(np.mean([r[task]["acc"] for r in per_seed]))
+            assert results[task]["seeds"] == 2 and results[task]["acc_ci"][0] <= results[task]["acc"] <= results[task]["acc_ci"][1]
+        assert t.user_attrs["forget_acc"] == pytest.approx(results["demo_bio"]["acc"])
+    best = best_trial(study)
+    assert "--seeds=2" in (out / "best.flags").read_text()
+    saved = json.loads((out / "best_test.json").read_text())
+    assert saved["trial"] == best.number and saved["chosen"]["demo_bio"]["seeds"] == 2
+    assert "the mean of its 2 seeds" in (out / "tune.md").read_text()
