@@ -116,7 +116,11 @@ class RunConfig:
                          "<output_dir>/seed_<s>/ each, a sweep runs every cell K times and a tune's trial is K runs, "
                          "reported as the mean with an interval over seeds and questions (--mode=train, sweep and "
                          "tune only).", bound=">=1")
-    log_every: int = setting("output", "int", 1, "Print/log metrics every N steps.", bound=">=1")
+    log_every: int = setting("output", "int", 10, "The cadence of the frozen-side metrics (cosines and norms of the "
+                             "updated against the frozen model): on steps 0, N, 2N, ... and the last; every step "
+                             "logs loss, forget and retain losses, coefficient and gradient norm. 1: all of them every "
+                             "step (the frozen forget forward then runs every step also where the loss needs none).",
+                             bound=">=1")
     export: bool = setting("output", "bool", True, "Write the final HF export to <output_dir>/hf.")
     profile_start_step: int = setting("output", "int", -1, "Start an XLA profiler trace at this step (-1: off).", bound=">=-1")
     profile_num_steps: int = setting("output", "int", 3, "Steps in the profiler trace.", bound=">=1")

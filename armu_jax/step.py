@@ -122,9 +122,15 @@ def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, ba
 
 # ----------------------------------------------------------------------------- the unlearning step
 
-def make_step(spec: StepSpec, optimizer):
+DIAGNOSTICS = ("forget_cosine", "retain_cosine", "forget_norm_updated", "forget_norm_frozen", "retain_norm_updated",
+               "retain_norm_frozen")  # the frozen-side metrics: only in the diagnostic variant (--log_every's steps)
+
+
+def make_step(spec: StepSpec, optimizer, diagnostics: bool = True):
     """optimizer(lr) -> the optax transformation; lr is the batch's settings["lr"] (a traced scalar: trials
-    that differ only in lr share one compiled step)."""
+    that differ only in lr share one compiled step). diagnostics: also the cosines and norms of DIAGNOSTICS;
+    without them, the frozen model's layers lo..l on the forget batch run only where the loss reads them
+    (the paper's per-batch coefficient): in first_batch and RMU they fed nothing but those metrics."""
     model = spec.model
     lo, hi = spec.lowest_update_layer, spec.layer_id
 
@@ -145,7 +151,8 @@ def make_step(spec: StepSpec, optimizer):
         topic, run = batch["topic"], batch["settings"]
         f, r = batch["forget"], batch["retain"]
         prefix_f, prefix_r = prefix(frozen_params, f), prefix(frozen_params, r)
-        frozen_f = jax.lax.stop_gradient(upper(frozen_params, prefix_f, f))
+        needs_frozen_f = diagnostics or spec.adaptive_coeff == "per_batch"
+        frozen_f = jax.lax.stop_gradient(upper(frozen_params, prefix_f, f)) if needs_frozen_f else None
         frozen_r = jax.lax.stop_gradient(upper(frozen_params, prefix_r, r))
         updated = merge(frozen_params, trainable)
         h_f, h_r = upper(updated, prefix_f, f), upper(updated, prefix_r, r)
@@ -166,7 +173,10 @@ def make_step(spec: StepSpec, optimizer):
                  "coeff_ready": state["coeff_ready"].at[topic].set(True)}
         metrics = {
             "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain,
-            "coeff": coeff, "topic": topic,
+            "coeff": coeff, "topic": topic}
+        if not diagnostics:
+            return extra, metrics
+        metrics |= {
             "forget_cosine": mean_cosine(h_f, frozen_f, w_f),
             "retain_cosine": mean_cosine(h_r, frozen_r, w_r),
             "forget_norm_updated": mean_token_norm(h_f, w_f),
@@ -184,7 +194,9 @@ class CompiledStep:
     """The jitted unlearning step with everything needed to feed it, built once by build_step.
 
     step(state, frozen, batch) -> (state, metrics), jitted with explicit shardings and the state
-    donated; init(frozen) -> the initial state, laid out with state_shardings. `settings` (this
+    donated; lean_step the same without the metrics of DIAGNOSTICS (the run's steps between
+    --log_every's: compiled on its first call); init(frozen) -> the initial state, laid out with
+    state_shardings. `settings` (this
     run's method and numbers) ride in every batch; `with_settings` gives the same
     compiled step for another run's (a sweep's next cell: nothing recompiles).
     """
@@ -197,6 +209,7 @@ class CompiledStep:
     abstract_state: object
     trainable: tuple[str, ...]
     rows: int  # batch rows on device: --batch_size padded to a multiple of data x fsdp
+    lean_step: object = None
     settings: dict | None = None  # run_settings, on the host (a few numbers; placed with every batch)
 
     def with_settings(self, cfg, control_vectors: np.ndarray) -> "CompiledStep":
@@ -243,7 +256,8 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
     rows, repl = sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh)
     batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl}
     trainer = compile_trainer(make_step(spec, optimizer), init, frozen, names, spec.mesh, batch_sh)
-    return CompiledStep(step=trainer.step, init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
+    lean = compile_trainer(make_step(spec, optimizer, diagnostics=False), init, frozen, names, spec.mesh, batch_sh)
+    return CompiledStep(step=trainer.step, lean_step=lean.step, init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
                         state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
                         abstract_state=trainer.abstract_state, trainable=names,
                         rows=sharding.batch_rows(spec.mesh, spec.batch_size))

@@ -295,35 +295,54 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
     bar = tqdm(range(start, p.num_steps), initial=start, total=p.num_steps, desc=f"{cfg.method} l={cfg.layer_id}",
                disable=not is_main)
     profile = ProfileWindow(cfg, out, start, is_main)
+    pending: list = []  # the last dispatched step's (step, metrics), read once the next one is dispatched
+
+    def settle(extra=None):
+        """Read the pending step's metrics (waiting for it), stop on a non-finite one (naming its step;
+        no checkpoint is written past it: every save settles first), log it, with extra()'s entries."""
+        if not pending:
+            return
+        step, metrics = pending.pop()
+        record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
+                  "seconds": round(time.time() - began, 3)}
+        check_finite(record, step, checkpointer.saved, out)
+        if extra:
+            record.update(extra())
+            bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/")))
+        log.write(record)
+        if is_main and step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
+                            retain=f"{record['retain_loss']:.4g}")
+
     try:
         with jax.set_mesh(compiled.mesh):
             for step in bar:
                 profile.before(step)
-                batch = p.data.batch(step)
+                batch = p.data.batch(step)  # tokenized and placed while the device runs the step before
+                logged = step % cfg.log_every == 0 or step + 1 == p.num_steps  # the frozen-side metrics' steps
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = compiled.step(state, frozen, compiled.device_batch(batch.topic, batch.forget,
-                                                                                        batch.retain))
+                    state, metrics = (compiled.step if logged else compiled.lean_step)(
+                        state, frozen, compiled.device_batch(batch.topic, batch.forget, batch.retain))
                 profile.after(step, state)
-                record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
-                          "seconds": round(time.time() - began, 3)}
-                check_finite(record, step, checkpointer.saved, out)
-                if evaluator and ((step + 1) % cfg.eval_every == 0 or step + 1 == p.num_steps):
-                    record.update(evaluator(state["trainable"]))
-                    bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items()
-                                                              if k.startswith("eval/")))
-                log.write(record)
-                if is_main and step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
-                                    retain=f"{record['retain_loss']:.4g}")
+                settle()  # the step before's metrics: the host waits for it while this one is queued (MaxText's order)
+                pending.append((step, metrics))
                 done = step + 1
+                if evaluator and (done % cfg.eval_every == 0 or done == p.num_steps):
+                    settle(lambda: evaluator(state["trainable"]))
                 if hook:
-                    hook(done, state["trainable"])
+                    try:
+                        hook(done, state["trainable"])
+                    except BaseException:
+                        settle()  # the steps the hook saw are logged (a pruned trial's metrics end at its step)
+                        raise
                 stopping = stop.at(done)
                 if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == p.num_steps:
-                    log.flush()  # first: the log in a bucket then holds every step the checkpoint has
+                    settle()  # first: a non-finite step stops the run before a checkpoint past it
+                    log.flush()  # then: the log in a bucket holds every step the checkpoint has
                     checkpointer.save(done, state)
                 if stopping:
                     raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
+            settle()
     finally:
         profile.close(state)
         bar.close()

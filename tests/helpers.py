@@ -97,6 +97,13 @@ def run_settings(model_dir: Path, **extra) -> dict:
     return {**base, **extra}
 
 
+def logged(a: dict, b: dict, keys) -> list[str]:
+    """The keys of `keys` two metrics records of the same step both hold (the frozen-side metrics are on
+    --log_every's steps only), checking that they hold the same ones."""
+    assert a.keys() == b.keys(), (a.get("step"), sorted(a.keys() ^ b.keys()))
+    return [k for k in keys if k in b]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of <run_dir>/metrics.jsonl, one dict per logged step."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
