@@ -238,13 +238,26 @@ class UnlearningData:
         return self._batches[step]
 
 
-def load_tokenizer(model_dir: Path):
-    """The model's tokenizer set up as the reference: pad = eos, left padding."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(model_dir: Path, backend: str = "auto"):
+    """The model's tokenizer set up as the reference: pad = eos, left padding. backend "auto": tokenizer.json
+    through the `tokenizers` library where that gives transformers' ids (armu_jax.tokenizer: no torch
+    imported, ~300 MB less), else transformers' AutoTokenizer; "transformers": always the latter."""
     from armu_jax import storage
+    local = storage.local_copy(model_dir)
+    if backend == "auto":
+        from armu_jax.tokenizer import TokenizersTokenizer, native_reason
+        try:
+            native = native_reason(Path(local)) is None
+        except Exception:  # a damaged tokenizer.json: transformers' loader words the error
+            native = False
+        if native:
+            tokenizer = TokenizersTokenizer(Path(local))
+            if tokenizer.eos_token_id is None:
+                raise UserError(f"{model_dir}: the tokenizer has no eos token, which armu_jax pads with (as the reference)")
+            return tokenizer
+    from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(local)
     except Exception as err:  # transformers raises many types for a missing or damaged tokenizer
         line = first_line(err)
         raise UserError(f"{model_dir}: its tokenizer cannot be loaded ({type(err).__name__}: {line}); the model "

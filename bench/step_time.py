@@ -1,14 +1,16 @@
 """JAX step vs the PyTorch reference loop on SmolLM2, demo corpora, layer 7, batch 4, same batches.
 
 Step times alternate JAX / torch in one process (median seconds each, after a warm-up pass that
-compiles every batch shape); peak memory is each side's peak RSS above its own baseline after
-loading imports, corpora and tokenizer, measured in a child process per side so that one does
-not hide the other.
-Usage: python bench/step_time.py [--steps 8] [--max_len 512]
+compiles every batch shape); the JAX step is taken as a run takes it (the diagnostic variant every
+--log_every steps, the lean one between). Peak memory is each side's whole-process peak RSS (and
+above its own baseline after loading its imports, corpora and tokenizer), measured in a child process
+per side that imports only what that side needs (the JAX child no torch, no transformers: as a run).
+Usage: python bench/step_time.py [--steps 8] [--max_len 512] [--log_every 10]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -25,33 +27,41 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_sides(steps: int, max_len: int):
-    import jax
+LAYER, LR, ALPHA, BETA = 7, 5e-5, 1200.0, 5.0
+
+
+def _inputs():
+    """The corpora and control vectors both sides use (no torch, no transformers)."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
-    import transformers
-    from reference_rmu import HFAdamW, forward_with_cache
+
+    from armu_jax.data import read_corpus
+    forget = [read_corpus("demo:bio"), read_corpus("demo:cyber")]
+    retain = [read_corpus("demo:retain")] * 2
+    vectors = np.random.default_rng(0).random((2, 576)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return forget, retain, vectors
+
+
+def make_jax_side(max_len: int, log_every: int):
+    """The JAX step as a run takes it: the run's tokenizer (armu_jax.data.load_tokenizer: no torch), the
+    lean step between --log_every's steps, the diagnostic one on them. Imports only what a run does."""
+    import jax
 
     from armu_jax.compile_report import executable_flops
     from armu_jax.config import config_with
-    from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
+    from armu_jax.data import UnlearningData, load_tokenizer
     from armu_jax.embedded import smollm2_dir
     from armu_jax.hf_io import load_hf
     from armu_jax.sharding import make_mesh
     from armu_jax.step import StepSpec, build_step
 
-    layer, lr, alpha, beta = 7, 5e-5, 1200.0, 5.0
     model_dir = smollm2_dir()
-    forget = [read_corpus("demo:bio"), read_corpus("demo:cyber")]
-    retain = [read_corpus("demo:retain")] * 2
-    vectors = np.random.default_rng(0).random((2, 576)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    forget, retain, vectors = _inputs()
     tokenizer = load_tokenizer(model_dir)
 
     def jax_side():
-        model_cfg, params = load_hf(model_dir, upto_layer=layer)
-        cfg = config_with(layer_id=layer, lr=lr, alpha=[alpha], beta=beta, method="adaptive_rmu",
+        model_cfg, params = load_hf(model_dir, upto_layer=LAYER)
+        cfg = config_with(layer_id=LAYER, lr=LR, alpha=[ALPHA], beta=BETA, method="adaptive_rmu",
                           adaptive_coeff="first_batch")
         compiled = build_step(StepSpec.of(cfg, model_cfg, make_mesh(cfg.mesh)), params).with_settings(cfg, vectors)
         data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none",
@@ -61,21 +71,38 @@ def make_sides(steps: int, max_len: int):
 
         def step(i):
             b = data.batch(i)
-            holder["state"], metrics = compiled.step(holder["state"], frozen,
-                                                     compiled.device_batch(b.topic, b.forget, b.retain))
+            fn = compiled.step if i % log_every == 0 else compiled.lean_step
+            holder["state"], metrics = fn(holder["state"], frozen, compiled.device_batch(b.topic, b.forget, b.retain))
             return float(metrics["loss"])
 
         shapes = {}
 
         def flops(i):
-            """XLA's FLOP count of step i's program (one per padded shape)."""
+            """XLA's FLOP count of step i's program (one per padded shape and variant)."""
             b = data.batch(i)
-            key = (b.forget["input_ids"].shape[1], b.retain["input_ids"].shape[1])
+            key = (b.forget["input_ids"].shape[1], b.retain["input_ids"].shape[1], i % log_every == 0)
             if key not in shapes:
-                shapes[key] = executable_flops(compiled.lower(frozen, *key).compile())
+                fn = compiled if key[2] else dataclasses.replace(compiled, step=compiled.lean_step)
+                shapes[key] = executable_flops(fn.lower(frozen, *key[:2]).compile())
             return shapes[key]
         step.flops = flops
         return step
+    return jax_side
+
+
+def make_torch_side(max_len: int):
+    """The PyTorch reference loop (transformers' tokenizer and models, tests/reference_rmu's pieces)."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from reference_rmu import HFAdamW, forward_with_cache
+
+    from armu_jax.data import load_tokenizer
+    from armu_jax.embedded import smollm2_dir
+    model_dir = smollm2_dir()
+    forget, retain, vectors = _inputs()
+    tokenizer = load_tokenizer(model_dir, "transformers")
+    layer, lr, alpha, beta = LAYER, LR, ALPHA, BETA
 
     def torch_side():
         frozen = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -110,7 +137,7 @@ def make_sides(steps: int, max_len: int):
             return loss.item()
         return step
 
-    return jax_side, torch_side
+    return torch_side
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -128,11 +155,11 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def child(side: str, steps: int, max_len: int) -> None:
-    """One side alone: its peak RSS above the baseline of imports, corpora and tokenizer."""
-    jax_side, torch_side = make_sides(steps, max_len)
+def child(side: str, steps: int, max_len: int, log_every: int) -> None:
+    """One side alone: its peak RSS above the baseline of its own imports, corpora and tokenizer."""
+    make = make_jax_side(max_len, log_every) if side == "jax" else make_torch_side(max_len)
     base = peak_rss_mb()
-    step = (jax_side if side == "jax" else torch_side)()
+    step = make()
     for i in range(steps):
         step(i)
     print(json.dumps({"side": side, "peak_mb_above_base": peak_rss_mb() - base, "peak_mb": peak_rss_mb()}))
@@ -142,20 +169,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=512)
+    parser.add_argument("--log_every", type=int, default=10, help="a run's cadence of the diagnostic step")
     parser.add_argument("--child", choices=["jax", "torch"])
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.steps, args.max_len)
+        return child(args.child, args.steps, args.max_len, args.log_every)
 
     # Memory first, each side in a fresh child process started while this one is still small
     # (Linux keeps a process's peak RSS across exec, so a child of a large parent would inherit it).
     memory = {}
     for side in ("jax", "torch"):
         out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
-                              "--max_len", str(args.max_len)], capture_output=True, text=True, check=True)
+                              "--max_len", str(args.max_len), "--log_every", str(args.log_every)],
+                             capture_output=True, text=True, check=True)
         memory[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    jax_side, torch_side = make_sides(args.steps, args.max_len)
-    jax_step, torch_step = jax_side(), torch_side()
+    jax_step, torch_step = make_jax_side(args.max_len, args.log_every)(), make_torch_side(args.max_len)()
     for i in range(args.steps):  # warm-up: compiles every JAX shape, warms torch's allocator
         jax_step(i)
     times = {"jax": [], "torch": []}
@@ -167,7 +195,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     achieved = sum(jax_step.flops(i) for i in range(args.steps)) / sum(times["jax"])
     peak = matmul_peak()
-    print(f"SmolLM2-135M, layer 7, batch 4, max_len {args.max_len}, {args.steps} steps, float32, CPU")
+    print(f"SmolLM2-135M, layer 7, batch 4, max_len {args.max_len}, {args.steps} steps, float32, CPU; jax: the "
+          f"diagnostic step every {args.log_every} (--log_every), the lean one between")
     print(f"median step: jax {med['jax']:.3f} s, torch reference {med['torch']:.3f} s, "
           f"speed-up {med['torch'] / med['jax']:.2f}x")
     print(f"jax step: {achieved / 1e9:.1f} GFLOP/s (XLA's count) = {100 * achieved / peak:.0f}% of this CPU's "
