@@ -1,0 +1,30 @@
+"""bench/gpu_check.py runs where there is no accelerator (on the CPU, a tiny model of Zephyr's family):
+its table has every row, the lean step costs fewer FLOPs than the diagnostic one (the frozen forget
+forward it skips), the float32 comparison of a device with itself is exact, and chips' peaks are found."""
+import json
+import sys
+
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
+    config = json.loads((ROOT / "configs/models/zephyr-7b-beta/config.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = gpu_check.main(["--model", str(tmp_path), "--max_len", "32", "--steps", "1", "--out", str(tmp_path / "r.json")])
+    speed = result["speed"]
+    assert 0 < speed["lean"]["flops"] < speed["diagnostic"]["flops"]
+    layer = 2 * 4 * 32 * (3 * 64 * 128 + 2 * 64 * 64 + 2 * 64 * 32)  # one layer's forward on a side, roughly
+    assert speed["diagnostic"]["flops"] - speed["lean"]["flops"] > 0.5 * 3 * layer  # layers 5..7 of the forget side
+    assert result["float32"]["loss_rel"] == 0.0 and result["float32"]["weight_rel"] == 0.0
+    assert all(v > 0 for v in result["float32"]["losses"])
+    table = capsys.readouterr().out
+    for row in ("| device | cpu", "| lean step |", "| diagnostic step |", "| peak device memory |", "float32 vs CPU"):
+        assert row in table
+    assert json.loads((tmp_path / "r.json").read_text())["platform"] == "cpu"
+    assert gpu_check.peak_of("NVIDIA H100 80GB HBM3") == 989e12 and gpu_check.peak_of("TPU v5 lite") == 197e12
+    assert gpu_check.peak_of("NVIDIA A100-SXM4-40GB") == 312e12 and gpu_check.peak_of("Some new chip") is None
