@@ -170,8 +170,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--log_every", type=int, default=10, help="a run's cadence of the diagnostic step")
+    parser.add_argument("--jax_only", action="store_true", help="only the JAX step's time and FLOP/s (A/B runs)")
     parser.add_argument("--child", choices=["jax", "torch"])
     args = parser.parse_args()
+    if args.jax_only:
+        step = make_jax_side(args.max_len, args.log_every)()
+        for i in range(args.steps):
+            step(i)
+        times = []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+        achieved = sum(step.flops(i) for i in range(args.steps)) / sum(times)
+        print(f"jax median step {statistics.median(times):.3f} s, {achieved / 1e9:.1f} GFLOP/s, "
+              f"{sum(step.flops(i) for i in range(args.steps)) / args.steps / 1e9:.1f} GFLOP/step")
+        return
     if args.child:
         return child(args.child, args.steps, args.max_len, args.log_every)
 
