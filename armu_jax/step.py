@@ -107,15 +107,19 @@ class Trainer:
     trainable: tuple[str, ...]
 
 
-def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, batch_shardings) -> Trainer:
+def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, batch_shardings,
+                    carry_shardings=None) -> Trainer:
     """The one place a training step is jitted (the unlearning step and the relearning attack alike):
     params laid out by the sharding table, the state by its rules (moments like their parameters),
-    batches by batch_shardings, metrics replicated. params may be ShapeDtypeStructs."""
+    batches by batch_shardings, metrics replicated; a step that also returns a carry for the next step
+    (the unlearning step's retain activations) lays it out by carry_shardings. params may be
+    ShapeDtypeStructs."""
     abstract_state = jax.eval_shape(init_fn, params)
     params_sh = sharding.param_shardings(params, mesh)
     state_sh = sharding.state_shardings(abstract_state, mesh, names)
     step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_shardings),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_sh, sharding.replicated(mesh), *([carry_shardings] if carry_shardings else [])),
+                   donate_argnums=0)
     return Trainer(step, jax.jit(init_fn, out_shardings=state_sh), mesh, params_sh, state_sh, batch_shardings,
                    abstract_state, tuple(names))
 
@@ -126,11 +130,17 @@ DIAGNOSTICS = ("forget_cosine", "retain_cosine", "forget_norm_updated", "forget_
                "retain_norm_frozen")  # the frozen-side metrics: only in the diagnostic variant (--log_every's steps)
 
 
-def make_step(spec: StepSpec, optimizer, diagnostics: bool = True):
+def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain: bool = False):
     """optimizer(lr) -> the optax transformation; lr is the batch's settings["lr"] (a traced scalar: trials
     that differ only in lr share one compiled step). diagnostics: also the cosines and norms of DIAGNOSTICS;
     without them, the frozen model's layers lo..l on the forget batch run only where the loss reads them
-    (the paper's per-batch coefficient): in first_batch and RMU they fed nothing but those metrics."""
+    (the paper's per-batch coefficient): in first_batch and RMU they fed nothing but those metrics.
+
+    step(state, params, batch) -> (state, metrics, carry): carry holds the retain batch's frozen activations
+    (the prefix's output and layer l's). With reuse_retain the step takes them as batch["retain_carry"]
+    instead of computing them: the next step's, when its retain batch is the same (the paired topics'
+    steps on one retain corpus, the reference's wikitext twice). A program of its own, not a lax.cond:
+    XLA's buffers for a conditional's branches added 4.6 GiB per device to the Llama-3-8B step."""
     model = spec.model
     lo, hi = spec.lowest_update_layer, spec.layer_id
 
@@ -150,10 +160,15 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True):
     def loss_fn(trainable, state, frozen_params, batch):
         topic, run = batch["topic"], batch["settings"]
         f, r = batch["forget"], batch["retain"]
-        prefix_f, prefix_r = prefix(frozen_params, f), prefix(frozen_params, r)
+        prefix_f = prefix(frozen_params, f)
         needs_frozen_f = diagnostics or spec.adaptive_coeff == "per_batch"
         frozen_f = jax.lax.stop_gradient(upper(frozen_params, prefix_f, f)) if needs_frozen_f else None
-        frozen_r = jax.lax.stop_gradient(upper(frozen_params, prefix_r, r))
+
+        if reuse_retain:
+            prefix_r, frozen_r = batch[CARRY]["prefix"], batch[CARRY]["frozen"]
+        else:
+            prefix_r = prefix(frozen_params, r)
+            frozen_r = jax.lax.stop_gradient(upper(frozen_params, prefix_r, r))
         updated = merge(frozen_params, trainable)
         h_f, h_r = upper(updated, prefix_f, f), upper(updated, prefix_r, r)
         if spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
@@ -165,15 +180,16 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True):
         coeff = jnp.where(run["adaptive"], adaptive, run["steering"][topic])  # RMU: the fixed c
         loss, (forget, retain) = rmu_loss(h_f, h_r, frozen_r, run["control_vectors"][topic], coeff,
                                           run["alpha"][topic], f["weight"], r["weight"])
-        return loss, (topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, f["weight"], r["weight"])
+        return loss, (topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, f["weight"], r["weight"], prefix_r)
 
     def finish(state, loss, aux, grads):
-        topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, w_f, w_r = aux
+        topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, w_f, w_r, prefix_r = aux
+        carry = {"prefix": prefix_r, "frozen": frozen_r}
         extra = {"coeffs": state["coeffs"].at[topic].set(coeff),
                  "coeff_ready": state["coeff_ready"].at[topic].set(True)}
         metrics = {
             "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain,
-            "coeff": coeff, "topic": topic}
+            "coeff": coeff, "topic": topic, CARRY: carry}
         if not diagnostics:
             return extra, metrics
         metrics |= {
@@ -186,7 +202,16 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True):
         }
         return extra, metrics
 
-    return trainer_step(loss_fn, lambda batch: optimizer(batch["settings"]["lr"]), finish)
+    train = trainer_step(loss_fn, lambda batch: optimizer(batch["settings"]["lr"]), finish)
+
+    def step(state, params, batch):
+        state, metrics = train(state, params, batch)
+        carry = metrics.pop(CARRY)
+        return state, metrics, carry
+    return step
+
+
+CARRY = "retain_carry"
 
 
 @dataclass(frozen=True)
@@ -210,14 +235,20 @@ class CompiledStep:
     trainable: tuple[str, ...]
     rows: int  # batch rows on device: --batch_size padded to a multiple of data x fsdp
     lean_step: object = None
+    reuse_step: object = None  # the lean step taking the step before's retain carry (batch from device_batch(carry=))
+    hidden: int = 0  # the residual stream's width and dtype (the retain carry's)
+    dtype: str = "float32"
     settings: dict | None = None  # run_settings, on the host (a few numbers; placed with every batch)
 
     def with_settings(self, cfg, control_vectors: np.ndarray) -> "CompiledStep":
         return dataclasses.replace(self, settings=run_settings(cfg, control_vectors))
 
-    def device_batch(self, topic: int, forget: dict, retain: dict) -> dict:
+    def device_batch(self, topic: int, forget: dict, retain: dict, carry: dict | None = None) -> dict:
+        """A batch on its devices; with carry (the step before's, whose retain side was this one) a batch for
+        reuse_step."""
         tree = {"topic": np.int32(topic), "forget": forget, "retain": retain, "settings": self.settings}
-        return sharding.place(tree, self.batch_shardings)
+        placed = sharding.place(tree, {k: v for k, v in self.batch_shardings.items() if k != CARRY})
+        return placed if carry is None else {**placed, CARRY: carry}
 
     def abstract_batch(self, forget_length: int, retain_length: int) -> dict:
         """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles)."""
@@ -255,9 +286,12 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
                                         coeff_ready=jnp.zeros([n_topics], bool))
     rows, repl = sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh)
     batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl}
-    trainer = compile_trainer(make_step(spec, optimizer), init, frozen, names, spec.mesh, batch_sh)
-    lean = compile_trainer(make_step(spec, optimizer, diagnostics=False), init, frozen, names, spec.mesh, batch_sh)
-    return CompiledStep(step=trainer.step, lean_step=lean.step, init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
+    trainer = compile_trainer(make_step(spec, optimizer), init, frozen, names, spec.mesh, batch_sh, rows)
+    variant = lambda **kw: compile_trainer(make_step(spec, optimizer, diagnostics=False, **kw), init, frozen, names,
+                                           spec.mesh, {**batch_sh, CARRY: rows} if kw else batch_sh, rows).step
+    return CompiledStep(step=trainer.step, lean_step=variant(), reuse_step=variant(reuse_retain=True),
+                        hidden=spec.model_cfg.hidden_size, dtype=spec.dtype, init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
                         state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
                         abstract_state=trainer.abstract_state, trainable=names,
                         rows=sharding.batch_rows(spec.mesh, spec.batch_size))
+

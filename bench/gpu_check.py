@@ -109,12 +109,12 @@ def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
             began = time.perf_counter()
             executable = fn.lower(state, frozen, batches[0]).compile()  # once: timed, counted, then run
             compile_seconds = time.perf_counter() - began
-            state, metrics = executable(state, frozen, batches[0])  # warm-up
+            state, metrics, _ = executable(state, frozen, batches[0])  # warm-up
             jax.block_until_ready(metrics)
             times = []
             for i in range(steps):
                 began = time.perf_counter()
-                state, metrics = executable(state, frozen, batches[(i + 1) % 2])
+                state, metrics, _ = executable(state, frozen, batches[(i + 1) % 2])
                 jax.block_until_ready((state, metrics))
                 times.append(time.perf_counter() - began)
             result[name] = {"compile_s": compile_seconds, "step_s": statistics.median(times),
@@ -149,7 +149,7 @@ def float32_check(model_dir: Path, device, steps: int = 3) -> dict:
             state, losses = compiled.init(frozen), []
             with jax.set_mesh(compiled.mesh):
                 for i in range(steps):
-                    state, metrics = compiled.step(state, frozen, batches[i % 2])
+                    state, metrics, _ = compiled.step(state, frozen, batches[i % 2])
                     losses.append(float(metrics["loss"]))
             runs[where] = (np.array(losses), {k: np.asarray(v) for k, v in jax.device_get(state["trainable"]).items()})
     (la, ta), (lb, tb) = runs["device"], runs["cpu"]

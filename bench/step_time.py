@@ -10,7 +10,6 @@ Usage: python bench/step_time.py [--steps 8] [--max_len 512] [--log_every 10]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
@@ -42,7 +41,7 @@ def _inputs():
     return forget, retain, vectors
 
 
-def make_jax_side(max_len: int, log_every: int):
+def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
     """The JAX step as a run takes it: the run's tokenizer (armu_jax.data.load_tokenizer: no torch), the
     lean step between --log_every's steps, the diagnostic one on them. Imports only what a run does."""
     import jax
@@ -54,6 +53,7 @@ def make_jax_side(max_len: int, log_every: int):
     from armu_jax.hf_io import load_hf
     from armu_jax.sharding import make_mesh
     from armu_jax.step import StepSpec, build_step
+    from armu_jax.train import same_side
 
     model_dir = smollm2_dir()
     forget, retain, vectors = _inputs()
@@ -63,27 +63,42 @@ def make_jax_side(max_len: int, log_every: int):
         model_cfg, params = load_hf(model_dir, upto_layer=LAYER)
         cfg = config_with(layer_id=LAYER, lr=LR, alpha=[ALPHA], beta=BETA, method="adaptive_rmu",
                           adaptive_coeff="first_batch")
-        compiled = build_step(StepSpec.of(cfg, model_cfg, make_mesh(cfg.mesh)), params).with_settings(cfg, vectors)
+        spec = StepSpec.of(cfg, model_cfg, make_mesh(cfg.mesh))
+        compiled = build_step(spec, params).with_settings(cfg, vectors)
         data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none",
                               rows=compiled.rows)
         frozen = jax.device_put(params, compiled.params_shardings)
-        holder = {"state": compiled.init(frozen)}
+        holder = {"state": compiled.init(frozen), "carried": None}
 
         def step(i):
             b = data.batch(i)
-            fn = compiled.step if i % log_every == 0 else compiled.lean_step
-            holder["state"], metrics = fn(holder["state"], frozen, compiled.device_batch(b.topic, b.forget, b.retain))
+            carried = holder["carried"]  # the paired topic's retain activations, as train.run_steps reuses them
+            reuse = reused(i, carried)
+            fn = compiled.step if i % log_every == 0 else compiled.reuse_step if reuse else compiled.lean_step
+            holder["state"], metrics, carry = fn(holder["state"], frozen, compiled.device_batch(
+                b.topic, b.forget, b.retain, carried[1] if reuse else None))
+            holder["carried"] = (b.retain, carry)
             return float(metrics["loss"])
 
         shapes = {}
 
+        def reused(i, carried):
+            return reuse_retain and i % log_every != 0 and carried is not None and same_side(carried[0], data.batch(i).retain)
+
         def flops(i):
             """XLA's FLOP count of step i's program (one per padded shape and variant)."""
             b = data.batch(i)
-            key = (b.forget["input_ids"].shape[1], b.retain["input_ids"].shape[1], i % log_every == 0)
+            reuse = i > 0 and reused(i, (data.batch(i - 1).retain, None))
+            key = (b.forget["input_ids"].shape[1], b.retain["input_ids"].shape[1], i % log_every == 0, reuse)
             if key not in shapes:
-                fn = compiled if key[2] else dataclasses.replace(compiled, step=compiled.lean_step)
-                shapes[key] = executable_flops(fn.lower(frozen, *key[:2]).compile())
+                fn = compiled.step if key[2] else compiled.reuse_step if reuse else compiled.lean_step
+                args = compiled.abstract_batch(*key[:2])
+                if reuse:
+                    act = jax.ShapeDtypeStruct((compiled.rows, key[1], compiled.hidden), jax.numpy.float32,
+                                               sharding=compiled.batch_shardings["retain"])
+                    args["retain_carry"] = {"prefix": act, "frozen": act}
+                with jax.set_mesh(compiled.mesh):
+                    shapes[key] = executable_flops(fn.lower(holder["state"], frozen, args).compile())
             return shapes[key]
         step.flops = flops
         return step
@@ -171,10 +186,11 @@ def main() -> None:
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--log_every", type=int, default=10, help="a run's cadence of the diagnostic step")
     parser.add_argument("--jax_only", action="store_true", help="only the JAX step's time and FLOP/s (A/B runs)")
+    parser.add_argument("--no_reuse", action="store_true", help="compute the paired topics' retain side twice (A/B)")
     parser.add_argument("--child", choices=["jax", "torch"])
     args = parser.parse_args()
     if args.jax_only:
-        step = make_jax_side(args.max_len, args.log_every)()
+        step = make_jax_side(args.max_len, args.log_every, not args.no_reuse)()
         for i in range(args.steps):
             step(i)
         times = []

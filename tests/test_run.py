@@ -159,3 +159,29 @@ def test_frozen_side_metrics_on_log_steps_only_and_the_run_unchanged(tmp_path, t
             assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]) + 1e-7, (a["step"], key, a[key], b[key])
     for key in w_full:
         assert np.abs(w_lean[key] - w_full[key]).max() <= 1e-5 * np.abs(w_full[key]).max(), key
+
+
+def test_the_paired_topics_share_one_retain_forward(tmp_path, tiny_llama, monkeypatch):
+    """With one retain corpus for both topics (the reference's wikitext twice) the second topic's step
+    takes the first one's frozen retain activations (steps 1, 3, ...; not a diagnostic step: the last, 5, here)
+    instead of computing them again; the run is the one that computes them every step, to float32 noise."""
+    from armu_jax import step as step_module
+    from armu_jax import train
+    reused = []
+    device_batch = step_module.CompiledStep.device_batch
+    monkeypatch.setattr(step_module.CompiledStep, "device_batch", lambda self, topic, f, r, carry=None: (
+        reused.append(carry is not None), device_batch(self, topic, f, r, carry))[1])
+    settings = run_settings(tiny_llama, max_num_batches=6, retain_corpora=["demo:retain", "demo:retain"],
+                            forget_corpora=["demo:bio", "demo:cyber"], alpha=[50, 50], forget_max_len=[32, 32])
+    run(config_with(**settings, output_dir=str(tmp_path / "shared")))
+    assert reused == [False, True, False, True, False, False]
+    monkeypatch.setattr(train, "same_side", lambda a, b: False)
+    reused.clear()
+    run(config_with(**settings, output_dir=str(tmp_path / "twice")))
+    assert reused == [False] * 6
+    for a, b in zip(read_metrics(tmp_path / "shared"), read_metrics(tmp_path / "twice")):
+        for key in logged(a, b, ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm", "retain_cosine")):
+            assert abs(a[key] - b[key]) <= 1e-6 * abs(b[key]) + 1e-9, (a["step"], key, a[key], b[key])
+    shared, twice = (load_file(tmp_path / d / "hf" / "model.safetensors") for d in ("shared", "twice"))
+    for key in shared:
+        assert np.abs(shared[key] - twice[key]).max() <= 1e-6 * np.abs(twice[key]).max(), key
