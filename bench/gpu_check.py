@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
+import armu_jax  # noqa: E402,F401  (first, as in a run: it picks the platform before jax starts)
 
 # Dense bf16 peak per chip (vendors' data sheets; the SXM parts for NVIDIA), matched on device_kind.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import armu_jax  # noqa: E402,F401  (first, as in a run: it picks the platform before jax starts)
 
 
 def peak_rss_mb() -> float:
