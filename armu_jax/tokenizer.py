@@ -93,7 +93,9 @@ class TokenizersTokenizer:
 
     def __call__(self, texts, padding: bool = False, truncation: bool = False, max_length: int | None = None,
                  return_tensors: str | None = None, add_special_tokens: bool = True) -> dict:
-        if truncation and max_length:
+        if truncation and not max_length:
+            raise ValueError("truncation needs max_length (transformers would take model_max_length: give it)")
+        if truncation:
             self.backend.enable_truncation(max_length, direction=self.truncation_side)
         else:
             self.backend.no_truncation()

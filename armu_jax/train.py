@@ -340,12 +340,9 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
                 done = step + 1
                 if evaluator and (done % cfg.eval_every == 0 or done == p.num_steps):
                     settle(lambda: evaluator(state["trainable"]))
-                if hook:
-                    try:
-                        hook(done, state["trainable"])
-                    except BaseException:
-                        settle()  # the steps the hook saw are logged (a pruned trial's metrics end at its step)
-                        raise
+                if hook:  # a tune's pruning: it sees only steps checked finite, and a pruned trial's log ends at its step
+                    settle()
+                    hook(done, state["trainable"])
                 stopping = stop.at(done)
                 if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == p.num_steps:
                     settle()  # first: a non-finite step stops the run before a checkpoint past it

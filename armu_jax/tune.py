@@ -354,8 +354,8 @@ def seed_runs(trial_cfg: RunConfig) -> list[RunConfig]:
     from armu_jax.config import seed_configs
     if trial_cfg.seeds == 1:
         return [trial_cfg]
-    return [dataclasses.replace(c, output_dir=str(Path(trial_cfg.output_dir) / f"seed_{c.seed}"))
-            for c in seed_configs(trial_cfg)]
+    return [dataclasses.replace(c, output_dir=str(storage.path(trial_cfg.output_dir) / f"seed_{c.seed}"))
+            for c in seed_configs(trial_cfg)]  # storage.path: a gs:// trial directory stays a URL
 
 
 def mean_results(per_seed: list[dict], samples: list[list[dict]]) -> dict:
@@ -540,7 +540,7 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
             measured.append(runner.run(seeded, prune if k == 0 else None)[0])
         results = mean_results([m["results"] for m in measured], [m["samples"] for m in measured])
         s = summary(results, original)
-        run_seconds = float(np.mean([_run_seconds(Path(seeded.output_dir)) for seeded in runs]))  # one run's time
+        run_seconds = float(np.mean([_run_seconds(storage.path(seeded.output_dir)) for seeded in runs]))  # one run's time
         cons = constraints(cfg, s, run_seconds)
         total = lambda key: round(sum(m[key] for m in measured), 1)
         per_seed = {"seed_results": [m["results"] for m in measured], "seeds": [seeded.seed for seeded in runs]} \
