@@ -218,10 +218,11 @@ CARRY = "retain_carry"
 class CompiledStep:
     """The jitted unlearning step with everything needed to feed it, built once by build_step.
 
-    step(state, frozen, batch) -> (state, metrics), jitted with explicit shardings and the state
-    donated; lean_step the same without the metrics of DIAGNOSTICS (the run's steps between
-    --log_every's: compiled on its first call); init(frozen) -> the initial state, laid out with
-    state_shardings. `settings` (this
+    step(state, frozen, batch) -> (state, metrics, retain carry), jitted with explicit shardings and
+    the state donated; lean_step the same without the metrics of DIAGNOSTICS (the run's steps between
+    --log_every's), reuse_step the lean step on the step before's retain carry (make_step), each
+    compiled on its first call; init(frozen) -> the initial state, laid out with state_shardings.
+    `settings` (this
     run's method and numbers) ride in every batch; `with_settings` gives the same
     compiled step for another run's (a sweep's next cell: nothing recompiles).
     """
@@ -247,7 +248,7 @@ class CompiledStep:
         """A batch on its devices; with carry (the step before's, whose retain side was this one) a batch for
         reuse_step."""
         tree = {"topic": np.int32(topic), "forget": forget, "retain": retain, "settings": self.settings}
-        placed = sharding.place(tree, {k: v for k, v in self.batch_shardings.items() if k != CARRY})
+        placed = sharding.place(tree, self.batch_shardings)
         return placed if carry is None else {**placed, CARRY: carry}
 
     def abstract_batch(self, forget_length: int, retain_length: int) -> dict:
@@ -290,7 +291,8 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
     variant = lambda **kw: compile_trainer(make_step(spec, optimizer, diagnostics=False, **kw), init, frozen, names,
                                            spec.mesh, {**batch_sh, CARRY: rows} if kw else batch_sh, rows).step
     return CompiledStep(step=trainer.step, lean_step=variant(), reuse_step=variant(reuse_retain=True),
-                        hidden=spec.model_cfg.hidden_size, dtype=spec.dtype, init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
+                        hidden=spec.model_cfg.hidden_size, dtype=spec.dtype, init=trainer.init, mesh=spec.mesh,
+                        params_shardings=trainer.params_shardings,
                         state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
                         abstract_state=trainer.abstract_state, trainable=names,
                         rows=sharding.batch_rows(spec.mesh, spec.batch_size))

@@ -349,13 +349,10 @@ def trial_config(cfg: RunConfig, dims: list[Dimension], params: dict, directory)
 
 
 def seed_runs(trial_cfg: RunConfig) -> list[RunConfig]:
-    """A trial's runs: itself (--seeds=1), or its --seeds runs in <trial dir>/seed_<s>/ (as --mode=train
-    --seeds=K writes them, so best.flags reproduces every one)."""
-    from armu_jax.config import seed_configs
-    if trial_cfg.seeds == 1:
-        return [trial_cfg]
-    return [dataclasses.replace(c, output_dir=str(storage.path(trial_cfg.output_dir) / f"seed_{c.seed}"))
-            for c in seed_configs(trial_cfg)]  # storage.path: a gs:// trial directory stays a URL
+    """A trial's runs: itself (--seeds=1), or its --seeds runs in <trial dir>/seed_<s>/, the directories
+    --mode=train --seeds=K writes (train.seed_run_configs), so best.flags reproduces every one."""
+    from armu_jax.train import seed_run_configs
+    return [trial_cfg] if trial_cfg.seeds == 1 else seed_run_configs(trial_cfg)
 
 
 def mean_results(per_seed: list[dict], samples: list[list[dict]]) -> dict:
