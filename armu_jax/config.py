@@ -152,6 +152,10 @@ class RunConfig:
     sweep_betas: tuple = setting("sweep", "floats", None, "--mode=sweep: Adaptive RMU's beta values (default: --beta).", bound=">0")
     sweep_alphas: tuple = setting("sweep", "list", None, "--mode=sweep: alpha values, each for every topic or one per "
                                   "topic joined by / (1800/300) (default: --alpha).")
+    cells_per_step: int = setting("sweep", "int", 1, "--mode=sweep: train up to K cells of one layer side by side in one "
+                                  "compiled step (vmapped over their methods' numbers, control vectors and states; the "
+                                  "batches and the frozen model's activations shared); each cell's metrics, checkpoints "
+                                  "and result are those of the cell run alone.", bound=">=1")
     # -- tune
     tune_space: str = setting("tune", "str", None, "--mode=tune: the searched settings, comma-separated, each "
                               "setting:low:high[:log] or setting:a|b|c (a topic's value: alpha.1:30:3000:log), e.g. "
@@ -455,6 +459,12 @@ def check_sweep(cfg: RunConfig) -> None:
         raise UserError("--mode=sweep needs --output_dir (the sweep's directory: cells/, sweep.csv, sweep.png)")
     if cfg.mode == "sweep" and cfg.overwrite:
         raise UserError("--mode=sweep continues the sweep in --output_dir; to start afresh choose a new --output_dir")
+    if cfg.cells_per_step > 1 and cfg.mode != "sweep":
+        raise UserError(f"--cells_per_step={cfg.cells_per_step} applies to --mode=sweep only (a tune's trials run one at "
+                        "a time: each is chosen from the ones before)")
+    if cfg.cells_per_step > 1 and cfg.tune_storage:
+        raise UserError(f"--cells_per_step={cfg.cells_per_step} with --tune_storage: workers claim one cell at a time; "
+                        "spread the cells over workers or train them side by side in one process, not both")
 
 
 def check_tune(cfg: RunConfig) -> None:

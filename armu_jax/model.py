@@ -169,28 +169,44 @@ class Attention(_Block):
             q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(batch, length, kv, hd)
-        # Grouped-query attention without repeating K/V: query heads are [kv, groups].
-        q = q.reshape(batch, length, kv, groups, hd)
+        # Grouped-query attention without repeating K/V: each KV head's query heads side by side,
+        # [B, kv, groups x T, hd], so the scores are one batched matmul per KV head.
+        q = jnp.transpose(q.reshape(batch, length, kv, groups, hd), (0, 2, 3, 1, 4))
+        k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+        out = self.attend(q, k, v, allowed)
+        out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads * hd)
+        return self.dense(cfg.hidden_size, "o_proj", "self_attn")(out)
+
+    def attend(self, q, k, v, allowed):
+        """q: [B, kv, groups, Tq, hd], k/v: [B, kv, Tk, hd], allowed: [B, Tq, Tk] -> [B, kv, groups, Tq, hd]."""
+        cfg = self.cfg
+        batch, kv, groups, length, hd = q.shape
         score_dtype = jnp.promote_types(self.dtype, jnp.float32)  # softmax in at least float32
         scale = math.sqrt(cfg.query_pre_attn_scalar or hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=score_dtype) / scale
-        scores = _softcap(scores, cfg.attn_logit_softcapping)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(batch, kv, groups * length, hd), k,
+                            preferred_element_type=score_dtype) / scale
+        scores = _softcap(scores.reshape(batch, kv, groups, length, -1), cfg.attn_logit_softcapping)
         mask = allowed[:, None, None, :, :]
         scores = jnp.where(mask, scores, jnp.finfo(score_dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         # HF SDPA semantics: a query with no visible key (left padding) attends to nothing.
         probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads * hd)
-        return self.dense(cfg.hidden_size, "o_proj", "self_attn")(out)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(batch, kv, groups * length, -1), v)
+        return out.reshape(batch, kv, groups, length, hd)
 
 
 class MLP(_Block):
     @nn.compact
-    def __call__(self, x):
-        gate = self.dense(self.cfg.intermediate_size, "gate_proj", "mlp")(x)
-        up = self.dense(self.cfg.intermediate_size, "up_proj", "mlp")(x)
-        act = nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return self.dense(self.cfg.hidden_size, "down_proj", "mlp")(act * up)
+    def __call__(self, x, part: str = "all"):
+        """part "all": the MLP; "act": only the down projection's input act(gate(x)) * up(x); "down": x is that
+        input, only the down projection."""
+        if part != "down":
+            gate = self.dense(self.cfg.intermediate_size, "gate_proj", "mlp")(x)
+            up = self.dense(self.cfg.intermediate_size, "up_proj", "mlp")(x)
+            x = (nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)) * up
+            if part == "act":
+                return x
+        return self.dense(self.cfg.hidden_size, "down_proj", "mlp")(x)
 
 
 class DecoderLayer(_Block):
@@ -200,17 +216,26 @@ class DecoderLayer(_Block):
     post (OLMo-2): h + post_norm(attn(h)), then h + post_norm(mlp(h))."""
 
     @nn.compact
-    def __call__(self, h, cos, sin, allowed):
+    def __call__(self, h, cos, sin, allowed, mid=None, keep_mid: bool = False):
+        """mid: (the residual stream after attention, the down projection's input) computed before: only the
+        down projection and what follows it run. keep_mid: also return that pair (out, mid)."""
         kind = self.cfg.layer_norms
-        attn = Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")
         mlp = MLP(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="mlp")
-        if kind == "pre":
-            h = h + attn(self.norm("input_layernorm")(h), cos, sin, allowed)
-            return h + mlp(self.norm("post_attention_layernorm")(h))
-        x = h if kind == "post" else self.norm("input_layernorm")(h)
-        h = h + self.norm("post_attention_layernorm")(attn(x, cos, sin, allowed))
-        x = h if kind == "post" else self.norm("pre_feedforward_layernorm")(h)
-        return h + self.norm("post_feedforward_layernorm")(mlp(x))
+        if mid is None:
+            attn = Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")
+            if kind == "pre":
+                h = h + attn(self.norm("input_layernorm")(h), cos, sin, allowed)
+                x = self.norm("post_attention_layernorm")(h)
+            else:
+                x = h if kind == "post" else self.norm("input_layernorm")(h)
+                h = h + self.norm("post_attention_layernorm")(attn(x, cos, sin, allowed))
+                x = h if kind == "post" else self.norm("pre_feedforward_layernorm")(h)
+            act = mlp(x, part="act")
+        else:
+            h, act = mid
+        down = mlp(act, part="down")
+        out = h + down if kind == "pre" else h + self.norm("post_feedforward_layernorm")(down)
+        return (out, (h, act)) if keep_mid else out
 
 
 class LlamaModel(nn.Module):
@@ -234,10 +259,11 @@ class LlamaModel(nn.Module):
             h = h * jnp.asarray(self.cfg.hidden_size ** 0.5, jnp.float32).astype(h.dtype)
         return h
 
-    def run_layers(self, h, attention_mask, positions, start: int, end: int, allowed=None):
+    def run_layers(self, h, attention_mask, positions, start: int, end: int, allowed=None, mid=None,
+                   keep_mid: bool = False):
         """Layers start..end (inclusive) applied to the residual stream h: [B, T, D]. Attention is causal
         over the attention_mask's tokens, or follows `allowed` [B, T(query), T(key)] when given; sliding
-        layers further limit each query to keys fewer than the window positions before it."""
+        layers further limit each query to keys fewer than the window positions before it. mid / keep_mid: layer start's (DecoderLayer), given or also returned."""
         length = h.shape[1]
         if allowed is None:
             causal = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -253,11 +279,15 @@ class LlamaModel(nn.Module):
         ablate = self.has_variable("ablation", "directions")  # --mode=attack's direction ablation
         for index in range(start, end + 1):
             kind = self.cfg.layer_type(index)
-            h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind])
+            if index == start and (mid is not None or keep_mid):
+                h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind], mid=mid, keep_mid=keep_mid)
+                h, mid = h if keep_mid else (h, None)
+            else:
+                h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind])
             if ablate:  # h <- h - Q Q^T h with layer index's orthonormal Q [D, k] (zero: unchanged)
                 q = self.get_variable("ablation", "directions")[index].astype(h.dtype)
                 h = h - (h @ q) @ q.T
-        return h
+        return (h, mid) if keep_mid else h
 
     def __call__(self, input_ids, attention_mask, positions, upto: int | None = None, allowed=None):
         last = self.cfg.num_hidden_layers - 1 if upto is None else upto
@@ -317,9 +347,11 @@ class LlamaForCausalLM(nn.Module):
         attention_mask, positions = _defaults(input_ids, attention_mask, positions)
         return self.model(input_ids, attention_mask, positions, upto=layer)
 
-    def run_layers(self, h, attention_mask, positions, *, start: int, end: int):
-        """Layers start..end (inclusive) from the residual stream h entering layer `start`."""
-        return self.model.run_layers(h, attention_mask, positions, start, end)
+    def run_layers(self, h, attention_mask, positions, *, start: int, end: int, mid=None, keep_mid: bool = False):
+        """Layers start..end (inclusive) from the residual stream h entering layer `start`; mid / keep_mid:
+        layer start's residual stream after attention and its down projection's input, given (only what
+        follows runs) or also returned ((h, mid))."""
+        return self.model.run_layers(h, attention_mask, positions, start, end, mid=mid, keep_mid=keep_mid)
 
 
 def abstract_params(model: LlamaForCausalLM) -> dict:

@@ -43,6 +43,7 @@ class StepSpec:
     n_topics: int
     batch_size: int
     mesh: jax.sharding.Mesh
+    cells: int = 1  # runs side by side in one step (a sweep's --cells_per_step): vmapped over their states
 
     @classmethod
     def of(cls, cfg, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
@@ -107,16 +108,26 @@ class Trainer:
     trainable: tuple[str, ...]
 
 
+def stacked(init_fn, runs: int):
+    """init_fn for `runs` runs side by side: every leaf of its state repeated on a new leading axis."""
+    return lambda params: jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), init_fn(params))
+
+
 def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, batch_shardings,
-                    carry_shardings=None) -> Trainer:
+                    carry_shardings=None, runs: int = 1) -> Trainer:
     """The one place a training step is jitted (the unlearning step and the relearning attack alike):
     params laid out by the sharding table, the state by its rules (moments like their parameters),
     batches by batch_shardings, metrics replicated; a step that also returns a carry for the next step
     (the unlearning step's retain activations) lays it out by carry_shardings. params may be
-    ShapeDtypeStructs."""
+    ShapeDtypeStructs. runs > 1: init_fn's state for one run, the step's for that many stacked on a
+    leading axis (each leaf laid out as one run's, whole along that axis)."""
     abstract_state = jax.eval_shape(init_fn, params)
     params_sh = sharding.param_shardings(params, mesh)
     state_sh = sharding.state_shardings(abstract_state, mesh, names)
+    if runs > 1:
+        init_fn, abstract_state = stacked(init_fn, runs), jax.eval_shape(stacked(init_fn, runs), params)
+        state_sh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *s.spec)),
+                                state_sh)
     step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_shardings),
                    out_shardings=(state_sh, sharding.replicated(mesh), *([carry_shardings] if carry_shardings else [])),
                    donate_argnums=0)
@@ -130,7 +141,8 @@ DIAGNOSTICS = ("forget_cosine", "retain_cosine", "forget_norm_updated", "forget_
                "retain_norm_frozen")  # the frozen-side metrics: only in the diagnostic variant (--log_every's steps)
 
 
-def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain: bool = False):
+def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain: bool = False,
+              share_lowest: bool = False):
     """optimizer(lr) -> the optax transformation; lr is the batch's settings["lr"] (a traced scalar: trials
     that differ only in lr share one compiled step). diagnostics: also the cosines and norms of DIAGNOSTICS;
     without them, the frozen model's layers lo..l on the forget batch run only where the loss reads them
@@ -140,37 +152,63 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
     (the prefix's output and layer l's). With reuse_retain the step takes them as batch["retain_carry"]
     instead of computing them: the next step's, when its retain batch is the same (the paired topics'
     steps on one retain corpus, the reference's wikitext twice). A program of its own, not a lax.cond:
-    XLA's buffers for a conditional's branches added 4.6 GiB per device to the Llama-3-8B step."""
+    XLA's buffers for a conditional's branches added 4.6 GiB per device to the Llama-3-8B step.
+
+    The frozen model's activations depend only on the model and the batch: they are computed once, before
+    the gradient. With spec.cells = K > 1 the state holds K runs stacked on a leading axis, and the settings
+    K runs' numbers (stacked_settings): the updated side, the loss, its gradient and the optimizer are
+    vmapped over the K runs, the frozen side shared (and, where every run's input is the shared prefix, the
+    lowest updated layer's frozen weights applied once).
+
+    share_lowest (only mlp.down_proj trained in the lowest updated layer lo): layer lo's attention and
+    gate/up projections are the same in both models, so the updated model takes them from the frozen
+    model's forward of the same batch (the retain batch's, carried to a reuse step too; the forget batch's on
+    a diagnostic step) and runs only lo's down projection and what follows."""
     model = spec.model
     lo, hi = spec.lowest_update_layer, spec.layer_id
+    needs_frozen_f = diagnostics or spec.adaptive_coeff == "per_batch"
 
     def prefix(params, b):
         h = model.apply(params, b["input_ids"], b["attention_mask"], b["positions"], layer=lo - 1,
                         method=LlamaForCausalLM.hidden_upto)
         return jax.lax.stop_gradient(h)
 
-    def upper(params, h, b):
-        return model.apply(params, h, b["attention_mask"], b["positions"], start=lo, end=hi,
-                           method=LlamaForCausalLM.run_layers)
+    def upper(params, h, b, mid=None, keep_mid=False):
+        return model.apply(params, h, b["attention_mask"], b["positions"], start=lo, end=hi, mid=mid,
+                           keep_mid=keep_mid, method=LlamaForCausalLM.run_layers)
+
+    def frozen_upper(params, h, b):
+        """Layers lo..l of the frozen model: (output, layer lo's mid when share_lowest, else None)."""
+        if share_lowest:
+            out, mid = upper(params, h, b, keep_mid=True)
+            return jax.lax.stop_gradient(out), jax.lax.stop_gradient(mid)
+        return jax.lax.stop_gradient(upper(params, h, b)), None
 
     def norm_weight(w, mask):
         """The weight of the adaptive norm: with norm_skip_first, without each row's first real token."""
         return without_first_token(w, mask) if spec.norm_skip_first else w
 
-    def loss_fn(trainable, state, frozen_params, batch):
-        topic, run = batch["topic"], batch["settings"]
+    def frozen_side(frozen_params, batch):
+        """The frozen model's activations the loss and the metrics read (no gradient flows into them)."""
         f, r = batch["forget"], batch["retain"]
-        prefix_f = prefix(frozen_params, f)
-        needs_frozen_f = diagnostics or spec.adaptive_coeff == "per_batch"
-        frozen_f = jax.lax.stop_gradient(upper(frozen_params, prefix_f, f)) if needs_frozen_f else None
-
+        acts = {"prefix_f": prefix(frozen_params, f), "mid_f": None}
+        if needs_frozen_f:
+            acts["frozen_f"], acts["mid_f"] = frozen_upper(frozen_params, acts["prefix_f"], f)
         if reuse_retain:
-            prefix_r, frozen_r = batch[CARRY]["prefix"], batch[CARRY]["frozen"]
+            acts["prefix_r"], acts["frozen_r"] = batch[CARRY]["prefix"], batch[CARRY]["frozen"]
+            acts["mid_r"] = batch[CARRY].get("mid")
         else:
-            prefix_r = prefix(frozen_params, r)
-            frozen_r = jax.lax.stop_gradient(upper(frozen_params, prefix_r, r))
+            acts["prefix_r"] = prefix(frozen_params, r)
+            acts["frozen_r"], acts["mid_r"] = frozen_upper(frozen_params, acts["prefix_r"], r)
+        return acts
+
+    def loss_fn(trainable, state, frozen_params, batch):
+        topic, run, acts = batch["topic"], batch["settings"], batch[ACTS]
+        f, r = batch["forget"], batch["retain"]
+        frozen_f, frozen_r = acts.get("frozen_f"), acts["frozen_r"]
         updated = merge(frozen_params, trainable)
-        h_f, h_r = upper(updated, prefix_f, f), upper(updated, prefix_r, r)
+        h_f = upper(updated, acts["prefix_f"], f, mid=acts["mid_f"])
+        h_r = upper(updated, acts["prefix_r"], r, mid=acts["mid_r"])
         if spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
             adaptive = run["beta"] * mean_token_norm(frozen_f, norm_weight(f["weight"], f["attention_mask"]))
         else:  # public code: from the updated model on the topic's first batch, then fixed
@@ -180,16 +218,15 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
         coeff = jnp.where(run["adaptive"], adaptive, run["steering"][topic])  # RMU: the fixed c
         loss, (forget, retain) = rmu_loss(h_f, h_r, frozen_r, run["control_vectors"][topic], coeff,
                                           run["alpha"][topic], f["weight"], r["weight"])
-        return loss, (topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, f["weight"], r["weight"], prefix_r)
+        return loss, (topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, f["weight"], r["weight"])
 
     def finish(state, loss, aux, grads):
-        topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, w_f, w_r, prefix_r = aux
-        carry = {"prefix": prefix_r, "frozen": frozen_r}
+        topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, w_f, w_r = aux
         extra = {"coeffs": state["coeffs"].at[topic].set(coeff),
                  "coeff_ready": state["coeff_ready"].at[topic].set(True)}
         metrics = {
             "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain,
-            "coeff": coeff, "topic": topic, CARRY: carry}
+            "coeff": coeff, "topic": topic}
         if not diagnostics:
             return extra, metrics
         metrics |= {
@@ -203,14 +240,26 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
         return extra, metrics
 
     train = trainer_step(loss_fn, lambda batch: optimizer(batch["settings"]["lr"]), finish)
+    if spec.cells > 1:  # each run its state and numbers; the batch and the frozen activations shared
+        shared = lambda batch: {k: (0 if k == "settings" else None) for k in batch}
+        train_runs = lambda state, params, batch: jax.vmap(train, in_axes=(0, None, shared(batch)))(state, params, batch)
+    else:
+        train_runs = train
 
     def step(state, params, batch):
-        state, metrics = train(state, params, batch)
-        carry = metrics.pop(CARRY)
-        return state, metrics, carry
+        acts = frozen_side(params, batch)
+        state, metrics = train_runs(state, params, {**{k: v for k, v in batch.items() if k != CARRY}, ACTS: acts})
+        carry = {"prefix": acts["prefix_r"], "frozen": acts["frozen_r"]}
+        return state, metrics, carry | ({"mid": acts["mid_r"]} if share_lowest else {})
     return step
 
 
+def stacked_settings(settings: list[dict]) -> dict:
+    """K runs' run_settings as one tree, each leaf stacked on a leading axis (a step of spec.cells = K)."""
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *settings)
+
+
+ACTS = "frozen_acts"  # the frozen side's activations, handed to the loss inside the batch
 CARRY = "retain_carry"
 
 
@@ -240,9 +289,21 @@ class CompiledStep:
     hidden: int = 0  # the residual stream's width and dtype (the retain carry's)
     dtype: str = "float32"
     settings: dict | None = None  # run_settings, on the host (a few numbers; placed with every batch)
+    cells: int = 1  # runs side by side (StepSpec.cells): the state and settings hold that many, stacked
+    run_state_shardings: object = None  # one run's state (a checkpoint's), whatever `cells` is
+    run_abstract_state: object = None
 
     def with_settings(self, cfg, control_vectors: np.ndarray) -> "CompiledStep":
+        if self.cells != 1:
+            raise ValueError(f"this step runs {self.cells} runs side by side: give each its settings (with_cell_settings)")
         return dataclasses.replace(self, settings=run_settings(cfg, control_vectors))
+
+    def with_cell_settings(self, cfgs: list, control_vectors: list[np.ndarray]) -> "CompiledStep":
+        """The step for these runs side by side (as many as `cells`), each with its own numbers and u."""
+        if len(cfgs) != self.cells:
+            raise ValueError(f"this step runs {self.cells} runs side by side, not {len(cfgs)}")
+        return dataclasses.replace(self, settings=stacked_settings(
+            [run_settings(c, u) for c, u in zip(cfgs, control_vectors)]))
 
     def device_batch(self, topic: int, forget: dict, retain: dict, carry: dict | None = None) -> dict:
         """A batch on its devices; with carry (the step before's, whose retain side was this one) a batch for
@@ -266,6 +327,17 @@ class CompiledStep:
                 "forget": side(forget_length, sh["forget"]), "retain": side(retain_length, sh["retain"]),
                 "settings": settings}
 
+    def abstract_carry(self, frozen, forget_length: int, retain_length: int) -> dict:
+        """ShapeDtypeStructs of the retain carry a step of these lengths hands to the next (reuse_step's)."""
+        abstract = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        with jax.set_mesh(self.mesh):
+            carry = jax.eval_shape(self.lean_step, abstract(self.abstract_state, self.state_shardings),
+                                   abstract(frozen, self.params_shardings),
+                                   self.abstract_batch(forget_length, retain_length))[2]
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_shardings["retain"]),
+                            carry)
+
     def lower(self, frozen, forget_length: int, retain_length: int):
         """The step lowered for abstract arguments (frozen may be ShapeDtypeStructs); .compile() it."""
         abstract = lambda tree, shardings: jax.tree.map(
@@ -279,21 +351,29 @@ class CompiledStep:
 def build_step(spec: StepSpec, frozen) -> CompiledStep:
     """The one place the unlearning step is built: for train, the sweep, the bench and the compile
     report alike (cached by spec in armu_jax.cache). frozen: the params of layers 0..l (arrays or
-    ShapeDtypeStructs; only shapes are read). Give it a run's numbers with .with_settings(cfg, u)."""
+    ShapeDtypeStructs; only shapes are read). Give it a run's numbers with .with_settings(cfg, u)
+    (spec.cells runs': .with_cell_settings)."""
     names = tuple(trainable_names(frozen, spec.update_layer_ids, spec.update_params))
     optimizer = lambda lr: make_optimizer(spec.optimizer, lr)
+    lowest = f"model/layers_{spec.lowest_update_layer}/"
+    share = all(n.startswith(lowest + "mlp/down_proj/") for n in names if n.startswith(lowest))
     n_topics = spec.n_topics
     init = lambda p: init_trainer_state(p, names, optimizer(1.0), coeffs=jnp.ones([n_topics], jnp.float32),
                                         coeff_ready=jnp.zeros([n_topics], bool))
     rows, repl = sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh)
     batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl}
-    trainer = compile_trainer(make_step(spec, optimizer), init, frozen, names, spec.mesh, batch_sh, rows)
-    variant = lambda **kw: compile_trainer(make_step(spec, optimizer, diagnostics=False, **kw), init, frozen, names,
-                                           spec.mesh, {**batch_sh, CARRY: rows} if kw else batch_sh, rows).step
+    compile_ = lambda step_fn, shardings: compile_trainer(step_fn, init, frozen, names, spec.mesh, shardings, rows,
+                                                         runs=spec.cells)
+    trainer = compile_(make_step(spec, optimizer, share_lowest=share), batch_sh)
+    variant = lambda **kw: compile_(make_step(spec, optimizer, diagnostics=False, share_lowest=share, **kw),
+                                    {**batch_sh, CARRY: rows} if kw else batch_sh).step
+    one_run = spec.cells > 1 and compile_trainer(make_step(dataclasses.replace(spec, cells=1), optimizer, share_lowest=share), init,
+                                                 frozen, names, spec.mesh, batch_sh, rows)
     return CompiledStep(step=trainer.step, lean_step=variant(), reuse_step=variant(reuse_retain=True),
                         hidden=spec.model_cfg.hidden_size, dtype=spec.dtype, init=trainer.init, mesh=spec.mesh,
                         params_shardings=trainer.params_shardings,
                         state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
                         abstract_state=trainer.abstract_state, trainable=names,
-                        rows=sharding.batch_rows(spec.mesh, spec.batch_size))
-
+                        rows=sharding.batch_rows(spec.mesh, spec.batch_size), cells=spec.cells,
+                        run_state_shardings=one_run.state_shardings if one_run else trainer.state_shardings,
+                        run_abstract_state=one_run.abstract_state if one_run else trainer.abstract_state)

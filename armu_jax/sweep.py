@@ -44,7 +44,8 @@ from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile
 from armu_jax.errors import RunFailure, UserError, first_line
 from armu_jax.evaluate import read_samples, write_samples
 
-TAIL_COLUMNS = ("forget_loss", "retain_loss", "seconds", "train_seconds", "eval_seconds", "first_step_seconds")
+TAIL_COLUMNS = ("forget_loss", "retain_loss", "seconds", "train_seconds", "eval_seconds", "first_step_seconds",
+                "side_by_side")
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def cell_config(cfg: RunConfig, cell: Cell, directory: Path) -> RunConfig:
         update_layer_ids=tuple(cell.layer + o for o in offsets if cell.layer + o >= 0),
         steering_coeffs=(cell.coeff,) * n if cell.coeff is not None else cfg.steering_coeffs,
         beta=cell.beta if cell.beta is not None else cfg.beta, alpha=cell.alpha, output_dir=str(directory),
-        resume=done, overwrite=started and not done, allow_flag_changes=False, export=False, eval_every=0)
+        resume=done, overwrite=started and not done, allow_flag_changes=False, export=False, eval_every=0,
+        cells_per_step=1)
 
 
 SIDES = ("forget", "retain", "neighbour")
@@ -447,6 +449,30 @@ class CellRunner:
                 "seconds": round(done - began, 1)}, trained
 
 
+    def run_side_by_side(self, run_cfgs: list[RunConfig]) -> list:
+        """Cells of one layer trained side by side (train.train_cells), then each evaluated: per cell what
+        run() returns without the trained leaves, or the RunFailure that stopped it. train_seconds is the
+        shared training's time."""
+        from armu_jax.train import train_cells
+        began = time.time()
+        outcomes = train_cells(run_cfgs, self.cache)
+        trained_at = time.time()
+        out = []
+        for run_cfg, outcome in zip(run_cfgs, outcomes):
+            if isinstance(outcome, RunFailure):
+                out.append(outcome)
+                continue
+            run_dir, trained = outcome
+            evaluated = time.time()
+            samples: list[dict] = []
+            results = self.evaluate(trained, samples=samples)
+            done = time.time()
+            out.append({"results": results, "samples": samples, **_metrics_of(run_dir, run_cfg.n_topics),
+                        "train_seconds": round(trained_at - began, 1), "eval_seconds": round(done - evaluated, 1),
+                        "seconds": round(trained_at - began + done - evaluated, 1), "side_by_side": len(run_cfgs)})
+        return out
+
+
 CELL_ERRORS = (UserError, RunFailure, ValueError, RuntimeError, OSError)  # a cell's failure: its row's status
 
 
@@ -479,28 +505,73 @@ def _read_json(path: Path):
                         "again) and rerun the sweep") from None
 
 
-def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellRunner, task_names: list[str]) -> list[dict]:
-    """Every cell in order: done ones (result.json "ok") read back, the others run; sweep.csv rewritten
-    after each cell, so an interrupted sweep leaves the table of what is done."""
+def side_by_side(cfg: RunConfig, cells: list[Cell], out: Path) -> list[list[Cell]]:
+    """The cells to run, in groups of up to --cells_per_step that can share one compiled step: the same
+    layer, the same batches (--data_seed) and the same progress (the step of their last checkpoint), in the
+    plan's order."""
+    from armu_jax.train import latest_checkpoint
+    groups: dict[tuple, list[list[Cell]]] = {}
+    for cell in cells:
+        run_cfg = cell_config(cfg, cell, out / "cells" / cell.name)
+        key = (cell.layer, run_cfg.data_seed, latest_checkpoint(Path(run_cfg.output_dir)) if run_cfg.resume else None)
+        chunks = groups.setdefault(key, [[]])
+        if len(chunks[-1]) == cfg.cells_per_step:
+            chunks.append([])
+        chunks[-1].append(cell)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def run_group(cfg: RunConfig, group: list[Cell], out: Path, runner: CellRunner, bar) -> list[dict]:
+    """The rows of cells trained side by side; a group that cannot start (one cell's bad input) runs its
+    cells one at a time instead, each failing or not on its own."""
+    if len(group) == 1:
+        return [run_cell(cfg, group[0], out / "cells" / group[0].name, runner, bar)]
+    began = time.time()
+    try:
+        outcomes = runner.run_side_by_side([cell_config(cfg, c, out / "cells" / c.name) for c in group])
+    except CELL_ERRORS as err:
+        bar.write(f"{', '.join(c.name for c in group)}: cannot run side by side ({first_line(err)}); one at a time")
+        return [run_cell(cfg, c, out / "cells" / c.name, runner, bar) for c in group]
     rows = []
-    bar = tqdm(cells, desc="sweep", unit="cell")
-    for cell in bar:
-        directory = out / "cells" / cell.name
-        result_file = directory / "result.json"
-        if result_file.is_file():
-            row = _read_json(result_file)
-            if row["status"] == "ok":
-                rows.append(row)
-                continue
-        row = run_cell(cfg, cell, directory, runner, bar)
-        outputs.write_json(result_file, row)
-        rows.append(row)
-        if row["status"] == "ok":
-            bar.write(_progress_line(row, cell.name))
-        outputs.write_text(out / "sweep.csv", csv_text(rows, task_names))
-    bar.close()
-    outputs.write_text(out / "sweep.csv", csv_text(rows, task_names))
+    for cell, outcome in zip(group, outcomes):
+        seed = cfg.seed if cell.seed is None else cell.seed
+        if isinstance(outcome, RunFailure):
+            line = first_line(outcome)
+            bar.write(f"{cell.name}: failed: {line}")
+            rows.append(_row(cell, f"failed: {line}", seed=seed, seconds=round(time.time() - began, 1)))
+            continue
+        results = outcome.pop("results")
+        write_samples(out / "cells" / cell.name / "samples.jsonl", outcome.pop("samples"))
+        rows.append(_row(cell, "ok", results, seed=seed, **outcome))
     return rows
+
+
+def run_cells(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellRunner, task_names: list[str]) -> list[dict]:
+    """Every cell: done ones (result.json "ok") read back, the others run (--cells_per_step at a time, side by
+    side); sweep.csv rewritten after each cell or group, so an interrupted sweep leaves the table of what is
+    done. Rows in the plan's order."""
+    rows: dict[str, dict] = {}
+    todo = []
+    for cell in cells:
+        result_file = out / "cells" / cell.name / "result.json"
+        row = _read_json(result_file) if result_file.is_file() else None
+        if row is not None and row["status"] == "ok":
+            rows[cell.name] = row
+        else:
+            todo.append(cell)
+    ordered = lambda: [rows[c.name] for c in cells if c.name in rows]
+    bar = tqdm(total=len(cells), initial=len(rows), desc="sweep", unit="cell")
+    for group in side_by_side(cfg, todo, out):
+        for cell, row in zip(group, run_group(cfg, group, out, runner, bar)):
+            outputs.write_json(out / "cells" / cell.name / "result.json", row)
+            rows[cell.name] = row
+            if row["status"] == "ok":
+                bar.write(_progress_line(row, cell.name))
+            bar.update(1)
+        outputs.write_text(out / "sweep.csv", csv_text(ordered(), task_names))
+    bar.close()
+    outputs.write_text(out / "sweep.csv", csv_text(ordered(), task_names))
+    return ordered()
 
 
 def _result(out: Path, cell: Cell) -> dict | None:

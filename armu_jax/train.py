@@ -280,28 +280,58 @@ def same_side(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
 
 
+@dataclass
+class Lane:
+    """One run of the loop: its directory, metrics log and checkpoints. Several side by side share one step
+    (train_cells); a lane whose step is not finite stops alone (failure), the others go on."""
+    out: Path
+    log: MetricsLog
+    checkpointer: Checkpointer
+    failure: RunFailure | None = None
+
+
 def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
     """The loop from the last checkpoint (or step 0) to the end: returns the trained leaves."""
-    cfg, out, compiled = p.cfg, p.out, p.compiled
+    return run_lanes([p], p.compiled, frozen, evaluator, is_main, hook)[0]
+
+
+def _restore(checkpointer: Checkpointer, out: Path, state_like, shardings):
+    try:
+        return checkpointer.restore(state_like, shardings)
+    except Exception as err:  # orbax raises many types for a damaged or foreign checkpoint
+        raise UserError(f"--resume: the checkpoint of step {checkpointer.latest_step()} in {out / 'checkpoints'} "
+                        f"cannot be restored ({first_line(err)}); remove that step's directory to resume "
+                        "from the one before, or start a new run") from None
+
+
+def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, is_main: bool, hook=None) -> list:
+    """The loop of one run, or of compiled.cells runs side by side (train_cells: the same batches, each its
+    own numbers, state, metrics.jsonl and checkpoints), from their last checkpoint (or step 0) to the end.
+    Returns each run's trained leaves; side by side, a run stopped by a non-finite step gives its RunFailure
+    instead (one run alone raises it)."""
+    cfg, num_steps, data, several = preps[0].cfg, preps[0].num_steps, preps[0].data, compiled.cells > 1
     stop = hosts.StopRequest()
+    lanes = [Lane(p.out, None, Checkpointer(p.out / "checkpoints", cfg.keep_checkpoints)) for p in preps]
     state = compiled.init(frozen)
-    checkpointer = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
-    if cfg.resume and checkpointer.latest_step() is not None:
-        try:
-            state = checkpointer.restore(state, compiled.state_shardings)
-        except Exception as err:  # orbax raises many types for a damaged or foreign checkpoint
-            raise UserError(f"--resume: the checkpoint of step {checkpointer.latest_step()} in {out / 'checkpoints'} "
-                            f"cannot be restored ({first_line(err)}); remove that step's directory to resume "
-                            "from the one before, or start a new run") from None
-        start = int(state["step"])
-    log = MetricsLog(out, start, is_main)
+    if cfg.resume and lanes[0].checkpointer.latest_step() is not None:
+        if several:  # each run's checkpoint is one run's state, as a run alone writes it
+            runs = [_restore(lane.checkpointer, lane.out, compiled.run_abstract_state, compiled.run_state_shardings)
+                    for lane in lanes]
+            state = jax.device_put(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *runs), compiled.state_shardings)
+        else:
+            state = _restore(lanes[0].checkpointer, lanes[0].out, state, compiled.state_shardings)
+        start = int(np.max(jax.device_get(state["step"])))
+    for lane in lanes:
+        lane.log = MetricsLog(lane.out, start, is_main)
     began = time.time()
-    bar = tqdm(range(start, p.num_steps), initial=start, total=p.num_steps, desc=f"{cfg.method} l={cfg.layer_id}",
-               disable=not is_main)
-    profile = ProfileWindow(cfg, out, start, is_main)
+    bar = tqdm(range(start, num_steps), initial=start, total=num_steps,
+               desc=f"{cfg.method} l={cfg.layer_id}" + (f" x{len(lanes)} runs" if several else ""), disable=not is_main)
+    profile = ProfileWindow(cfg, lanes[0].out, start, is_main)
     pending: list = []  # the last dispatched step's (step, metrics), read once the next one is dispatched
     carried = None  # (the step before's retain batch, its frozen retain activations on the devices)
+    run_state = (lambda k: jax.tree.map(lambda x: x[k], state)) if several else (lambda k: state)
+    live = lambda: [k for k, lane in enumerate(lanes) if lane.failure is None]
 
     def settle(extra=None):
         """Read the pending step's metrics (waiting for it), stop on a non-finite one (naming its step;
@@ -309,23 +339,39 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
         if not pending:
             return
         step, metrics = pending.pop()
-        record = {"step": step, **{k: v.item() for k, v in jax.device_get(metrics).items()},
-                  "seconds": round(time.time() - began, 3)}
-        check_finite(record, step, checkpointer.saved, out)
-        if extra:
-            record.update(extra())
-            bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/")))
-        log.write(record)
-        if is_main and step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
-                            retain=f"{record['retain_loss']:.4g}")
+        values = jax.device_get(metrics)
+        for k in live():
+            lane = lanes[k]
+            record = {"step": step, **{key: (v[k] if several else v).item() for key, v in values.items()},
+                      "seconds": round(time.time() - began, 3)}
+            try:
+                check_finite(record, step, lane.checkpointer.saved, lane.out)
+            except RunFailure as err:
+                if not several:
+                    raise
+                lane.failure = err  # this run stops here; its log ends at the step before
+                bar.write(f"{lane.out}: {err}")
+                continue
+            if extra:
+                record.update(extra())
+                bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/")))
+            lane.log.write(record)
+            if is_main and step % cfg.log_every == 0 and k == live()[0]:
+                bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
+                                retain=f"{record['retain_loss']:.4g}")
+
+    def save(done):
+        settle()  # first: a non-finite step stops the run before a checkpoint past it
+        for k in live():
+            lanes[k].log.flush()  # then: the log in a bucket holds every step the checkpoint has
+            lanes[k].checkpointer.save(done, run_state(k))
 
     try:
         with jax.set_mesh(compiled.mesh):
             for step in bar:
                 profile.before(step)
-                batch = p.data.batch(step)  # tokenized and placed while the device runs the step before
-                logged = step % cfg.log_every == 0 or step + 1 == p.num_steps  # the frozen-side metrics' steps
+                batch = data.batch(step)  # tokenized and placed while the device runs the step before
+                logged = step % cfg.log_every == 0 or step + 1 == num_steps  # the frozen-side metrics' steps
                 # the paired topic's retain batch again: its frozen activations from the step before (a
                 # diagnostic step computes its own: steps 0, N, ... are the first topic's with N even)
                 reuse = not logged and carried is not None and same_side(carried[0], batch.retain)
@@ -337,26 +383,74 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
                 profile.after(step, state)
                 settle()  # the step before's metrics: the host waits for it while this one is queued (MaxText's order)
                 pending.append((step, metrics))
+                if not live():  # side by side: every run has stopped
+                    break
                 done = step + 1
-                if evaluator and (done % cfg.eval_every == 0 or done == p.num_steps):
+                if evaluator and (done % cfg.eval_every == 0 or done == num_steps):
                     settle(lambda: evaluator(state["trainable"]))
                 if hook:  # a tune's pruning: it sees only steps checked finite, and a pruned trial's log ends at its step
                     settle()
                     hook(done, state["trainable"])
                 stopping = stop.at(done)
-                if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == p.num_steps:
-                    settle()  # first: a non-finite step stops the run before a checkpoint past it
-                    log.flush()  # then: the log in a bucket holds every step the checkpoint has
-                    checkpointer.save(done, state)
+                if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == num_steps:
+                    save(done)
                 if stopping:
-                    raise SystemExit(f"SIGTERM: checkpoint written at step {done} in {out}; continue with --resume")
+                    raise SystemExit(f"SIGTERM: checkpoint written at step {done} in "
+                                     f"{', '.join(str(lane.out) for lane in lanes)}; continue with --resume")
             settle()
     finally:
         profile.close(state)
         bar.close()
-        log.close()
+        for lane in lanes:
+            if lane.log:
+                lane.log.close()
+            lane.checkpointer.close()
+    return [lane.failure or run_state(k)["trainable"] for k, lane in enumerate(lanes)]
+
+
+def latest_checkpoint(out: Path) -> int | None:
+    """The step of a run directory's latest checkpoint (None: none yet)."""
+    if not (out / "checkpoints").is_dir():
+        return None
+    checkpointer = Checkpointer(out / "checkpoints", 1)
+    try:
+        return checkpointer.latest_step()
+    finally:
         checkpointer.close()
-    return state["trainable"]
+
+
+def train_cells(cfgs: list[RunConfig], cache: ProcessCache) -> list:
+    """Runs that differ only in their method and its numbers (and seed) side by side in one compiled step
+    (a sweep's --cells_per_step): each run is checked, written and checkpointed exactly as train() would,
+    its metrics are those of the run alone; the batches, the frozen model's activations and the step are
+    shared. Returns per run (run directory, trained leaves) or, for a run stopped by a non-finite step, its
+    RunFailure. One process (the sweep's)."""
+    preps = [prepare(c, cache) for c in cfgs]
+    first = preps[0]
+    spec = StepSpec.of(first.cfg, first.run.model_cfg, first.run.mesh)
+    for p in preps[1:]:
+        if (StepSpec.of(p.cfg, p.run.model_cfg, p.run.mesh) != spec or p.data is not first.data
+                or p.num_steps != first.num_steps or p.cfg.resume != first.cfg.resume):
+            raise ValueError(f"{p.out} cannot run side by side with {first.out}: another step, batches or resume")
+    if any(p.cfg.export or p.cfg.eval_every for p in preps):
+        raise ValueError("runs side by side neither export nor evaluate during the run (the sweep's cells do neither)")
+    steps = {p.out: latest_checkpoint(p.out) if p.cfg.resume else None for p in preps}
+    if len(set(steps.values())) > 1:
+        raise ValueError(f"runs side by side must resume from the same step: {steps}")
+    compiled = cache.step(dataclasses.replace(spec, cells=len(preps)), truncate(first.params, first.cfg.layer_id))
+    compiled = compiled.with_cell_settings([p.cfg for p in preps], [p.vectors for p in preps])
+    locks = [rundir.lock(p.out) for p in preps]
+    try:
+        for p in preps:
+            write_run_dir(p)
+        frozen = jax.device_put(truncate(first.params, first.cfg.layer_id), compiled.params_shardings)
+        for p in preps:
+            p.params = None
+        trained = run_lanes(preps, compiled, frozen, None, True)
+    finally:
+        for lock in locks:
+            lock.release()
+    return [t if isinstance(t, RunFailure) else (p.out, t) for p, t in zip(preps, trained)]
 
 
 def export(model_dir: Path, target: Path, trainable: dict, dtype: str) -> Path:

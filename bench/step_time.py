@@ -52,7 +52,6 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
     from armu_jax.data import UnlearningData, load_tokenizer
     from armu_jax.embedded import smollm2_dir
     from armu_jax.hf_io import load_hf
-    from armu_jax.model import parse_dtype
     from armu_jax.sharding import make_mesh
     from armu_jax.step import StepSpec, build_step
     from armu_jax.train import same_side
@@ -96,9 +95,7 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
                 fn = compiled.step if key[2] else compiled.reuse_step if reuse else compiled.lean_step
                 args = compiled.abstract_batch(*key[:2])
                 if reuse:
-                    act = jax.ShapeDtypeStruct((compiled.rows, key[1], compiled.hidden), parse_dtype(compiled.dtype),
-                                               sharding=compiled.batch_shardings["retain"])
-                    args["retain_carry"] = {"prefix": act, "frozen": act}
+                    args["retain_carry"] = compiled.abstract_carry(frozen, *key[:2])
                 with jax.set_mesh(compiled.mesh):
                     shapes[key] = executable_flops(fn.lower(holder["state"], frozen, args).compile())
             return shapes[key]

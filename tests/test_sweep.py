@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT, cli_command, read_metrics, run_cli
 
@@ -206,3 +207,72 @@ def test_two_workers_share_a_sweep_each_cell_once(tmp_path, tiny_llama):
     assert all(sum(f"{cell}: forget acc" in log for log in logs) == 1 for cell in cells)
     with open(out / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def _sweep_config(model, out, **overrides):
+    return config_with(mode="sweep", model=str(model), layer_id=3, lr=1e-3, alpha=[50], beta=3, forget_max_len=[32],
+                       retain_max_len=32, pad_multiple=32, max_num_batches=6, checkpoint_every=2, log_every=3,
+                       eval_tasks=["demo_bio", "demo_retain"], eval_limit=4, eval_nll_tokens=16, seeds=2,
+                       output_dir=str(out), **overrides)
+
+
+def test_cells_side_by_side_are_the_cells_run_alone(tmp_path, tiny_llama):
+    """--cells_per_step=4: the layer's cells (two seeds each: their own control vectors) train four at a time
+    in one compiled step. Every cell's metrics, checkpoints and results are those of the sweep run one cell
+    at a time (float32 noise: the vmapped matmuls sum in another order); a cell whose c overflows the loss
+    stops alone at its step, the others of its group go on; a group resumes from its cells' checkpoints."""
+    from armu_jax.sweep import sweep_cli
+    from armu_jax.train import latest_checkpoint
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    sweep_cli(_sweep_config(tiny_llama, alone, sweep_steering_coeffs=[20]))
+    rows = sweep_cli(_sweep_config(tiny_llama, together, sweep_steering_coeffs=[20, 1e30], cells_per_step=4))
+    status = {r["name"]: r["status"] for r in rows}
+    assert sorted(status) == sorted(["l03_rmu_c20_a50", "l03_rmu_c20_a50_s43", "l03_rmu_c1e+30_a50",
+                                     "l03_rmu_c1e+30_a50_s43", "l03_adaptive_rmu_b3_a50", "l03_adaptive_rmu_b3_a50_s43"])
+    assert {r["name"]: r.get("side_by_side") for r in rows if r["status"] == "ok"} == {
+        "l03_rmu_c20_a50": 4, "l03_rmu_c20_a50_s43": 4, "l03_adaptive_rmu_b3_a50": 2, "l03_adaptive_rmu_b3_a50_s43": 2}
+    for name in ("l03_rmu_c1e+30_a50", "l03_rmu_c1e+30_a50_s43"):  # c^2 overflows at step 0: that cell stops
+        assert status[name].startswith("failed: step 0: forget_loss=inf"), status[name]
+        assert read_metrics(together / "cells" / name) == []
+        assert latest_checkpoint(together / "cells" / name) is None
+
+    def compare(name):
+        mine, theirs = read_metrics(together / "cells" / name), read_metrics(alone / "cells" / name)
+        assert [m["step"] for m in mine] == list(range(6)) and [set(m) for m in mine] == [set(m) for m in theirs]
+        for a, b in zip(mine, theirs):
+            for key in set(a) - {"seconds", "step"}:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (name, a["step"], key)
+        assert latest_checkpoint(together / "cells" / name) == 6
+        ours = json.loads((together / "cells" / name / "result.json").read_text())["results"]
+        want = json.loads((alone / "cells" / name / "result.json").read_text())["results"]
+        for task in want:
+            assert ours[task]["acc"] == want[task]["acc"]
+            assert ours[task]["nll"] == pytest.approx(want[task]["nll"], rel=1e-5)
+        return ours
+    for name in ("l03_rmu_c20_a50", "l03_rmu_c20_a50_s43"):
+        compare(name)
+    seeds = [np.load(together / "cells" / n / "control_vectors.npy") for n in ("l03_rmu_c20_a50", "l03_rmu_c20_a50_s43")]
+    assert not np.allclose(*seeds)  # each cell its own control vectors
+    before = {n: compare(n) for n in ("l03_adaptive_rmu_b3_a50", "l03_adaptive_rmu_b3_a50_s43")}
+    # The Adaptive cells' results removed: rerun, they resume side by side from their step-6 checkpoints (no
+    # step left) and are evaluated again; the failed cells are tried again and fail again.
+    for name in before:
+        (together / "cells" / name / "result.json").unlink()
+    again = {r["name"]: r for r in sweep_cli(_sweep_config(tiny_llama, together, sweep_steering_coeffs=[20, 1e30],
+                                                            cells_per_step=4))}
+    for name, results in before.items():
+        assert again[name]["status"] == "ok" and again[name]["side_by_side"] == 2
+        assert again[name]["results"] == results
+        assert [m["step"] for m in read_metrics(together / "cells" / name)] == list(range(6))
+    assert again["l03_rmu_c1e+30_a50"]["status"].startswith("failed: step 0")
+
+
+def test_cells_per_step_is_refused_where_it_would_be_ignored():
+    for mode in ("train", "tune", "eval"):
+        with pytest.raises(UserError, match="--cells_per_step=2 applies to --mode=sweep only"):
+            config_with(mode=mode, cells_per_step=2, tune_space="beta:1:2", output_dir="runs/x")
+    with pytest.raises(UserError, match="--cells_per_step=2 with --tune_storage"):
+        config_with(mode="sweep", cells_per_step=2, tune_storage="sqlite:///x.db", output_dir="runs/x")
+    with pytest.raises(UserError, match="--cells_per_step=0: must be"):
+        config_with(mode="sweep", cells_per_step=0, output_dir="runs/x")
+    assert config_with(mode="sweep", cells_per_step=4, output_dir="runs/x").cells_per_step == 4
