@@ -106,6 +106,8 @@ class Trainer:
     batch_shardings: object
     abstract_state: object
     trainable: tuple[str, ...]
+    run_state_shardings: object = None  # one run's state (compile_trainer's runs > 1: one of the stacked runs)
+    run_abstract_state: object = None
 
 
 def stacked(init_fn, runs: int):
@@ -124,15 +126,17 @@ def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, ba
     abstract_state = jax.eval_shape(init_fn, params)
     params_sh = sharding.param_shardings(params, mesh)
     state_sh = sharding.state_shardings(abstract_state, mesh, names)
+    run_abstract_state, run_state_sh = abstract_state, state_sh
     if runs > 1:
-        init_fn, abstract_state = stacked(init_fn, runs), jax.eval_shape(stacked(init_fn, runs), params)
+        init_fn = stacked(init_fn, runs)
+        abstract_state = jax.eval_shape(init_fn, params)
         state_sh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *s.spec)),
                                 state_sh)
     step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_shardings),
                    out_shardings=(state_sh, sharding.replicated(mesh), *([carry_shardings] if carry_shardings else [])),
                    donate_argnums=0)
     return Trainer(step, jax.jit(init_fn, out_shardings=state_sh), mesh, params_sh, state_sh, batch_shardings,
-                   abstract_state, tuple(names))
+                   abstract_state, tuple(names), run_state_sh, run_abstract_state)
 
 
 # ----------------------------------------------------------------------------- the unlearning step
@@ -367,13 +371,10 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
     trainer = compile_(make_step(spec, optimizer, share_lowest=share), batch_sh)
     variant = lambda **kw: compile_(make_step(spec, optimizer, diagnostics=False, share_lowest=share, **kw),
                                     {**batch_sh, CARRY: rows} if kw else batch_sh).step
-    one_run = spec.cells > 1 and compile_trainer(make_step(dataclasses.replace(spec, cells=1), optimizer, share_lowest=share), init,
-                                                 frozen, names, spec.mesh, batch_sh, rows)
     return CompiledStep(step=trainer.step, lean_step=variant(), reuse_step=variant(reuse_retain=True),
                         hidden=spec.model_cfg.hidden_size, dtype=spec.dtype, init=trainer.init, mesh=spec.mesh,
                         params_shardings=trainer.params_shardings,
                         state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
                         abstract_state=trainer.abstract_state, trainable=names,
                         rows=sharding.batch_rows(spec.mesh, spec.batch_size), cells=spec.cells,
-                        run_state_shardings=one_run.state_shardings if one_run else trainer.state_shardings,
-                        run_abstract_state=one_run.abstract_state if one_run else trainer.abstract_state)
+                        run_state_shardings=trainer.run_state_shardings, run_abstract_state=trainer.run_abstract_state)
