@@ -100,6 +100,7 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
                     shapes[key] = executable_flops(fn.lower(holder["state"], frozen, args).compile())
             return shapes[key]
         step.flops = flops
+        step.compiled, step.frozen, step.data, step.holder = compiled, frozen, data, holder  # bench/fusion_profile.py
         return step
     return jax_side
 
