@@ -12,6 +12,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import re
 import sys
 import tempfile
@@ -42,17 +43,10 @@ def dot_flops(body: str) -> tuple[float, str]:
         if not match or not contract:
             continue
         out, lhs, rhs = dims(match.group(1)), shapes.get(match.group(2), []), shapes.get(match.group(3), [])
-        k = 1
-        for d in contract.group(1).split(","):
-            k *= lhs[int(d)] if lhs else 0
-        n_out = 1
-        for d in out:
-            n_out *= d
+        k = math.prod(lhs[int(d)] for d in contract.group(1).split(",")) if lhs else 0
         op = re.search(r'op_name="([^"]*)"', line)
-        op = op.group(1) if op else ""
-        where = re.sub(r"^.*?layers_\d+/", "", op).replace("/dot_general", "")
-        label = f"{'backward' if 'transpose(' in op else 'forward'} {where} {lhs}x{rhs}->{out}"
-        return 2.0 * n_out * k, label
+        where = source_of(op.group(1) if op else "").replace("/dot_general", "")
+        return 2.0 * math.prod(out) * k, f"{where} {lhs}x{rhs}->{out}"
     return 0.0, ""
 
 
@@ -78,22 +72,22 @@ def profile(batch_index: int, repeats: int) -> dict:
     compiled, frozen, data = step.compiled, step.frozen, step.data
     b = data.batch(batch_index)
     batch = compiled.device_batch(b.topic, b.forget, b.retain)
-    state = step.holder["state"]
-    for _ in range(2):
-        state, metrics, _ = compiled.lean_step(state, frozen, batch)
-        float(metrics["loss"])
+    holder = {"state": step.holder["state"]}
+
+    def run(times: int) -> None:
+        for _ in range(times):
+            holder["state"], metrics, _ = compiled.lean_step(holder["state"], frozen, batch)
+            float(metrics["loss"])
+
+    run(2)
     start = time.perf_counter()
-    for _ in range(repeats):
-        state, metrics, _ = compiled.lean_step(state, frozen, batch)
-        float(metrics["loss"])
+    run(repeats)
     wall = (time.perf_counter() - start) / repeats
     with jax.set_mesh(compiled.mesh):
-        hlo = compiled.lean_step.lower(state, frozen, batch).compile().as_text()
+        hlo = compiled.lean_step.lower(holder["state"], frozen, batch).compile().as_text()
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(repeats):
-                state, metrics, _ = compiled.lean_step(state, frozen, batch)
-                float(metrics["loss"])
+            run(repeats)
         trace = next(Path(trace_dir).rglob("*.trace.json.gz"))
         events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     bodies = {m.group(1): m.group(2) for m in COMPUTATION.finditer(hlo)}
