@@ -84,6 +84,10 @@ class RunConfig:
     retain_max_len: int = setting("training", "int", 512, "Max tokens of retain texts.", bound=">=1")
     min_len: int = setting("training", "int", 0, "Keep texts with more than this many characters.", bound=">=0")
     pad_multiple: int = setting("training", "int", 128, "Pad batches to a multiple of this length (one compile per shape).", bound=">=1")
+    pack_tokens: bool = setting("training", "bool", True, "Run the per-token work of the step (projections, MLPs) on "
+                                "the real tokens and one pad token standing for every pad position, packed to a "
+                                "multiple of --pad_multiple (armu_jax.packing; same results, fewer FLOPs); false: "
+                                "on every padded position, as the reference.")
     seed: int = setting("training", "int", 42, "Seed of the control vectors.", bound=">=0")
     data_seed: int = setting("training", "int", None, "Shuffle each corpus with this seed before it is chunked "
                              "(default: none, the reference's file order); with --seeds, seed k adds k.", bound=">=0")

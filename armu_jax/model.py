@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from armu_jax import packing as packing_lib
 from armu_jax.errors import UserError
 from armu_jax.model_config import ModelConfig, Rope
 
@@ -154,7 +155,9 @@ class _Block(nn.Module):
 
 class Attention(_Block):
     @nn.compact
-    def __call__(self, x, cos, sin, allowed):
+    def __call__(self, x, cos, sin, allowed, packing=None):
+        """x [B, T, D]; or with packing (armu_jax.packing's layout) the packed tokens [S, N, D]: the
+        projections run on them, the scores and the value products in the padded [B, T] layout of allowed."""
         cfg = self.cfg
         batch, length, _ = x.shape
         heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -169,12 +172,18 @@ class Attention(_Block):
             q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(batch, length, kv, hd)
+        if packing is not None:
+            batch, length = allowed.shape[:2]
+            # A pad position's query sees no key and is a key no query sees: no gradient reaches it.
+            q, k, v = (packing_lib.unpack(t, packing, batch, pad_grad=False) for t in (q, k, v))
         # Grouped-query attention without repeating K/V: each KV head's query heads side by side,
         # [B, kv, groups x T, hd], so the scores are one batched matmul per KV head.
         q = jnp.transpose(q.reshape(batch, length, kv, groups, hd), (0, 2, 3, 1, 4))
         k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
         out = self.attend(q, k, v, allowed)
         out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads * hd)
+        if packing is not None:
+            out = packing_lib.pack(out, packing)
         return self.dense(cfg.hidden_size, "o_proj", "self_attn")(out)
 
     def attend(self, q, k, v, allowed):
@@ -216,7 +225,7 @@ class DecoderLayer(_Block):
     post (OLMo-2): h + post_norm(attn(h)), then h + post_norm(mlp(h))."""
 
     @nn.compact
-    def __call__(self, h, cos, sin, allowed, mid=None, keep_mid: bool = False):
+    def __call__(self, h, cos, sin, allowed, mid=None, keep_mid: bool = False, packing=None):
         """mid: (the residual stream after attention, the down projection's input) computed before: only the
         down projection and what follows it run. keep_mid: also return that pair (out, mid)."""
         kind = self.cfg.layer_norms
@@ -224,11 +233,11 @@ class DecoderLayer(_Block):
         if mid is None:
             attn = Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")
             if kind == "pre":
-                h = h + attn(self.norm("input_layernorm")(h), cos, sin, allowed)
+                h = h + attn(self.norm("input_layernorm")(h), cos, sin, allowed, packing)
                 x = self.norm("post_attention_layernorm")(h)
             else:
                 x = h if kind == "post" else self.norm("input_layernorm")(h)
-                h = h + self.norm("post_attention_layernorm")(attn(x, cos, sin, allowed))
+                h = h + self.norm("post_attention_layernorm")(attn(x, cos, sin, allowed, packing))
                 x = h if kind == "post" else self.norm("pre_feedforward_layernorm")(h)
             act = mlp(x, part="act")
         else:
@@ -260,11 +269,13 @@ class LlamaModel(nn.Module):
         return h
 
     def run_layers(self, h, attention_mask, positions, start: int, end: int, allowed=None, mid=None,
-                   keep_mid: bool = False):
+                   keep_mid: bool = False, packing=None):
         """Layers start..end (inclusive) applied to the residual stream h: [B, T, D]. Attention is causal
         over the attention_mask's tokens, or follows `allowed` [B, T(query), T(key)] when given; sliding
-        layers further limit each query to keys fewer than the window positions before it. mid / keep_mid: layer start's (DecoderLayer), given or also returned."""
-        length = h.shape[1]
+        layers further limit each query to keys fewer than the window positions before it. mid / keep_mid: layer start's (DecoderLayer), given or also returned.
+        packing (armu_jax.packing's layout of the [B, T] attention_mask and positions): h holds the packed
+        tokens [S, N, D] (as does mid), only the attention's products run padded."""
+        length = attention_mask.shape[1]
         if allowed is None:
             causal = jnp.tril(jnp.ones((length, length), dtype=bool))
             allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
@@ -274,24 +285,27 @@ class LlamaModel(nn.Module):
             distance = positions[:, :, None] - positions[:, None, :]
             masks["sliding"] = allowed & (distance < self.cfg.sliding_window)
         # One (cos, sin) per distinct RoPE: Gemma-2's sliding and full layers share one, Gemma-3's do not.
-        tables = {rope: rope_tables(rope, self.cfg.head_dim, positions, self.dtype)
+        tables = {rope: rope_tables(rope, self.cfg.head_dim, positions if packing is None else packing["positions"],
+                                    self.dtype)
                   for rope in {self.cfg.rope_of(kind) for kind in kinds}}
         ablate = self.has_variable("ablation", "directions")  # --mode=attack's direction ablation
         for index in range(start, end + 1):
             kind = self.cfg.layer_type(index)
             if index == start and (mid is not None or keep_mid):
-                h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind], mid=mid, keep_mid=keep_mid)
+                h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind], mid=mid, keep_mid=keep_mid,
+                                       packing=packing)
                 h, mid = h if keep_mid else (h, None)
             else:
-                h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind])
+                h = self.layers[index](h, *tables[self.cfg.rope_of(kind)], masks[kind], packing=packing)
             if ablate:  # h <- h - Q Q^T h with layer index's orthonormal Q [D, k] (zero: unchanged)
                 q = self.get_variable("ablation", "directions")[index].astype(h.dtype)
                 h = h - (h @ q) @ q.T
         return (h, mid) if keep_mid else h
 
-    def __call__(self, input_ids, attention_mask, positions, upto: int | None = None, allowed=None):
+    def __call__(self, input_ids, attention_mask, positions, upto: int | None = None, allowed=None, packing=None):
         last = self.cfg.num_hidden_layers - 1 if upto is None else upto
-        h = self.run_layers(self.embed(input_ids), attention_mask, positions, 0, last, allowed)
+        h = self.embed(input_ids if packing is None else packing["ids"])
+        h = self.run_layers(h, attention_mask, positions, 0, last, allowed, packing=packing)
         return h if upto is not None else self.norm(h)
 
 
@@ -342,16 +356,19 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(input_ids, None, positions, allowed=allowed)
         return self._head(jnp.take_along_axis(h, at[..., None], axis=1))
 
-    def hidden_upto(self, input_ids, attention_mask=None, positions=None, *, layer: int):
-        """Residual-stream output of decoder layer `layer` (HF's hidden_states[layer + 1]); later layers are not run."""
+    def hidden_upto(self, input_ids, attention_mask=None, positions=None, *, layer: int, packing=None):
+        """Residual-stream output of decoder layer `layer` (HF's hidden_states[layer + 1]); later layers are not run.
+        packing: of the real tokens only, packed ([S, N, D], armu_jax.packing)."""
         attention_mask, positions = _defaults(input_ids, attention_mask, positions)
-        return self.model(input_ids, attention_mask, positions, upto=layer)
+        return self.model(input_ids, attention_mask, positions, upto=layer, packing=packing)
 
-    def run_layers(self, h, attention_mask, positions, *, start: int, end: int, mid=None, keep_mid: bool = False):
+    def run_layers(self, h, attention_mask, positions, *, start: int, end: int, mid=None, keep_mid: bool = False,
+                   packing=None):
         """Layers start..end (inclusive) from the residual stream h entering layer `start`; mid / keep_mid:
         layer start's residual stream after attention and its down projection's input, given (only what
         follows runs) or also returned ((h, mid))."""
-        return self.model.run_layers(h, attention_mask, positions, start, end, mid=mid, keep_mid=keep_mid)
+        return self.model.run_layers(h, attention_mask, positions, start, end, mid=mid, keep_mid=keep_mid,
+                                     packing=packing)
 
 
 def abstract_params(model: LlamaForCausalLM) -> dict:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from armu_jax import sharding
+from armu_jax import packing, sharding
 from armu_jax.families import update_params_for
 from armu_jax.model import LlamaForCausalLM, parse_dtype
 from armu_jax.model_config import ModelConfig
@@ -44,12 +44,14 @@ class StepSpec:
     batch_size: int
     mesh: jax.sharding.Mesh
     cells: int = 1  # runs side by side in one step (a sweep's --cells_per_step): vmapped over their states
+    pack_multiple: int = 0  # > 0: real tokens packed (armu_jax.packing) to a multiple of this; 0: padded
 
     @classmethod
     def of(cls, cfg, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
         return cls(model_cfg, cfg.dtype, cfg.layer_id, tuple(cfg.update_layer_ids),
                    tuple(update_params_for(cfg.update_params, model_cfg)), cfg.adaptive_coeff, cfg.norm_skip_first,
-                   cfg.optimizer, cfg.n_topics, cfg.batch_size, mesh)
+                   cfg.optimizer, cfg.n_topics, cfg.batch_size, mesh,
+                   pack_multiple=cfg.pad_multiple if getattr(cfg, "pack_tokens", False) else 0)
 
     @property
     def model(self) -> LlamaForCausalLM:
@@ -167,19 +169,28 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
     share_lowest (only mlp.down_proj trained in the lowest updated layer lo): layer lo's attention and
     gate/up projections are the same in both models, so the updated model takes them from the frozen
     model's forward of the same batch (the retain batch's, carried to a reuse step too; the forget batch's on
-    a diagnostic step) and runs only lo's down projection and what follows."""
+    a diagnostic step) and runs only lo's down projection and what follows.
+
+    A side with "pack" (spec.pack_multiple, armu_jax.packing's layout) runs layers 0..l on its real tokens and
+    one pad token ([S, N, D], the carry too); the loss and the metrics read them unpacked to [rows, T, D]."""
     model = spec.model
     lo, hi = spec.lowest_update_layer, spec.layer_id
     needs_frozen_f = diagnostics or spec.adaptive_coeff == "per_batch"
 
     def prefix(params, b):
         h = model.apply(params, b["input_ids"], b["attention_mask"], b["positions"], layer=lo - 1,
-                        method=LlamaForCausalLM.hidden_upto)
+                        packing=b.get("pack"), method=LlamaForCausalLM.hidden_upto)
         return jax.lax.stop_gradient(h)
 
     def upper(params, h, b, mid=None, keep_mid=False):
         return model.apply(params, h, b["attention_mask"], b["positions"], start=lo, end=hi, mid=mid,
-                           keep_mid=keep_mid, method=LlamaForCausalLM.run_layers)
+                           keep_mid=keep_mid, packing=b.get("pack"), method=LlamaForCausalLM.run_layers)
+
+    def padded(h, b):
+        """An activation as the loss and the metrics read it: [rows, T, D] (unpacked when the side is packed)."""
+        if h is None or "pack" not in b:
+            return h
+        return packing.unpack(h, b["pack"], b["attention_mask"].shape[0])
 
     def frozen_upper(params, h, b):
         """Layers lo..l of the frozen model: (output, layer lo's mid when share_lowest, else None)."""
@@ -209,10 +220,10 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
     def loss_fn(trainable, state, frozen_params, batch):
         topic, run, acts = batch["topic"], batch["settings"], batch[ACTS]
         f, r = batch["forget"], batch["retain"]
-        frozen_f, frozen_r = acts.get("frozen_f"), acts["frozen_r"]
+        frozen_f, frozen_r = padded(acts.get("frozen_f"), f), padded(acts["frozen_r"], r)
         updated = merge(frozen_params, trainable)
-        h_f = upper(updated, acts["prefix_f"], f, mid=acts["mid_f"])
-        h_r = upper(updated, acts["prefix_r"], r, mid=acts["mid_r"])
+        h_f = padded(upper(updated, acts["prefix_f"], f, mid=acts["mid_f"]), f)
+        h_r = padded(upper(updated, acts["prefix_r"], r, mid=acts["mid_r"]), r)
         if spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
             adaptive = run["beta"] * mean_token_norm(frozen_f, norm_weight(f["weight"], f["attention_mask"]))
         else:  # public code: from the updated model on the topic's first batch, then fixed
@@ -296,6 +307,8 @@ class CompiledStep:
     cells: int = 1  # runs side by side (StepSpec.cells): the state and settings hold that many, stacked
     run_state_shardings: object = None  # one run's state (a checkpoint's), whatever `cells` is
     run_abstract_state: object = None
+    pack_multiple: int = 0  # StepSpec.pack_multiple: > 0, device_batch adds each side's packed layout
+    shards: int = 1  # the batch's shards (data x fsdp): each packs its own rows
 
     def with_settings(self, cfg, control_vectors: np.ndarray) -> "CompiledStep":
         if self.cells != 1:
@@ -312,33 +325,44 @@ class CompiledStep:
     def device_batch(self, topic: int, forget: dict, retain: dict, carry: dict | None = None) -> dict:
         """A batch on its devices; with carry (the step before's, whose retain side was this one) a batch for
         reuse_step."""
+        if self.pack_multiple:
+            forget, retain = ({**side, "pack": packing.layout(side, self.shards, self.pack_multiple)}
+                              for side in (forget, retain))
         tree = {"topic": np.int32(topic), "forget": forget, "retain": retain, "settings": self.settings}
         placed = sharding.place(tree, self.batch_shardings)
         return placed if carry is None else {**placed, CARRY: carry}
 
-    def abstract_batch(self, forget_length: int, retain_length: int) -> dict:
-        """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles)."""
-        def side(length, sh):
+    def abstract_batch(self, forget_length: int, retain_length: int, forget_tokens: int | None = None,
+                       retain_tokens: int | None = None) -> dict:
+        """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles); a packing
+        step's sides packed to these slots per shard (default: the most a side of that length can need)."""
+        def side(length, tokens, sh):
             shape = (self.rows, length)
-            return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                    "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                    "positions": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                    "weight": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+            out = {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+                   "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+                   "positions": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+                   "weight": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+            if self.pack_multiple:
+                tokens = tokens or packing.max_packed_length(self.rows, length, self.shards, self.pack_multiple)
+                out["pack"] = packing.abstract_layout(self.rows, length, tokens, self.shards, sh)
+            return out
         sh = self.batch_shardings
         settings = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh["topic"]),
                                 self.settings)
         return {"topic": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["topic"]),
-                "forget": side(forget_length, sh["forget"]), "retain": side(retain_length, sh["retain"]),
-                "settings": settings}
+                "forget": side(forget_length, forget_tokens, sh["forget"]),
+                "retain": side(retain_length, retain_tokens, sh["retain"]), "settings": settings}
 
-    def abstract_carry(self, frozen, forget_length: int, retain_length: int) -> dict:
+    def abstract_carry(self, frozen, forget_length: int, retain_length: int, forget_tokens: int | None = None,
+                       retain_tokens: int | None = None) -> dict:
         """ShapeDtypeStructs of the retain carry a step of these lengths hands to the next (reuse_step's)."""
         abstract = lambda tree, shardings: jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
         with jax.set_mesh(self.mesh):
             carry = jax.eval_shape(self.lean_step, abstract(self.abstract_state, self.state_shardings),
                                    abstract(frozen, self.params_shardings),
-                                   self.abstract_batch(forget_length, retain_length))[2]
+                                   self.abstract_batch(forget_length, retain_length, forget_tokens,
+                                                       retain_tokens))[2]
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_shardings["retain"]),
                             carry)
 
@@ -377,4 +401,5 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
                         state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
                         abstract_state=trainer.abstract_state, trainable=names,
                         rows=sharding.batch_rows(spec.mesh, spec.batch_size), cells=spec.cells,
-                        run_state_shardings=trainer.run_state_shardings, run_abstract_state=trainer.run_abstract_state)
+                        run_state_shardings=trainer.run_state_shardings, run_abstract_state=trainer.run_abstract_state,
+                        pack_multiple=spec.pack_multiple, shards=spec.mesh.shape["data"] * spec.mesh.shape["fsdp"])

@@ -42,7 +42,7 @@ def _inputs():
     return forget, retain, vectors
 
 
-def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
+def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_tokens: bool = True):
     """The JAX step as a run takes it: the run's tokenizer (armu_jax.data.load_tokenizer: no torch), the
     lean step between --log_every's steps, the diagnostic one on them. Imports only what a run does."""
     import jax
@@ -63,7 +63,7 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
     def jax_side():
         model_cfg, params = load_hf(model_dir, upto_layer=LAYER)
         cfg = config_with(layer_id=LAYER, lr=LR, alpha=[ALPHA], beta=BETA, method="adaptive_rmu",
-                          adaptive_coeff="first_batch")
+                          adaptive_coeff="first_batch", pack_tokens=pack_tokens)
         spec = StepSpec.of(cfg, model_cfg, make_mesh(cfg.mesh))
         compiled = build_step(spec, params).with_settings(cfg, vectors)
         data = UnlearningData(tokenizer, forget, retain, 4, [max_len, max_len], max_len, 128, "none",
@@ -90,12 +90,16 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True):
             """XLA's FLOP count of step i's program (one per padded shape and variant)."""
             b = data.batch(i)
             reuse = i > 0 and reused(i, (data.batch(i - 1).retain, None))
-            key = (b.forget["input_ids"].shape[1], b.retain["input_ids"].shape[1], i % log_every == 0, reuse)
+            placed = compiled.device_batch(b.topic, b.forget, b.retain)
+            sides = ("forget", "retain")  # padded lengths, then packed slots (armu_jax.packing)
+            sizes = ([placed[s]["input_ids"].shape[1] for s in sides]
+                     + [placed[s]["pack"]["ids"].shape[1] if "pack" in placed[s] else None for s in sides])
+            key = (*sizes, i % log_every == 0, reuse)
             if key not in shapes:
-                fn = compiled.step if key[2] else compiled.reuse_step if reuse else compiled.lean_step
-                args = compiled.abstract_batch(*key[:2])
+                fn = compiled.step if key[4] else compiled.reuse_step if reuse else compiled.lean_step
+                args = compiled.abstract_batch(*key[:4])
                 if reuse:
-                    args["retain_carry"] = compiled.abstract_carry(frozen, *key[:2])
+                    args["retain_carry"] = compiled.abstract_carry(frozen, *key[:4])
                 with jax.set_mesh(compiled.mesh):
                     shapes[key] = executable_flops(fn.lower(holder["state"], frozen, args).compile())
             return shapes[key]
@@ -170,9 +174,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def child(side: str, steps: int, max_len: int, log_every: int) -> None:
+def child(side: str, steps: int, max_len: int, log_every: int, pack_tokens: bool) -> None:
     """One side alone: its peak RSS above the baseline of its own imports, corpora and tokenizer."""
-    make = make_jax_side(max_len, log_every) if side == "jax" else make_torch_side(max_len)
+    make = make_jax_side(max_len, log_every, pack_tokens=pack_tokens) if side == "jax" else make_torch_side(max_len)
     base = peak_rss_mb()
     step = make()
     for i in range(steps):
@@ -187,10 +191,11 @@ def main() -> None:
     parser.add_argument("--log_every", type=int, default=10, help="a run's cadence of the diagnostic step")
     parser.add_argument("--jax_only", action="store_true", help="only the JAX step's time and FLOP/s (A/B runs)")
     parser.add_argument("--no_reuse", action="store_true", help="compute the paired topics' retain side twice (A/B)")
+    parser.add_argument("--no_pack", action="store_true", help="the per-token work on every padded position (A/B)")
     parser.add_argument("--child", choices=["jax", "torch"])
     args = parser.parse_args()
     if args.jax_only:
-        step = make_jax_side(args.max_len, args.log_every, not args.no_reuse)()
+        step = make_jax_side(args.max_len, args.log_every, not args.no_reuse, not args.no_pack)()
         for i in range(args.steps):
             step(i)
         times = []
@@ -203,17 +208,19 @@ def main() -> None:
               f"{sum(step.flops(i) for i in range(args.steps)) / args.steps / 1e9:.1f} GFLOP/step")
         return
     if args.child:
-        return child(args.child, args.steps, args.max_len, args.log_every)
+        return child(args.child, args.steps, args.max_len, args.log_every, not args.no_pack)
 
     # Memory first, each side in a fresh child process started while this one is still small
     # (Linux keeps a process's peak RSS across exec, so a child of a large parent would inherit it).
     memory = {}
     for side in ("jax", "torch"):
         out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
-                              "--max_len", str(args.max_len), "--log_every", str(args.log_every)],
+                              "--max_len", str(args.max_len), "--log_every", str(args.log_every),
+                              *(["--no_pack"] if args.no_pack else [])],
                              capture_output=True, text=True, check=True)
         memory[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    jax_step, torch_step = make_jax_side(args.max_len, args.log_every)(), make_torch_side(args.max_len)()
+    jax_step = make_jax_side(args.max_len, args.log_every, pack_tokens=not args.no_pack)()
+    torch_step = make_torch_side(args.max_len)()
     for i in range(args.steps):  # warm-up: compiles every JAX shape, warms torch's allocator
         jax_step(i)
     times = {"jax": [], "torch": []}
