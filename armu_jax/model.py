@@ -275,7 +275,7 @@ class LlamaModel(nn.Module):
         layers further limit each query to keys fewer than the window positions before it. mid / keep_mid: layer start's (DecoderLayer), given or also returned.
         packing (armu_jax.packing's layout of the [B, T] attention_mask and positions): h holds the packed
         tokens [S, N, D] (as does mid), only the attention's products run padded."""
-        length = attention_mask.shape[1]
+        length = h.shape[1] if packing is None else attention_mask.shape[1]
         if allowed is None:
             causal = jnp.tril(jnp.ones((length, length), dtype=bool))
             allowed = causal[None] & attention_mask.astype(bool)[:, None, :]

@@ -93,14 +93,15 @@ def test_step_spec_is_the_key_of_the_compiled_step(smollm2_dir):
     assert spec() == spec(method="rmu", beta=3.0, alpha=["10"], steering_coeffs=["20"], seed=1, lr=1e-4)
     for changed in (dict(layer_id=6), dict(update_layer_ids=[7]), dict(batch_size=8),
                     dict(adaptive_coeff="per_batch"), dict(norm_skip_first=True), dict(optimizer="adamw"),
-                    dict(dtype="bfloat16"), dict(update_params=["mlp.up_proj"]),
+                    dict(dtype="bfloat16"), dict(update_params=["mlp.up_proj"]), dict(pack_tokens=False),
+                    dict(pad_multiple=64),
                     dict(forget_corpora=["demo:bio"], retain_corpora=["demo:retain"], forget_max_len=["512"])):
         assert spec(**changed) != spec(), changed
     # every field of the spec is read from a setting (or the model and mesh): none is left at a default, but
     # cells, the runs side by side, which the sweep sets from --cells_per_step for each group (train.train_cells)
     assert {f.name for f in dataclasses.fields(StepSpec)} == {
         "model_cfg", "dtype", "layer_id", "update_layer_ids", "update_params", "adaptive_coeff", "norm_skip_first",
-        "optimizer", "n_topics", "batch_size", "mesh", "cells"}
+        "optimizer", "n_topics", "batch_size", "mesh", "cells", "pack_multiple"}
     assert spec().cells == 1 and spec(mode="sweep", cells_per_step=4, output_dir="runs/x").cells == 1
 
 
