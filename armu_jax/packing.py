@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KEYS = ("ids", "positions", "to_packed", "to_padded", "pad_token")
-
 
 def packed_length(counts, multiple: int) -> int:
     """N: the largest shard's slots (its real tokens, plus the pad token if it has pads), rounded up."""
