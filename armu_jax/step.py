@@ -51,7 +51,7 @@ class StepSpec:
         return cls(model_cfg, cfg.dtype, cfg.layer_id, tuple(cfg.update_layer_ids),
                    tuple(update_params_for(cfg.update_params, model_cfg)), cfg.adaptive_coeff, cfg.norm_skip_first,
                    cfg.optimizer, cfg.n_topics, cfg.batch_size, mesh,
-                   pack_multiple=cfg.pad_multiple if getattr(cfg, "pack_tokens", False) else 0)
+                   pack_multiple=cfg.pad_multiple if cfg.pack_tokens else 0)
 
     @property
     def model(self) -> LlamaForCausalLM:
@@ -325,12 +325,16 @@ class CompiledStep:
     def device_batch(self, topic: int, forget: dict, retain: dict, carry: dict | None = None) -> dict:
         """A batch on its devices; with carry (the step before's, whose retain side was this one) a batch for
         reuse_step."""
-        if self.pack_multiple:
-            forget, retain = ({**side, "pack": packing.layout(side, self.shards, self.pack_multiple)}
-                              for side in (forget, retain))
-        tree = {"topic": np.int32(topic), "forget": forget, "retain": retain, "settings": self.settings}
+        tree = {"topic": np.int32(topic), "forget": self.with_layout(forget), "retain": self.with_layout(retain),
+                "settings": self.settings}
         placed = sharding.place(tree, self.batch_shardings)
         return placed if carry is None else {**placed, CARRY: carry}
+
+    def with_layout(self, side: dict) -> dict:
+        """A tokenized side (host arrays) as this step reads it: with its packed layout when it packs."""
+        if not self.pack_multiple:
+            return side
+        return {**side, "pack": packing.layout(side, self.shards, self.pack_multiple)}
 
     def abstract_batch(self, forget_length: int, retain_length: int, forget_tokens: int | None = None,
                        retain_tokens: int | None = None) -> dict:

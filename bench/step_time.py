@@ -90,10 +90,9 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
             """XLA's FLOP count of step i's program (one per padded shape and variant)."""
             b = data.batch(i)
             reuse = i > 0 and reused(i, (data.batch(i - 1).retain, None))
-            placed = compiled.device_batch(b.topic, b.forget, b.retain)
-            sides = ("forget", "retain")  # padded lengths, then packed slots (armu_jax.packing)
-            sizes = ([placed[s]["input_ids"].shape[1] for s in sides]
-                     + [placed[s]["pack"]["ids"].shape[1] if "pack" in placed[s] else None for s in sides])
+            sides = [compiled.with_layout(side) for side in (b.forget, b.retain)]  # on the host, not placed
+            sizes = ([side["input_ids"].shape[1] for side in sides]  # padded lengths, then packed slots
+                     + [side["pack"]["ids"].shape[1] if "pack" in side else None for side in sides])
             key = (*sizes, i % log_every == 0, reuse)
             if key not in shapes:
                 fn = compiled.step if key[4] else compiled.reuse_step if reuse else compiled.lean_step
