@@ -189,19 +189,43 @@ class Attention(_Block):
     def attend(self, q, k, v, allowed):
         """q: [B, kv, groups, Tq, hd], k/v: [B, kv, Tk, hd], allowed: [B, Tq, Tk] -> [B, kv, groups, Tq, hd]."""
         cfg = self.cfg
-        batch, kv, groups, length, hd = q.shape
-        score_dtype = jnp.promote_types(self.dtype, jnp.float32)  # softmax in at least float32
-        scale = math.sqrt(cfg.query_pre_attn_scalar or hd)
-        scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(batch, kv, groups * length, hd), k,
-                            preferred_element_type=score_dtype) / scale
-        scores = _softcap(scores.reshape(batch, kv, groups, length, -1), cfg.attn_logit_softcapping)
-        mask = allowed[:, None, None, :, :]
-        scores = jnp.where(mask, scores, jnp.finfo(score_dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        # HF SDPA semantics: a query with no visible key (left padding) attends to nothing.
-        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0).astype(self.dtype)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(batch, kv, groups * length, -1), v)
-        return out.reshape(batch, kv, groups, length, hd)
+        return attend(q, k, v, allowed, scale=math.sqrt(cfg.query_pre_attn_scalar or q.shape[-1]),
+                      softcap=cfg.attn_logit_softcapping, dtype=self.dtype, chunks=query_chunks(q.shape[3]))
+
+
+MAX_QUERY_CHUNKS = 4  # 1: one block, every score computed (bench A/B)
+
+
+def query_chunks(length: int) -> int:
+    """How many query blocks attend() splits a length into: one per 64 positions, at most 4. A block of queries
+    needs only the keys up to its last query, so 4 blocks compute 5/8 of the scores, 2 blocks 3/4; more blocks
+    measured no faster on a CPU (bench/step_time.py) and compile longer."""
+    return max(1, min(MAX_QUERY_CHUNKS, length // 64))
+
+
+def attend(q, k, v, allowed, *, scale: float, softcap: float | None = None, dtype=jnp.float32, chunks: int = 1):
+    """Masked softmax attention, HF SDPA's semantics: q [B, kv, groups, Tq, hd], k/v [B, kv, Tk, hd] (Tq == Tk),
+    allowed [B, Tq, Tk] -> [B, kv, groups, Tq, hd]; a query with no visible key (left padding) attends to nothing.
+
+    Every mask here is causal (a query sees no later key), so with chunks > 1 the queries are split into that many
+    blocks and a block's scores are computed against the keys up to its last query only: the same values, the
+    softmax over fewer masked entries (exp of the mask's minimum is 0 either way)."""
+    batch, kv, groups, length, hd = q.shape
+    score_dtype = jnp.promote_types(dtype, jnp.float32)  # softmax in at least float32
+    bounds = [round(length * i / chunks) for i in range(chunks + 1)]
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows, keys = hi - lo, hi
+        scores = jnp.einsum("bkqd,bksd->bkqs", q[:, :, :, lo:hi].reshape(batch, kv, groups * rows, hd),
+                            k[:, :, :keys], preferred_element_type=score_dtype) / scale
+        scores = _softcap(scores.reshape(batch, kv, groups, rows, keys), softcap)
+        mask = allowed[:, None, None, lo:hi, :keys]
+        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(score_dtype).min), axis=-1).astype(dtype)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(batch, kv, groups * rows, keys), v[:, :, :keys])
+        # No visible key: softmax gave the mean of the values; zero the (smaller) output, not the probabilities.
+        seen = jnp.any(allowed[:, lo:hi, :keys], axis=-1)[:, None, None, :, None]
+        outs.append(jnp.where(seen, out.reshape(batch, kv, groups, rows, hd), 0.0))
+    return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=3)
 
 
 class MLP(_Block):

@@ -8,7 +8,7 @@ import transformers
 from helpers import tiny_hf_model
 
 from armu_jax.hf_io import load_hf
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import LlamaForCausalLM, attend, query_chunks
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -53,6 +53,47 @@ def test_logits_match_hf(tmp_path, arch, kv_heads, tied, rope):
     assert np.abs(got - want).max() <= 1e-5
     h1 = model.apply(params, jnp.asarray(ids), jnp.asarray(mask), layer=1, method=LlamaForCausalLM.hidden_upto)
     assert np.abs(np.asarray(h1) - hidden[2]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch,length", [("llama", 150), ("mistral", 200)])
+def test_long_rows_match_hf(tmp_path, arch, length):
+    """Rows long enough for attend() to split the queries into blocks (2 at 150, 3 at 200; Mistral's 64-token
+    window shorter than the rows), heavily left-padded (one row with a single real token): HF's logits."""
+    assert query_chunks(length) > 1
+    model_dir = tiny_hf_model(tmp_path, arch, 2)
+    cfg, params = load_hf(model_dir)
+    ids, mask = _batch(np.random.default_rng(1), cfg.vocab_size, length, pad_rows=(0, 70, length - 1))
+    want, _ = _hf_logits(model_dir, ids, mask)
+    got = np.asarray(jax.jit(LlamaForCausalLM(cfg).apply)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_attend_blocks_equal_one_block():
+    """attend() with the queries split into 2, 3, 4 blocks against one block: outputs and the gradients of
+    q, k, v, left padding and an all-pad row included, within 4x what a one-ulp change of q moves them."""
+    rng = np.random.default_rng(0)
+    batch, kv, groups, length, hd = 3, 2, 3, 130, 8
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+               [(batch, kv, groups, length, hd), (batch, kv, length, hd), (batch, kv, length, hd)])
+    real = np.arange(length)[None, :] >= np.array([0, 57, length])[:, None]  # pads first; the last row all pad
+    allowed = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & real[:, None, :])
+    weights = jnp.asarray(rng.normal(size=(batch, kv, groups, length, hd)), jnp.float32)
+
+    def outputs(chunks, q):
+        def loss(q, k, v):
+            out = attend(q, k, v, allowed, scale=3.0, chunks=chunks)
+            return jnp.sum(out * weights), out
+        grads, out = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return [np.asarray(out), *map(np.asarray, grads)]
+
+    want = outputs(1, q)
+    drift = [np.abs(a - b).max() for a, b in zip(outputs(1, jnp.nextafter(q, jnp.inf)), want)]
+    assert min(drift) > 0
+    assert np.all(want[0][2] == 0) and np.all(want[1][2] == 0)  # no visible key: no output, no gradient
+    for chunks in (2, 3, 4):
+        got = outputs(chunks, q)
+        for name, a, b, bound in zip(("output", "dq", "dk", "dv"), got, want, drift):
+            assert np.abs(a - b).max() <= 4 * bound, (chunks, name, np.abs(a - b).max(), bound)
 
 
 def test_smollm2_matches_transformers(smollm2_dir):
