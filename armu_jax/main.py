@@ -7,7 +7,7 @@ from absl import app, flags, logging
 
 from armu_jax.config import check_flagfile, define_flags, from_flag_values, help_text, local_flagfile
 from armu_jax.errors import USAGE_EXIT, UserError, run_cli
-from armu_jax.runtime import enable_compilation_cache, go_offline
+from armu_jax.runtime import enable_compilation_cache, go_offline, release_memory_after_compiles
 
 define_flags()
 
@@ -71,6 +71,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     go_offline()
     enable_compilation_cache()
+    release_memory_after_compiles()
     run_cli(dispatch)
 
 

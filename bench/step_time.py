@@ -52,6 +52,7 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
     from armu_jax.data import UnlearningData, load_tokenizer
     from armu_jax.embedded import smollm2_dir
     from armu_jax.hf_io import load_hf
+    from armu_jax.runtime import release_memory_after_compiles
     from armu_jax.sharding import make_mesh
     from armu_jax.step import StepSpec, build_step
     from armu_jax.train import same_side
@@ -59,6 +60,7 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
     model_dir = smollm2_dir()
     forget, retain, vectors = _inputs()
     tokenizer = load_tokenizer(model_dir)
+    release_memory_after_compiles()  # as main and the demo
 
     def jax_side():
         model_cfg, params = load_hf(model_dir, upto_layer=LAYER)

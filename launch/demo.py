@@ -20,7 +20,7 @@ from armu_jax.config import config_with, from_flagfile
 from armu_jax.embedded import smollm2_dir
 from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.rundir import read_metrics
-from armu_jax.runtime import enable_compilation_cache, go_offline
+from armu_jax.runtime import enable_compilation_cache, go_offline, release_memory_after_compiles
 from armu_jax.sharding import make_mesh
 from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks, mean_chance
 from armu_jax.train import train
@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     began = time.time()
     go_offline()
     enable_compilation_cache()
+    release_memory_after_compiles()
     out = outputs.claim(args.output_dir or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
     flagfile = ROOT / "configs" / "demo.flags"
     print(f"armu_jax demo: writing to {out}")

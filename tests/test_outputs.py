@@ -129,3 +129,23 @@ def test_a_machine_without_a_tpu_never_initialises_libtpu():
     user = subprocess.run([sys.executable, "-c", "import armu_jax, os; print(os.environ['JAX_PLATFORMS'])"],
                           capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu,tpu"}, timeout=60)
     assert user.stdout.strip() == "cpu,tpu"  # a user's choice is kept
+
+
+def test_heap_is_trimmed_after_each_compile():
+    """release_memory_after_compiles: one trim per XLA compilation (none for a call that reuses one),
+    registered once however often it is called."""
+    import jax
+    import jax.numpy as jnp
+
+    from armu_jax import runtime
+    runtime.release_memory_after_compiles()
+    runtime.release_memory_after_compiles()
+    assert len(runtime._TRIMMING) == 1
+    seven, nine = jnp.ones(7), jnp.ones(9)
+    before = runtime.trims[0]
+    fn = jax.jit(lambda x: jnp.sin(x) * 3.25 + 1.0)
+    fn(seven)
+    fn(seven)
+    assert runtime.trims[0] == before + 1
+    fn(nine)  # a new shape: a new compilation
+    assert runtime.trims[0] == before + 2
