@@ -194,13 +194,16 @@ class Attention(_Block):
 
 
 MAX_QUERY_CHUNKS = 4  # 1: one block, every score computed (bench A/B)
+MIN_QUERY_BLOCK = 128  # rows shorter than 2 blocks run in one (tests set 64 to reach the blocks on short rows)
 
 
 def query_chunks(length: int) -> int:
-    """How many query blocks attend() splits a length into: one per 64 positions, at most 4. A block of queries
-    needs only the keys up to its last query, so 4 blocks compute 5/8 of the scores, 2 blocks 3/4; more blocks
-    measured no faster on a CPU (bench/step_time.py) and compile longer."""
-    return max(1, min(MAX_QUERY_CHUNKS, length // 64))
+    """How many query blocks attend() splits a length into: one per MIN_QUERY_BLOCK positions, at most
+    MAX_QUERY_CHUNKS. A block of queries needs only the keys up to its last query, so 4 blocks compute 5/8 of
+    the scores, 2 blocks 3/4. More blocks measured no faster on a CPU (bench/step_time.py) and compile
+    longer; rows under 256 positions (the evaluator's short buckets, the demo's 64-token extracts) keep one
+    block, whose program compiles fastest."""
+    return max(1, min(MAX_QUERY_CHUNKS, length // MIN_QUERY_BLOCK))
 
 
 def attend(q, k, v, allowed, *, scale: float, softcap: float | None = None, dtype=jnp.float32, chunks: int = 1):

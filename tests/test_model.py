@@ -7,6 +7,7 @@ import torch
 import transformers
 from helpers import tiny_hf_model
 
+from armu_jax import model as model_lib
 from armu_jax.hf_io import load_hf
 from armu_jax.model import LlamaForCausalLM, attend, query_chunks
 
@@ -56,9 +57,10 @@ def test_logits_match_hf(tmp_path, arch, kv_heads, tied, rope):
 
 
 @pytest.mark.parametrize("arch,length", [("llama", 150), ("mistral", 200)])
-def test_long_rows_match_hf(tmp_path, arch, length):
-    """Rows long enough for attend() to split the queries into blocks (2 at 150, 3 at 200; Mistral's 64-token
+def test_long_rows_match_hf(tmp_path, monkeypatch, arch, length):
+    """Rows split into query blocks by attend() (blocks of 64 here: 2 at 150, 3 at 200; Mistral's 64-token
     window shorter than the rows), heavily left-padded (one row with a single real token): HF's logits."""
+    monkeypatch.setattr(model_lib, "MIN_QUERY_BLOCK", 64)
     assert query_chunks(length) > 1
     model_dir = tiny_hf_model(tmp_path, arch, 2)
     cfg, params = load_hf(model_dir)
