@@ -71,7 +71,7 @@ def enable_compilation_cache() -> None:
 
 
 _TRIMMING = []
-trims = [0]  # how many times the heap was trimmed (tests)
+trims = [0]  # compilations seen by the listener, each followed by a trim where glibc has one (tests)
 
 
 def release_memory_after_compiles() -> None:
@@ -89,13 +89,14 @@ def release_memory_after_compiles() -> None:
         return
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        trim = None
 
     def after(event: str, _seconds: float, **_):
         if event == "/jax/core/compile/backend_compile_duration":
-            trim(0)
+            if trim is not None:
+                trim(0)
             trims[0] += 1
     jax.monitoring.register_event_duration_secs_listener(after)
     _TRIMMING.append(after)
