@@ -132,9 +132,8 @@ def test_a_machine_without_a_tpu_never_initialises_libtpu():
 
 
 def test_heap_is_trimmed_after_each_compile():
-    """release_memory_after_compiles: one trim per XLA compilation (a count only, without glibc; none for a
-    call that reuses one),
-    registered once however often it is called."""
+    """release_memory_after_compiles: one trim per XLA compilation (a count only, without glibc), none for a
+    call that reuses one, registered once however often it is called."""
     import jax
     import jax.numpy as jnp
 
