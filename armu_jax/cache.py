@@ -59,6 +59,13 @@ class ProcessCache:
         from armu_jax.step import build_step
         return self.get("step", spec, lambda: build_step(spec, frozen))
 
+    def plan(self, data, num_steps: int, compiled, model_cfg, budget: int):
+        """shapes.plan_steps of a run's batches (data: the cached UnlearningData of its DataSpec), planned once
+        for every run on the same batches and step layout."""
+        from armu_jax.shapes import plan_steps
+        key = (id(data), num_steps, compiled.rows, compiled.shards, compiled.pack_multiple, model_cfg, budget)
+        return self.get("plan", key, lambda: plan_steps(data, num_steps, compiled, model_cfg, budget))
+
     def scorer(self, spec):
         """The Scorer of an evaluate.EvalSpec."""
         from armu_jax.evaluate import build_scorer

@@ -70,29 +70,51 @@ def abstract_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None):
 
 
 def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir: str | None = None):
-    """(compiled executable, mesh, frozen abstract params) of cfg's step for its largest batch shape."""
+    """(compiled programs {"step", "retain"}, mesh, frozen abstract params, CompiledStep) of cfg's step for its
+    largest batch shape."""
     step, frozen = abstract_step(cfg, model_cfg, devices)
-    mesh = step.mesh
     padded = lambda length: -(-length // cfg.pad_multiple) * cfg.pad_multiple
-    lowered = step.lower(frozen, padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len))
+    shape = step.full_shape(padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len))
     from armu_jax import storage
     if dump_dir and storage.is_url(dump_dir):
         raise UserError(f"--xla_dump_dir={dump_dir}: XLA dumps to a local directory; pass a local path")
     options = {"xla_dump_to": str(Path(dump_dir).absolute())} if dump_dir else None
-    return lowered.compile(compiler_options=options), mesh, frozen
+    programs = {"step": step.lower("step", shape).compile(compiler_options=options),
+                "retain": step.lower("retain", shape.retain).compile(compiler_options=options)}
+    return programs, step.mesh, frozen, step
+
+
+def planned(cfg: RunConfig, model_cfg: ModelConfig, step) -> dict:
+    """The run's step count and planned shapes (armu_jax.shapes) from its corpora and tokenizer when they are
+    here; else the step count --max_num_batches allows and the budget of programs."""
+    from armu_jax.data import DataSpec, UnlearningData, load_tokenizer
+    from armu_jax.shapes import plan_steps
+    try:
+        model_dir = resolve_model(cfg.model)
+        data = UnlearningData.from_spec(DataSpec.of(cfg, model_dir, step.rows), load_tokenizer(model_dir))
+    except (UserError, OSError, ValueError) as err:
+        return {"steps": cfg.max_num_batches, "programs": cfg.step_programs, "shapes": None,
+                "planned_from": f"not planned: {str(err).splitlines()[0][:160]}"}
+    plan = plan_steps(data, data.num_steps(cfg.max_num_batches), step, model_cfg, cfg.step_programs)
+    return {"steps": len(plan.steps), "programs": plan.programs, "shapes": [str(s) for s in plan.step_shapes],
+            "planned_from": plan.describe()}
 
 
 def report(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
     devices = topology_devices(cfg.topology) if cfg.topology else None
     began = time.time()
-    compiled, mesh, frozen = compile_step(cfg, model_cfg, devices, cfg.xla_dump_dir)
-    mem = compiled.memory_analysis()
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    programs, mesh, frozen, step = compile_step(cfg, model_cfg, devices, cfg.xla_dump_dir)
+    totals = {}
+    for name, program in programs.items():
+        mem = program.memory_analysis()
+        totals[name] = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                        - mem.alias_size_in_bytes, mem)
+    total, mem = max(totals.values(), key=lambda t: t[0])  # the larger program's (the step's, in practice)
     chip = CHIPS[cfg.topology.split(":")[0]] if cfg.topology else None
     # v4 slices are described one device per TensorCore (two per chip, each with half the HBM and
     # half the FLOPs); v5e has one core per chip and v5p one megacore device per chip.
     per_chip = len(devices) / len({tuple(d.coords) for d in devices}) if devices is not None else 1
-    flops_per_device = executable_flops(compiled)  # the partitioned program: what one device runs
+    flops_per_device = sum(executable_flops(p) for p in programs.values())  # the partitioned programs: one device's
     return {
         "topology": cfg.topology or f"{jax.devices()[0].platform} (this machine)",
         "mesh": dict(mesh.shape), "devices": mesh.size, "dtype": cfg.dtype,
@@ -106,6 +128,7 @@ def report(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
         "flops_per_step": flops_per_device * mesh.size,
         "seconds_at_peak": flops_per_device / (chip.bf16_flops / per_chip) if chip else None,
         "compile_seconds": round(time.time() - began, 1),
+        "plan": planned(cfg, model_cfg, step),
     }
 
 
@@ -118,7 +141,9 @@ def format_report(rep: dict) -> str:
     return outputs.markdown_table(
         ["topology", "mesh", "GiB/device (args + temps)", "HBM GiB", "fits", "TFLOP/step", "ms at peak"],
         [[rep["topology"], mesh, f"{per['total'] / GIB:.2f} ({per['arguments'] / GIB:.2f} + "
-          f"{per['temporaries'] / GIB:.2f})", hbm, fits, f"{rep['flops_per_step'] / 1e12:.2f}", peak]])
+          f"{per['temporaries'] / GIB:.2f})", hbm, fits, f"{rep['flops_per_step'] / 1e12:.2f}", peak]]) + (
+        f"\n{rep['plan']['steps']} steps, at most {rep['plan']['programs']} step programs "
+        f"({rep['plan']['planned_from']}); the table: the largest batch shape" if rep.get("plan") else "")
 
 
 def compile_cli(cfg: RunConfig) -> dict:

@@ -88,6 +88,10 @@ class RunConfig:
                                 "the real tokens and one pad token standing for every pad position, packed to a "
                                 "multiple of --pad_multiple (armu_jax.packing; same results, fewer FLOPs); false: "
                                 "on every padded position, as the reference.")
+    step_programs: int = setting("training", "int", 6, "At most this many programs a run compiles for its step "
+                                 "(one per planned batch shape, and one per retain shape): before step 0 the run "
+                                 "plans a few shapes its batches are padded up to (armu_jax.shapes) and compiles "
+                                 "them side by side while the weights load.", bound=">=2")
     seed: int = setting("training", "int", 42, "Seed of the control vectors.", bound=">=0")
     data_seed: int = setting("training", "int", None, "Shuffle each corpus with this seed before it is chunked "
                              "(default: none, the reference's file order); with --seeds, seed k adds k.", bound=">=0")

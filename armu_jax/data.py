@@ -165,6 +165,23 @@ def tokenize(tokenizer, texts: list[str], max_len: int, batch_size: int, pad_mul
     return {"input_ids": out_ids, "attention_mask": out_mask, "positions": np.array(positions), "weight": weight}
 
 
+def widen(side: dict, length: int, pad_id: int) -> dict:
+    """A left-padded side padded further on the left to `length` (a planned shape, armu_jax.shapes): the new
+    positions are pads (masked, zero loss weight, positions counting down), as tokenize pads to L >= T."""
+    extra = length - side["input_ids"].shape[1]
+    if extra < 0:
+        raise ValueError(f"a side of {side['input_ids'].shape[1]} positions cannot be padded to {length}")
+    if extra == 0:
+        return side
+    rows = side["input_ids"].shape[0]
+    before = lambda fill, dtype: np.full((rows, extra), fill, dtype)
+    first = side["positions"][:, :1]
+    return {"input_ids": np.concatenate([before(pad_id, np.int32), side["input_ids"]], 1),
+            "attention_mask": np.concatenate([before(0, np.int32), side["attention_mask"]], 1),
+            "positions": np.concatenate([first - np.arange(extra, 0, -1, dtype=np.int32), side["positions"]], 1),
+            "weight": np.concatenate([before(0.0, np.float32), side["weight"]], 1)}
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What the unlearning batches are tokenized for, built once from the settings (DataSpec.of):
@@ -228,7 +245,13 @@ class UnlearningData:
         """As the reference: min(max_num_batches, shortest forget or retain chunk list)."""
         return min([max_num_batches] + [len(c) for c in self.forget] + [len(c) for c in self.retain])
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int, shape=None) -> Batch:
+        """Step's batch at its own padded lengths, or padded up to a planned shapes.StepShape's."""
+        if shape is not None:
+            own = self.batch(step)
+            pad = self.tokenizer.pad_token_id
+            return Batch(own.topic, widen(own.forget, shape.forget.length, pad),
+                         widen(own.retain, shape.retain.length, pad))
         if step not in self._batches:
             topic, index = step % self.n_topics, step // self.n_topics
             make = lambda texts, max_len: tokenize(self.tokenizer, texts, max_len, self.rows,

@@ -29,17 +29,27 @@ def packed_length(counts, multiple: int) -> int:
     return max(1, -(-int(max(counts)) // multiple)) * multiple
 
 
+def slots_needed(attention_mask, shards: int, multiple: int) -> int:
+    """N of a side with this mask [rows, T]: its fullest shard's real tokens and pad token, rounded up."""
+    mask = np.asarray(attention_mask).astype(bool)
+    rows, length = mask.shape
+    if rows % shards:
+        raise ValueError(f"{rows} rows do not split over {shards} shards")
+    mask = mask.reshape(shards, rows // shards * length)
+    return packed_length(mask.sum(1) + (~mask).any(1), multiple)
+
+
 def max_packed_length(rows: int, length: int, shards: int, multiple: int) -> int:
     """N for the fullest batch of [rows, length] (every position real): ahead-of-time compiles, reports."""
     return packed_length([rows // shards * length], multiple)
 
 
-def layout(side: dict, shards: int, multiple: int) -> dict:
+def layout(side: dict, shards: int, multiple: int, slots: int = 0) -> dict:
     """The packed layout of one tokenized side ({input_ids, attention_mask, positions} [rows, T]):
     ids, positions [S, N] (real tokens in order, then the pad token, then filler that nothing reads);
     to_packed [S, N]: each slot's padded position within its shard (rows_s x T: none, for the pad token
     and filler); to_padded [S, rows_s x T]: each padded position's slot (pads: the pad token's);
-    pad_token [S, N]: 1.0 on the pad token's slot."""
+    pad_token [S, N]: 1.0 on the pad token's slot. slots: N at least this (a planned shape, armu_jax.shapes)."""
     mask = np.asarray(side["attention_mask"]).astype(bool)
     rows, length = mask.shape
     if rows % shards:
@@ -49,7 +59,7 @@ def layout(side: dict, shards: int, multiple: int) -> dict:
     ids = np.asarray(side["input_ids"]).reshape(shards, span)
     positions = np.asarray(side["positions"]).reshape(shards, span)
     counts = mask.sum(1) + (~mask).any(1)
-    n = packed_length(counts, multiple)
+    n = max(packed_length(counts, multiple), slots)
     out = {"ids": np.zeros((shards, n), np.int32), "positions": np.zeros((shards, n), np.int32),
            "to_packed": np.full((shards, n), span, np.int32), "to_padded": np.zeros((shards, span), np.int32),
            "pad_token": np.zeros((shards, n), np.float32)}

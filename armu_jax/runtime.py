@@ -62,11 +62,12 @@ def load_cached_dataset(name: str, config: str | None, split: str, what: str, fi
 
 
 def enable_compilation_cache() -> None:
-    """Persist XLA compilations under the cache dir: a rerun skips recompiling the same shapes."""
+    """Persist XLA compilations under the cache dir (or $ARMU_XLA_CACHE): a rerun skips recompiling the same
+    shapes (it still traces them and loads the programs)."""
     import jax
 
     from armu_jax.embedded import cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("ARMU_XLA_CACHE") or str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
@@ -100,3 +101,55 @@ def release_memory_after_compiles() -> None:
             trims[0] += 1
     jax.monitoring.register_event_duration_secs_listener(after)
     _TRIMMING.append(after)
+
+
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_seconds",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_seconds",
+                  "/jax/core/compile/backend_compile_duration": "compile_seconds"}
+STEP_PROGRAMS = ("unlearning_step", "retain_side")  # the unlearning step's programs (step.make_step)
+_COUNTS = {"programs": 0, "step_programs": 0, "cache_hits": 0, "trace_seconds": 0.0, "lower_seconds": 0.0,
+           "compile_seconds": 0.0}
+
+
+def count_compiles() -> None:
+    """Count this process's XLA programs from jax.monitoring's events (once per process; compile_counts
+    reads them): every backend compilation (a persistent-cache hit included: it still traces, lowers and
+    loads), the unlearning step's among them, the cache hits, and the seconds of each stage."""
+    import jax
+    if _COUNTS.get("listening"):
+        return
+    _COUNTS["listening"] = True
+
+    def duration(event: str, seconds: float, **kwargs):
+        key = COMPILE_EVENTS.get(event)
+        if key is None:
+            return
+        _COUNTS[key] += seconds
+        if key == "compile_seconds":
+            _COUNTS["programs"] += 1
+            name = str(kwargs.get("fun_name", ""))
+            _COUNTS["step_programs"] += any(p in name for p in STEP_PROGRAMS)
+
+    def event(name: str, **_):
+        if name == "/jax/compilation_cache/cache_hits":
+            _COUNTS["cache_hits"] += 1
+    jax.monitoring.register_event_duration_secs_listener(duration)
+    jax.monitoring.register_event_listener(event)
+
+
+def compile_counts() -> dict:
+    """The counts so far (count_compiles): subtract two readings for what happened between them."""
+    return {k: v for k, v in _COUNTS.items() if k != "listening"}
+
+
+def compile_delta(since: dict) -> dict:
+    """What compiled since the reading `since`: programs, the step's, cache hits, and the seconds (rounded)."""
+    now = compile_counts()
+    return {k: round(now[k] - since[k], 2) if isinstance(now[k], float) else now[k] - since[k] for k in now}
+
+
+def describe_compiles(delta: dict) -> str:
+    seconds = delta["trace_seconds"] + delta["lower_seconds"] + delta["compile_seconds"]
+    return (f"{delta['programs']} programs ({delta['step_programs']} of the unlearning step; "
+            f"{delta['cache_hits']} loaded from the compilation cache) in {seconds:.1f} s of tracing, lowering "
+            f"and compiling")

@@ -23,6 +23,7 @@ from armu_jax.model_config import ModelConfig
 from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss, without_first_token
 from armu_jax.optimizer import make_optimizer
 from armu_jax.params import merge, take, trainable_names
+from armu_jax.shapes import SideShape, StepShape, own_shape
 
 
 @dataclass(frozen=True)
@@ -144,38 +145,40 @@ def compile_trainer(step_fn, init_fn, params, names, mesh: jax.sharding.Mesh, ba
 # ----------------------------------------------------------------------------- the unlearning step
 
 DIAGNOSTICS = ("forget_cosine", "retain_cosine", "forget_norm_updated", "forget_norm_frozen", "retain_norm_updated",
-               "retain_norm_frozen")  # the frozen-side metrics: only in the diagnostic variant (--log_every's steps)
+               "retain_norm_frozen")  # the frozen-side metrics: read on --log_every's steps (batch["diagnostics"])
 
 
-def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain: bool = False,
-              share_lowest: bool = False):
-    """optimizer(lr) -> the optax transformation; lr is the batch's settings["lr"] (a traced scalar: trials
-    that differ only in lr share one compiled step). diagnostics: also the cosines and norms of DIAGNOSTICS;
-    without them, the frozen model's layers lo..l on the forget batch run only where the loss reads them
-    (the paper's per-batch coefficient): in first_batch and RMU they fed nothing but those metrics.
+def make_step(spec: StepSpec, optimizer, share_lowest: bool = False):
+    """(retain_side, step): the unlearning step as two programs, so that a run compiles one of each per shape
+    (armu_jax.shapes) and no variants.
 
-    step(state, params, batch) -> (state, metrics, carry): carry holds the retain batch's frozen activations
-    (the prefix's output and layer l's). With reuse_retain the step takes them as batch["retain_carry"]
-    instead of computing them: the next step's, when its retain batch is the same (the paired topics'
-    steps on one retain corpus, the reference's wikitext twice). A program of its own, not a lax.cond:
-    XLA's buffers for a conditional's branches added 4.6 GiB per device to the Llama-3-8B step.
+    retain_side(params, retain) -> carry: the retain batch's frozen activations (the prefix's output and layer
+    l's, and layer lo's mid with share_lowest). The frozen model's activations depend only on the model and the
+    batch, so they are computed before the gradient; a step whose retain batch is the step before's (the
+    paired topics' steps on one retain corpus, the reference's wikitext twice) takes the same carry again.
+    A program of its own rather than a lax.cond inside the step: XLA's buffers for a conditional's branches
+    added 4.6 GiB per device to the Llama-3-8B step.
 
-    The frozen model's activations depend only on the model and the batch: they are computed once, before
-    the gradient. With spec.cells = K > 1 the state holds K runs stacked on a leading axis, and the settings
-    K runs' numbers (stacked_settings): the updated side, the loss, its gradient and the optimizer are
-    vmapped over the K runs, the frozen side shared (and, where every run's input is the shared prefix, the
-    lowest updated layer's frozen weights applied once).
+    step(state, params, batch) -> (state, metrics) with batch[CARRY] the carry of batch["retain"].
+    optimizer(lr) -> the optax transformation; lr is the batch's settings["lr"] (a traced scalar: trials
+    that differ only in lr share one compiled step). batch["diagnostics"] (a traced bool, --log_every's steps):
+    the metrics of DIAGNOSTICS are read; the frozen model's layers lo..l on the forget batch then run in a
+    lax.cond (first_batch and RMU: only those metrics read them; the paper's per-batch coefficient reads them
+    every step). On other steps the DIAGNOSTICS metrics are computed but meaningless (the caller drops them).
+
+    With spec.cells = K > 1 the state holds K runs stacked on a leading axis, and the settings K runs' numbers
+    (stacked_settings): the updated side, the loss, its gradient and the optimizer are vmapped over the K
+    runs, the frozen side shared.
 
     share_lowest (only mlp.down_proj trained in the lowest updated layer lo): layer lo's attention and
     gate/up projections are the same in both models, so the updated model takes them from the frozen
-    model's forward of the same batch (the retain batch's, carried to a reuse step too; the forget batch's on
-    a diagnostic step) and runs only lo's down projection and what follows.
+    model's forward of the same batch (the retain batch's, from the carry; the forget batch's where the loss
+    reads the frozen forget side) and runs only lo's down projection and what follows.
 
     A side with "pack" (spec.pack_multiple, armu_jax.packing's layout) runs layers 0..l on its real tokens and
     one pad token ([S, N, D], the carry too); the loss and the metrics read them unpacked to [rows, T, D]."""
     model = spec.model
     lo, hi = spec.lowest_update_layer, spec.layer_id
-    needs_frozen_f = diagnostics or spec.adaptive_coeff == "per_batch"
 
     def prefix(params, b):
         h = model.apply(params, b["input_ids"], b["attention_mask"], b["positions"], layer=lo - 1,
@@ -203,24 +206,28 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
         """The weight of the adaptive norm: with norm_skip_first, without each row's first real token."""
         return without_first_token(w, mask) if spec.norm_skip_first else w
 
+    def retain_side(frozen_params, r):
+        acts = {"prefix": prefix(frozen_params, r)}
+        acts["frozen"], mid = frozen_upper(frozen_params, acts["prefix"], r)
+        return acts | ({"mid": mid} if share_lowest else {})
+
     def frozen_side(frozen_params, batch):
         """The frozen model's activations the loss and the metrics read (no gradient flows into them)."""
-        f, r = batch["forget"], batch["retain"]
+        f, carry = batch["forget"], batch[CARRY]
         acts = {"prefix_f": prefix(frozen_params, f), "mid_f": None}
-        if needs_frozen_f:
+        if spec.adaptive_coeff == "per_batch":
             acts["frozen_f"], acts["mid_f"] = frozen_upper(frozen_params, acts["prefix_f"], f)
-        if reuse_retain:
-            acts["prefix_r"], acts["frozen_r"] = batch[CARRY]["prefix"], batch[CARRY]["frozen"]
-            acts["mid_r"] = batch[CARRY].get("mid")
-        else:
-            acts["prefix_r"] = prefix(frozen_params, r)
-            acts["frozen_r"], acts["mid_r"] = frozen_upper(frozen_params, acts["prefix_r"], r)
+        else:  # only the diagnostic metrics read it
+            acts["frozen_f"] = jax.lax.cond(batch["diagnostics"],
+                                            lambda h: frozen_upper(frozen_params, h, f)[0], jnp.zeros_like,
+                                            acts["prefix_f"])
+        acts["prefix_r"], acts["frozen_r"], acts["mid_r"] = carry["prefix"], carry["frozen"], carry.get("mid")
         return acts
 
     def loss_fn(trainable, state, frozen_params, batch):
         topic, run, acts = batch["topic"], batch["settings"], batch[ACTS]
         f, r = batch["forget"], batch["retain"]
-        frozen_f, frozen_r = padded(acts.get("frozen_f"), f), padded(acts["frozen_r"], r)
+        frozen_f, frozen_r = padded(acts["frozen_f"], f), padded(acts["frozen_r"], r)
         updated = merge(frozen_params, trainable)
         h_f = padded(upper(updated, acts["prefix_f"], f, mid=acts["mid_f"]), f)
         h_r = padded(upper(updated, acts["prefix_r"], r, mid=acts["mid_r"]), r)
@@ -241,10 +248,7 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
                  "coeff_ready": state["coeff_ready"].at[topic].set(True)}
         metrics = {
             "loss": loss, "grad_norm": optax.tree.norm(grads), "forget_loss": forget, "retain_loss": retain,
-            "coeff": coeff, "topic": topic}
-        if not diagnostics:
-            return extra, metrics
-        metrics |= {
+            "coeff": coeff, "topic": topic,
             "forget_cosine": mean_cosine(h_f, frozen_f, w_f),
             "retain_cosine": mean_cosine(h_r, frozen_r, w_r),
             "forget_norm_updated": mean_token_norm(h_f, w_f),
@@ -261,12 +265,10 @@ def make_step(spec: StepSpec, optimizer, diagnostics: bool = True, reuse_retain:
     else:
         train_runs = train
 
-    def step(state, params, batch):
+    def unlearning_step(state, params, batch):
         acts = frozen_side(params, batch)
-        state, metrics = train_runs(state, params, {**{k: v for k, v in batch.items() if k != CARRY}, ACTS: acts})
-        carry = {"prefix": acts["prefix_r"], "frozen": acts["frozen_r"]}
-        return state, metrics, carry | ({"mid": acts["mid_r"]} if share_lowest else {})
-    return step
+        return train_runs(state, params, {**{k: v for k, v in batch.items() if k != CARRY}, ACTS: acts})
+    return retain_side, unlearning_step
 
 
 def stacked_settings(settings: list[dict]) -> dict:
@@ -282,15 +284,16 @@ CARRY = "retain_carry"
 class CompiledStep:
     """The jitted unlearning step with everything needed to feed it, built once by build_step.
 
-    step(state, frozen, batch) -> (state, metrics, retain carry), jitted with explicit shardings and
-    the state donated; lean_step the same without the metrics of DIAGNOSTICS (the run's steps between
-    --log_every's), reuse_step the lean step on the step before's retain carry (make_step), each
-    compiled on its first call; init(frozen) -> the initial state, laid out with state_shardings.
-    `settings` (this
-    run's method and numbers) ride in every batch; `with_settings` gives the same
-    compiled step for another run's (a sweep's next cell: nothing recompiles).
+    Two programs per shape (make_step): `retain` (params, retain side) -> the carry, and `step` (state, params,
+    batch with the carry) -> (state, metrics), jitted with explicit shardings and the state donated. `run` feeds
+    them a batch at a shapes.StepShape, through executables compiled ahead of time (compile_ahead, or on a
+    shape's first use); `executables` is shared by every copy of this step (with_settings), so the runs of a
+    sweep, a tune or --seeds compile each shape once. init(frozen) -> the initial state, laid out with
+    state_shardings. `settings` (this run's method and numbers) ride in every batch; `with_settings` gives the
+    same compiled step for another run's (a sweep's next cell: nothing recompiles).
     """
     step: object
+    retain: object
     init: object
     mesh: jax.sharding.Mesh
     params_shardings: object
@@ -299,8 +302,6 @@ class CompiledStep:
     abstract_state: object
     trainable: tuple[str, ...]
     rows: int  # batch rows on device: --batch_size padded to a multiple of data x fsdp
-    lean_step: object = None
-    reuse_step: object = None  # the lean step taking the step before's retain carry (batch from device_batch(carry=))
     hidden: int = 0  # the residual stream's width and dtype (the retain carry's)
     dtype: str = "float32"
     settings: dict | None = None  # run_settings, on the host (a few numbers; placed with every batch)
@@ -309,75 +310,146 @@ class CompiledStep:
     run_abstract_state: object = None
     pack_multiple: int = 0  # StepSpec.pack_multiple: > 0, device_batch adds each side's packed layout
     shards: int = 1  # the batch's shards (data x fsdp): each packs its own rows
+    frozen_like: object = dataclasses.field(default=None, compare=False)  # the frozen params' ShapeDtypeStructs (no sharding): the programs' abstract input
+    executables: dict = dataclasses.field(default_factory=dict, compare=False)  # (kind, shape) -> compiled
 
     def with_settings(self, cfg, control_vectors: np.ndarray) -> "CompiledStep":
         if self.cells != 1:
             raise ValueError(f"this step runs {self.cells} runs side by side: give each its settings (with_cell_settings)")
-        return dataclasses.replace(self, settings=run_settings(cfg, control_vectors))
+        return dataclasses.replace(self, settings=run_settings(cfg, control_vectors), executables=self.executables)
 
     def with_cell_settings(self, cfgs: list, control_vectors: list[np.ndarray]) -> "CompiledStep":
         """The step for these runs side by side (as many as `cells`), each with its own numbers and u."""
         if len(cfgs) != self.cells:
             raise ValueError(f"this step runs {self.cells} runs side by side, not {len(cfgs)}")
         return dataclasses.replace(self, settings=stacked_settings(
-            [run_settings(c, u) for c, u in zip(cfgs, control_vectors)]))
+            [run_settings(c, u) for c, u in zip(cfgs, control_vectors)]), executables=self.executables)
 
-    def device_batch(self, topic: int, forget: dict, retain: dict, carry: dict | None = None) -> dict:
-        """A batch on its devices; with carry (the step before's, whose retain side was this one) a batch for
-        reuse_step."""
-        tree = {"topic": np.int32(topic), "forget": self.with_layout(forget), "retain": self.with_layout(retain),
-                "settings": self.settings}
-        placed = sharding.place(tree, self.batch_shardings)
-        return placed if carry is None else {**placed, CARRY: carry}
+    def own_shape(self, forget: dict, retain: dict) -> StepShape:
+        """The shape a batch (host arrays) has by itself: its padded lengths and packed slots."""
+        return StepShape(own_shape(forget, self.shards, self.pack_multiple),
+                         own_shape(retain, self.shards, self.pack_multiple))
 
-    def with_layout(self, side: dict) -> dict:
+    def run(self, state, frozen, topic: int, forget: dict, retain: dict, shape: StepShape | None = None,
+            carry=None, diagnostics: bool = True):
+        """One step on a batch (host arrays, padded to shape's lengths; default its own shape): (state,
+        metrics, carry). carry: the retain side's, from the step before when its retain batch was this one's
+        (at this shape's retain side); else computed. diagnostics False: the DIAGNOSTICS metrics are left out."""
+        shape = shape or self.own_shape(forget, retain)
+        placed = self.device_batch(topic, forget, retain, shape, diagnostics)
+        if carry is None:
+            carry = self.executable("retain", shape.retain)(frozen, placed["retain"])
+        state, metrics = self.executable("step", shape)(state, frozen, {**placed, CARRY: carry})
+        if not diagnostics:
+            metrics = {k: v for k, v in metrics.items() if k not in DIAGNOSTICS}
+        return state, metrics, carry
+
+    def device_batch(self, topic: int, forget: dict, retain: dict, shape: StepShape | None = None,
+                     diagnostics: bool = True) -> dict:
+        """A batch on its devices (without the carry), packed to shape's slots when the step packs."""
+        shape = shape or self.own_shape(forget, retain)
+        tree = {"topic": np.int32(topic), "forget": self.with_layout(forget, shape.forget.slots),
+                "retain": self.with_layout(retain, shape.retain.slots), "settings": self.settings,
+                "diagnostics": np.bool_(diagnostics)}
+        return sharding.place(tree, {k: v for k, v in self.batch_shardings.items() if k != CARRY})
+
+    def with_layout(self, side: dict, slots: int = 0) -> dict:
         """A tokenized side (host arrays) as this step reads it: with its packed layout when it packs."""
         if not self.pack_multiple:
             return side
-        return {**side, "pack": packing.layout(side, self.shards, self.pack_multiple)}
+        return {**side, "pack": packing.layout(side, self.shards, self.pack_multiple, slots)}
 
-    def abstract_batch(self, forget_length: int, retain_length: int, forget_tokens: int | None = None,
-                       retain_tokens: int | None = None) -> dict:
-        """ShapeDtypeStructs of a batch with these padded lengths (for ahead-of-time compiles); a packing
-        step's sides packed to these slots per shard (default: the most a side of that length can need)."""
-        def side(length, tokens, sh):
-            shape = (self.rows, length)
-            out = {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                   "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                   "positions": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                   "weight": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
-            if self.pack_multiple:
-                tokens = tokens or packing.max_packed_length(self.rows, length, self.shards, self.pack_multiple)
-                out["pack"] = packing.abstract_layout(self.rows, length, tokens, self.shards, sh)
-            return out
-        sh = self.batch_shardings
-        settings = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh["topic"]),
-                                self.settings)
-        return {"topic": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["topic"]),
-                "forget": side(forget_length, forget_tokens, sh["forget"]),
-                "retain": side(retain_length, retain_tokens, sh["retain"]), "settings": settings}
+    def abstract_side(self, shape: SideShape) -> dict:
+        """ShapeDtypeStructs of one side at this shape (for ahead-of-time compiles)."""
+        sh = self.batch_shardings["forget"]
+        dims = (self.rows, shape.length)
+        out = {"input_ids": jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sh),
+               "attention_mask": jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sh),
+               "positions": jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sh),
+               "weight": jax.ShapeDtypeStruct(dims, jnp.float32, sharding=sh)}
+        if self.pack_multiple:
+            slots = shape.slots or packing.max_packed_length(self.rows, shape.length, self.shards, self.pack_multiple)
+            out["pack"] = packing.abstract_layout(self.rows, shape.length, slots, self.shards, sh)
+        return out
 
-    def abstract_carry(self, frozen, forget_length: int, retain_length: int, forget_tokens: int | None = None,
-                       retain_tokens: int | None = None) -> dict:
-        """ShapeDtypeStructs of the retain carry a step of these lengths hands to the next (reuse_step's)."""
-        abstract = lambda tree, shardings: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    def full_shape(self, forget_length: int, retain_length: int) -> StepShape:
+        """The largest shape of these padded lengths (every position real): reports, the bench's FLOPs."""
+        side = lambda length: SideShape(length, packing.max_packed_length(self.rows, length, self.shards,
+                                                                          self.pack_multiple)
+                                        if self.pack_multiple else 0)
+        return StepShape(side(forget_length), side(retain_length))
+
+    def abstract_batch(self, shape: StepShape) -> dict:
+        """ShapeDtypeStructs of a step's batch at this shape, the carry included."""
+        repl = self.batch_shardings["topic"]
+        settings = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), self.settings)
+        retain = self.abstract_side(shape.retain)
         with jax.set_mesh(self.mesh):
-            carry = jax.eval_shape(self.lean_step, abstract(self.abstract_state, self.state_shardings),
-                                   abstract(frozen, self.params_shardings),
-                                   self.abstract_batch(forget_length, retain_length, forget_tokens,
-                                                       retain_tokens))[2]
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_shardings["retain"]),
-                            carry)
+            carry = jax.eval_shape(self.retain, self._abstract_params(), retain)
+        carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_shardings[CARRY]),
+                             carry)
+        return {"topic": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), "forget": self.abstract_side(shape.forget),
+                "retain": retain, "settings": settings, "diagnostics": jax.ShapeDtypeStruct((), jnp.bool_, sharding=repl),
+                CARRY: carry}
 
-    def lower(self, frozen, forget_length: int, retain_length: int):
-        """The step lowered for abstract arguments (frozen may be ShapeDtypeStructs); .compile() it."""
-        abstract = lambda tree, shardings: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    def _abstract_params(self):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.frozen_like,
+                            self.params_shardings)
+
+    def lower(self, kind: str, shape):
+        """The program `kind` ("step": shape a StepShape; "retain": a SideShape) lowered for abstract arguments."""
         with jax.set_mesh(self.mesh):
-            return self.step.lower(abstract(self.abstract_state, self.state_shardings),
-                                   abstract(frozen, self.params_shardings),
-                                   self.abstract_batch(forget_length, retain_length))
+            if kind == "retain":
+                return self.retain.lower(self._abstract_params(), self.abstract_side(shape))
+            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,
+                                 self.state_shardings)
+            return self.step.lower(state, self._abstract_params(), self.abstract_batch(shape))
+
+    def executable(self, kind: str, shape):
+        """The compiled program `kind` at `shape`, compiled now if compile_ahead has not."""
+        key = (kind, shape)
+        if key not in self.executables:
+            self.executables[key] = self.lower(kind, shape).compile()
+        return self.executables[key]
+
+    def programs(self, shapes) -> list[tuple[str, object]]:
+        """The (kind, shape) programs that steps of these StepShapes run, retain sides first."""
+        shapes = sorted(set(shapes))
+        return [("retain", r) for r in sorted({s.retain for s in shapes})] + [("step", s) for s in shapes]
+
+    def compile_ahead(self, shapes, workers: int | None = None) -> "AheadOfTime":
+        """Compile the programs of these StepShapes in the background, `workers` at a time (default: the
+        cores, at most 4); returns a handle to wait on (AheadOfTime.wait)."""
+        return AheadOfTime(self, [p for p in self.programs(shapes) if p not in self.executables], workers)
+
+
+class AheadOfTime:
+    """Programs compiled on a thread pool while the caller goes on (loads the weights, tokenizes). XLA's
+    compiler releases the GIL, so `workers` programs compile side by side; tracing runs under the GIL."""
+
+    def __init__(self, compiled: CompiledStep, todo: list, workers: int | None):
+        import concurrent.futures
+        import os
+        self.compiled, self.todo = compiled, todo
+        workers = workers or max(1, min(4, os.cpu_count() or 1, len(todo) or 1))
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
+        self.futures = [self.pool.submit(self._build, key) for key in todo]
+
+    def _build(self, key):
+        kind, shape = key
+        self.compiled.executables[key] = self.compiled.lower(kind, shape).compile()
+
+    def wait(self) -> int:
+        """Block until every program is compiled (raising the first failure); returns how many were."""
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return len(self.todo)
+
+    def cancel(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_step(spec: StepSpec, frozen) -> CompiledStep:
@@ -393,17 +465,17 @@ def build_step(spec: StepSpec, frozen) -> CompiledStep:
     init = lambda p: init_trainer_state(p, names, optimizer(1.0), coeffs=jnp.ones([n_topics], jnp.float32),
                                         coeff_ready=jnp.zeros([n_topics], bool))
     rows, repl = sharding.batch_sharding(spec.mesh), sharding.replicated(spec.mesh)
-    batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl}
-    compile_ = lambda step_fn, shardings: compile_trainer(step_fn, init, frozen, names, spec.mesh, shardings, rows,
-                                                         runs=spec.cells)
-    trainer = compile_(make_step(spec, optimizer, share_lowest=share), batch_sh)
-    variant = lambda **kw: compile_(make_step(spec, optimizer, diagnostics=False, share_lowest=share, **kw),
-                                    {**batch_sh, CARRY: rows} if kw else batch_sh).step
-    return CompiledStep(step=trainer.step, lean_step=variant(), reuse_step=variant(reuse_retain=True),
-                        hidden=spec.model_cfg.hidden_size, dtype=spec.dtype, init=trainer.init, mesh=spec.mesh,
-                        params_shardings=trainer.params_shardings,
-                        state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
-                        abstract_state=trainer.abstract_state, trainable=names,
-                        rows=sharding.batch_rows(spec.mesh, spec.batch_size), cells=spec.cells,
-                        run_state_shardings=trainer.run_state_shardings, run_abstract_state=trainer.run_abstract_state,
-                        pack_multiple=spec.pack_multiple, shards=spec.mesh.shape["data"] * spec.mesh.shape["fsdp"])
+    batch_sh = {"topic": repl, "forget": rows, "retain": rows, "settings": repl, "diagnostics": repl, CARRY: rows}
+    retain_side, unlearning_step = make_step(spec, optimizer, share_lowest=share)
+    trainer = compile_trainer(unlearning_step, init, frozen, names, spec.mesh, batch_sh, runs=spec.cells)
+    retain = jax.jit(retain_side, in_shardings=(trainer.params_shardings, rows), out_shardings=rows)
+    frozen_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+    compiled = CompiledStep(step=trainer.step, retain=retain, hidden=spec.model_cfg.hidden_size, dtype=spec.dtype,
+                            init=trainer.init, mesh=spec.mesh, params_shardings=trainer.params_shardings,
+                            state_shardings=trainer.state_shardings, batch_shardings=batch_sh,
+                            abstract_state=trainer.abstract_state, trainable=names,
+                            rows=sharding.batch_rows(spec.mesh, spec.batch_size), cells=spec.cells,
+                            run_state_shardings=trainer.run_state_shardings,
+                            run_abstract_state=trainer.run_abstract_state, pack_multiple=spec.pack_multiple,
+                            shards=spec.mesh.shape["data"] * spec.mesh.shape["fsdp"], frozen_like=frozen_like)
+    return compiled

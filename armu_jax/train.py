@@ -30,8 +30,11 @@ from armu_jax.context import RunContext
 from armu_jax.data import DataSpec, UnlearningData
 from armu_jax.errors import RunFailure, UserError, first_line
 from armu_jax.hf_io import export_trained
+from armu_jax.model import abstract_params
 from armu_jax.params import truncate
-from armu_jax.step import CompiledStep, StepSpec
+from armu_jax.runtime import compile_counts, compile_delta, count_compiles, describe_compiles
+from armu_jax.shapes import ShapePlan
+from armu_jax.step import AheadOfTime, CompiledStep, StepSpec
 
 WATCHED = ("forget_loss", "retain_loss", "grad_norm")  # a non-finite one stops the run
 
@@ -164,6 +167,9 @@ class Prepared:
     data: UnlearningData
     num_steps: int
     eval_tasks: list | None
+    plan: ShapePlan | None = None
+    compiling: AheadOfTime | None = None  # the plan's programs, compiling while the weights load
+    since: dict | None = None  # runtime.compile_counts() when the run began (its records count from there)
 
 
 def control_vectors(cfg: RunConfig, out: Path, hidden: int) -> np.ndarray:
@@ -176,8 +182,10 @@ def control_vectors(cfg: RunConfig, out: Path, hidden: int) -> np.ndarray:
     return draw_control_vectors(cfg.seed, cfg.n_topics, hidden)
 
 
-def prepare(cfg: RunConfig, cache: ProcessCache) -> Prepared:
-    """Every check and load of a run (on every process); nothing is written."""
+def prepare(cfg: RunConfig, cache: ProcessCache, ahead: bool = True) -> Prepared:
+    """Every check and load of a run (on every process); nothing is written. The step is built from the
+    model's shapes, every batch tokenized and the shapes planned (armu_jax.shapes) before the weights load;
+    ahead: the plan's programs compile on a thread pool meanwhile (Prepared.compiling)."""
     run = RunContext.of(cfg)
     validate(cfg, run.model_cfg)
     out = rundir.check(cfg)
@@ -192,13 +200,21 @@ def prepare(cfg: RunConfig, cache: ProcessCache) -> Prepared:
     if cfg.eval_every:  # bad evaluation files fail here, before the run directory is written
         from armu_jax.tasks import load_tasks
         eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
-    # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read,
-    # each tensor straight onto its shards.
-    params = cache.params(run.model_dir, cfg.dtype, run.mesh, None if cfg.eval_every else cfg.layer_id)
-    compiled = cache.step(StepSpec.of(cfg, run.model_cfg, run.mesh), truncate(params, cfg.layer_id))
-    compiled = compiled.with_settings(cfg, vectors)
+    spec = StepSpec.of(cfg, run.model_cfg, run.mesh)
+    compiled = cache.step(spec, truncate(abstract_params(spec.model), cfg.layer_id)).with_settings(cfg, vectors)
     data = cache.data(DataSpec.of(cfg, run.model_dir, compiled.rows))
-    return Prepared(cfg, run, out, vectors, params, compiled, data, data.num_steps(cfg.max_num_batches), eval_tasks)
+    num_steps = data.num_steps(cfg.max_num_batches)
+    plan = cache.plan(data, num_steps, compiled, run.model_cfg, cfg.step_programs)
+    compiling = compiled.compile_ahead(plan.steps) if ahead else None
+    try:
+        # With --eval_every the evaluator needs the whole model; otherwise only layers 0..l are read,
+        # each tensor straight onto its shards.
+        params = cache.params(run.model_dir, cfg.dtype, run.mesh, None if cfg.eval_every else cfg.layer_id)
+    except BaseException:
+        if compiling:
+            compiling.cancel()
+        raise
+    return Prepared(cfg, run, out, vectors, params, compiled, data, num_steps, eval_tasks, plan, compiling)
 
 
 def write_run_dir(p: Prepared) -> None:
@@ -248,12 +264,18 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None, hook=None) -> tuple
     hook(steps_done, trainable), if given, is called after every step (--mode=tune's pruning: it may raise
     to stop the run)."""
     cache = cache or ProcessCache()
+    count_compiles()
+    began, since = time.time(), compile_counts()
     p = prepare(cfg, cache)
+    p.since = since
     # Everything is valid (on every process): now process 0 locks and writes the run directory.
     is_main = hosts.is_main()
-    hosts.barrier("checked")
-    lock = rundir.lock(p.out) if is_main else None
+    if is_main:
+        print(f"armu_jax: planned {p.plan.describe()}", flush=True)
+    lock = None
     try:
+        hosts.barrier("checked")
+        lock = rundir.lock(p.out) if is_main else None
         if is_main:
             write_run_dir(p)
         hosts.barrier("prepared")
@@ -270,8 +292,13 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None, hook=None) -> tuple
         if cfg.export:
             export(p.run.model_dir, p.out / "hf", trained, cfg.export_dtype)
     finally:
+        if p.compiling:
+            p.compiling.cancel()
         if lock:
             lock.release()
+    if is_main:
+        print(f"armu_jax: {p.num_steps} steps in {time.time() - began:.1f} s from the start of the run; "
+              f"{describe_compiles(compile_delta(since))}", flush=True)
     return p.out, trained
 
 
@@ -324,6 +351,9 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
         start = int(np.max(jax.device_get(state["step"])))
     for lane in lanes:
         lane.log = MetricsLog(lane.out, start, is_main)
+    plan, since = preps[0].plan, preps[0].since or compile_counts()
+    if preps[0].compiling:  # the planned programs: compiled before step 0
+        preps[0].compiling.wait()
     began = time.time()
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps,
                desc=f"{cfg.method} l={cfg.layer_id}" + (f" x{len(lanes)} runs" if several else ""), disable=not is_main)
@@ -342,8 +372,11 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
         values = jax.device_get(metrics)
         for k in live():
             lane = lanes[k]
+            compiles = compile_delta(since)
             record = {"step": step, **{key: (v[k] if several else v).item() for key, v in values.items()},
-                      "seconds": round(time.time() - began, 3)}
+                      "seconds": round(time.time() - began, 3), "programs": compiles["programs"],
+                      "compile_seconds": round(compiles["trace_seconds"] + compiles["lower_seconds"]
+                                               + compiles["compile_seconds"], 2)}
             try:
                 check_finite(record, step, lane.checkpointer.saved, lane.out)
             except RunFailure as err:
@@ -370,15 +403,14 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
         with jax.set_mesh(compiled.mesh):
             for step in bar:
                 profile.before(step)
-                batch = data.batch(step)  # tokenized and placed while the device runs the step before
+                shape = plan.steps[step]
+                batch = data.batch(step, shape)  # tokenized and placed while the device runs the step before
                 logged = step % cfg.log_every == 0 or step + 1 == num_steps  # the frozen-side metrics' steps
-                # the paired topic's retain batch again: its frozen activations from the step before (a
-                # diagnostic step computes its own: steps 0, N, ... are the first topic's with N even)
-                reuse = not logged and carried is not None and same_side(carried[0], batch.retain)
-                fn = compiled.step if logged else compiled.reuse_step if reuse else compiled.lean_step
+                # the paired topic's retain batch again: its frozen activations from the step before
+                reuse = carried is not None and same_side(carried[0], batch.retain)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics, carry = fn(state, frozen, compiled.device_batch(
-                        batch.topic, batch.forget, batch.retain, carried[1] if reuse else None))
+                    state, metrics, carry = compiled.run(state, frozen, batch.topic, batch.forget, batch.retain,
+                                                         shape, carried[1] if reuse else None, logged)
                 carried = (batch.retain, carry)
                 profile.after(step, state)
                 settle()  # the step before's metrics: the host waits for it while this one is queued (MaxText's order)
@@ -425,7 +457,9 @@ def train_cells(cfgs: list[RunConfig], cache: ProcessCache) -> list:
     its metrics are those of the run alone; the batches, the frozen model's activations and the step are
     shared. Returns per run (run directory, trained leaves) or, for a run stopped by a non-finite step, its
     RunFailure. One process (the sweep's)."""
-    preps = [prepare(c, cache) for c in cfgs]
+    count_compiles()
+    since = compile_counts()
+    preps = [prepare(c, cache, ahead=False) for c in cfgs]
     first = preps[0]
     spec = StepSpec.of(first.cfg, first.run.model_cfg, first.run.mesh)
     for p in preps[1:]:
@@ -439,6 +473,7 @@ def train_cells(cfgs: list[RunConfig], cache: ProcessCache) -> list:
         raise ValueError(f"runs side by side must resume from the same step: {steps}")
     compiled = cache.step(dataclasses.replace(spec, cells=len(preps)), truncate(first.params, first.cfg.layer_id))
     compiled = compiled.with_cell_settings([p.cfg for p in preps], [p.vectors for p in preps])
+    first.since, first.compiling = since, compiled.compile_ahead(first.plan.steps)
     locks = [rundir.lock(p.out) for p in preps]
     try:
         for p in preps:

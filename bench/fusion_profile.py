@@ -71,20 +71,19 @@ def profile(batch_index: int, repeats: int) -> dict:
     step = make_jax_side(512, 10)()
     compiled, frozen, data = step.compiled, step.frozen, step.data
     b = data.batch(batch_index)
-    batch = compiled.device_batch(b.topic, b.forget, b.retain)
     holder = {"state": step.holder["state"]}
 
     def run(times: int) -> None:
         for _ in range(times):
-            holder["state"], metrics, _ = compiled.lean_step(holder["state"], frozen, batch)
+            holder["state"], metrics, _ = compiled.run(holder["state"], frozen, b.topic, b.forget, b.retain,
+                                                       diagnostics=False)
             float(metrics["loss"])
 
     run(2)
     start = time.perf_counter()
     run(repeats)
     wall = (time.perf_counter() - start) / repeats
-    with jax.set_mesh(compiled.mesh):
-        hlo = compiled.lean_step.lower(holder["state"], frozen, batch).compile().as_text()
+    hlo = compiled.executable("step", compiled.own_shape(b.forget, b.retain)).as_text()  # the retain side: its own
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             run(repeats)

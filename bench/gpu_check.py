@@ -90,9 +90,8 @@ def build(model_cfg, dtype: str, device, max_len: int, seed: int = 0):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     compiled = build_step(spec, frozen).with_settings(cfg, vectors)
     frozen = jax.device_put(frozen, compiled.params_shardings)
-    batches = [compiled.device_batch(i % 2, batch(compiled.rows, max_len, model_cfg.vocab_size, 2 * i + seed),
-                                     batch(compiled.rows, max_len, model_cfg.vocab_size, 2 * i + 1 + seed))
-               for i in range(2)]
+    batches = [(i % 2, batch(compiled.rows, max_len, model_cfg.vocab_size, 2 * i + seed),
+                batch(compiled.rows, max_len, model_cfg.vocab_size, 2 * i + 1 + seed)) for i in range(2)]
     return compiled, frozen, batches
 
 
@@ -105,21 +104,22 @@ def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
     compiled, frozen, batches = build(model_cfg, "bfloat16", device, max_len)
     state = compiled.init(frozen)
     result = {}
+    shape = compiled.own_shape(batches[0][1], batches[0][2])
     with jax.set_mesh(compiled.mesh):
-        for name, fn in (("lean", compiled.lean_step), ("diagnostic", compiled.step)):
-            began = time.perf_counter()
-            executable = fn.lower(state, frozen, batches[0]).compile()  # once: timed, counted, then run
-            compile_seconds = time.perf_counter() - began
-            state, metrics, _ = executable(state, frozen, batches[0])  # warm-up
+        began = time.perf_counter()
+        programs = [compiled.executable(kind, s) for kind, s in compiled.programs([shape])]  # once: timed, counted
+        compile_seconds = time.perf_counter() - began
+        for name, diagnostics in (("lean", False), ("diagnostic", True)):
+            state, metrics, _ = compiled.run(state, frozen, *batches[0], diagnostics=diagnostics)  # warm-up
             jax.block_until_ready(metrics)
             times = []
             for i in range(steps):
                 began = time.perf_counter()
-                state, metrics, _ = executable(state, frozen, batches[(i + 1) % 2])
+                state, metrics, _ = compiled.run(state, frozen, *batches[(i + 1) % 2], diagnostics=diagnostics)
                 jax.block_until_ready((state, metrics))
                 times.append(time.perf_counter() - began)
             result[name] = {"compile_s": compile_seconds, "step_s": statistics.median(times),
-                            "flops": executable_flops(executable), "loss": float(metrics["loss"])}
+                            "flops": sum(executable_flops(p) for p in programs), "loss": float(metrics["loss"])}
     stats = device.memory_stats() or {}
     result["peak_bytes"] = stats.get("peak_bytes_in_use")
     result["params_billion"] = sum(x.size for x in jax.tree.leaves(frozen)) / 1e9
@@ -150,7 +150,7 @@ def float32_check(model_dir: Path, device, steps: int = 3) -> dict:
             state, losses = compiled.init(frozen), []
             with jax.set_mesh(compiled.mesh):
                 for i in range(steps):
-                    state, metrics, _ = compiled.step(state, frozen, batches[i % 2])
+                    state, metrics, _ = compiled.run(state, frozen, *batches[i % 2])
                     losses.append(float(metrics["loss"]))
             runs[where] = (np.array(losses), {k: np.asarray(v) for k, v in jax.device_get(state["trainable"]).items()})
     (la, ta), (lb, tb) = runs["device"], runs["cpu"]

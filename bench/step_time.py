@@ -76,41 +76,27 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
         def step(i):
             b = data.batch(i)
             carried = holder["carried"]  # the paired topic's retain activations, as train.run_steps reuses them
-            reuse = reused(i, carried)
-            fn = compiled.step if i % log_every == 0 else compiled.reuse_step if reuse else compiled.lean_step
-            holder["state"], metrics, carry = fn(holder["state"], frozen, compiled.device_batch(
-                b.topic, b.forget, b.retain, carried[1] if reuse else None))
+            reuse = reuse_retain and carried is not None and same_side(carried[0], b.retain)
+            holder["state"], metrics, carry = compiled.run(holder["state"], frozen, b.topic, b.forget, b.retain,
+                                                           carry=carried[1] if reuse else None,
+                                                           diagnostics=i % log_every == 0)
             holder["carried"] = (b.retain, carry)
             return float(metrics["loss"])
 
-        shapes = {}
-
-        def reused(i, carried):
-            return reuse_retain and i % log_every != 0 and carried is not None and same_side(carried[0], data.batch(i).retain)
-
         def flops(i):
-            """XLA's FLOP count of step i's program (one per padded shape and variant)."""
+            """XLA's FLOP count of step i's programs (the retain side's only where it is not reused)."""
             b = data.batch(i)
-            reuse = i > 0 and reused(i, (data.batch(i - 1).retain, None))
-            sides = [compiled.with_layout(side) for side in (b.forget, b.retain)]  # on the host, not placed
-            sizes = ([side["input_ids"].shape[1] for side in sides]  # padded lengths, then packed slots
-                     + [side["pack"]["ids"].shape[1] if "pack" in side else None for side in sides])
-            key = (*sizes, i % log_every == 0, reuse)
-            if key not in shapes:
-                fn = compiled.step if key[4] else compiled.reuse_step if reuse else compiled.lean_step
-                args = compiled.abstract_batch(*key[:4])
-                if reuse:
-                    args["retain_carry"] = compiled.abstract_carry(frozen, *key[:4])
-                with jax.set_mesh(compiled.mesh):
-                    shapes[key] = executable_flops(fn.lower(holder["state"], frozen, args).compile())
-            return shapes[key]
+            shape = compiled.own_shape(b.forget, b.retain)
+            reuse = reuse_retain and i > 0 and same_side(data.batch(i - 1).retain, b.retain)
+            total = executable_flops(compiled.executable("step", shape))
+            return total if reuse else total + executable_flops(compiled.executable("retain", shape.retain))
         step.flops = flops
         step.compiled, step.frozen, step.data, step.holder = compiled, frozen, data, holder  # bench/fusion_profile.py
         return step
     return jax_side
 
 
-def make_torch_side(max_len: int):
+def make_torch_side(max_len: int, forget_max_len: tuple[int, int] | None = None):
     """The PyTorch reference loop (transformers' tokenizer and models, tests/reference_rmu's pieces)."""
     import torch
     import torch.nn.functional as F
@@ -141,7 +127,7 @@ def make_torch_side(max_len: int):
             topic, b = i % 2, i // 2
             u = torch.tensor(vectors[topic]).view(1, 1, -1)
             fin = tokenizer(f_chunks[topic][b], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_len)
+                            max_length=(forget_max_len or (max_len, max_len))[topic])
             h_f = forward_with_cache(updated, fin, updated.model.layers[layer], no_grad=False)
             if topic not in coeffs:
                 coeffs[topic] = beta * torch.mean(h_f.detach().norm(dim=-1).mean(dim=1), dim=0).item()
@@ -155,6 +141,7 @@ def make_torch_side(max_len: int):
             loss.backward()
             opt.step()
             return loss.item()
+        step.save = lambda path: updated.save_pretrained(path)  # the reference's last act (bench/first_run.py)
         return step
 
     return torch_side
@@ -234,7 +221,8 @@ def main() -> None:
     achieved = sum(jax_step.flops(i) for i in range(args.steps)) / sum(times["jax"])
     peak = matmul_peak()
     print(f"SmolLM2-135M, layer 7, batch 4, max_len {args.max_len}, {args.steps} steps, float32, CPU; jax: the "
-          f"diagnostic step every {args.log_every} (--log_every), the lean one between")
+          f"diagnostics every {args.log_every} steps (--log_every), each batch at its own shape, after a warm-up "
+          "pass that compiles them (bench/first_run.py: a whole run from a cold start)")
     print(f"median step: jax {med['jax']:.3f} s, torch reference {med['torch']:.3f} s, "
           f"speed-up {med['torch'] / med['jax']:.2f}x")
     print(f"jax step: {achieved / 1e9:.1f} GFLOP/s (XLA's count) = {100 * achieved / peak:.0f}% of this CPU's "

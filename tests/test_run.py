@@ -163,18 +163,20 @@ def test_frozen_side_metrics_on_log_steps_only_and_the_run_unchanged(tmp_path, t
 
 def test_the_paired_topics_share_one_retain_forward(tmp_path, tiny_llama, monkeypatch):
     """With one retain corpus for both topics (the reference's wikitext twice) the second topic's step
-    takes the first one's frozen retain activations (steps 1, 3, ...; not a diagnostic step: the last, 5, here)
+    takes the first one's frozen retain activations (steps 1, 3, 5, a diagnostic step included: the last)
     instead of computing them again; the run is the one that computes them every step, to float32 noise."""
     from armu_jax import step as step_module
     from armu_jax import train
     reused = []
-    device_batch = step_module.CompiledStep.device_batch
-    monkeypatch.setattr(step_module.CompiledStep, "device_batch", lambda self, topic, f, r, carry=None: (
-        reused.append(carry is not None), device_batch(self, topic, f, r, carry))[1])
+    run_step = step_module.CompiledStep.run
+    monkeypatch.setattr(step_module.CompiledStep, "run", lambda self, state, frozen, topic, f, r, shape=None,
+                        carry=None, diagnostics=True: (reused.append(carry is not None),
+                                                       run_step(self, state, frozen, topic, f, r, shape, carry,
+                                                                diagnostics))[1])
     settings = run_settings(tiny_llama, max_num_batches=6, retain_corpora=["demo:retain", "demo:retain"],
                             forget_corpora=["demo:bio", "demo:cyber"], alpha=[50, 50], forget_max_len=[32, 32])
     run(config_with(**settings, output_dir=str(tmp_path / "shared")))
-    assert reused == [False, True, False, True, False, False]
+    assert reused == [False, True, False, True, False, True]
     monkeypatch.setattr(train, "same_side", lambda a, b: False)
     reused.clear()
     run(config_with(**settings, output_dir=str(tmp_path / "twice")))
