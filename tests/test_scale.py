@@ -16,7 +16,8 @@ from armu_jax.model_config import ModelConfig
 GIB = 1024 ** 3
 # zephyr7b_wmdp_rmu.flags differs from the adaptive one only in how c is set: same shapes, same program size.
 # Documented per-device totals (docs/scale.md, "The 7B/8B steps on the CPU backend"): XLA CPU backend, mesh data:1,fsdp:2, bf16.
-CASES = {"zephyr7b_wmdp_adaptive.flags": (ZEPHYR_7B, 12.4), "llama3_8b_wmdp_adaptive.flags": (LLAMA3_8B, 12.7)}
+# 12.4 and 12.7 GiB while the retain side's frozen forward was inside the step (one program, before the shape plan).
+CASES = {"zephyr7b_wmdp_adaptive.flags": (ZEPHYR_7B, 10.3), "llama3_8b_wmdp_adaptive.flags": (LLAMA3_8B, 10.6)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -24,10 +25,11 @@ def test_big_flagfile_compiles_and_fits(name):
     hf_config, documented_gib = CASES[name]
     cfg = from_flagfile(ROOT / "configs" / name)
     programs, mesh, frozen, _ = compile_step(cfg, ModelConfig.from_hf_dict(hf_config))
-    mem = programs["step"].memory_analysis()  # the larger of the two (the retain side's: a forward only)
+    mem = programs["step"].memory_analysis()
+    total = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    assert total(programs["retain"].memory_analysis()) < total(mem)  # the retain side's program: a forward only
     dtype = parse_dtype(cfg.dtype)
-    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                  - mem.alias_size_in_bytes)
+    per_device = total(mem)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
     expected_args = n_params * jnp.dtype(dtype).itemsize / mesh.size  # params sharded over the mesh
     print(f"{name}: mesh {dict(mesh.shape)}, layers 0..{cfg.layer_id} = {n_params / 1e9:.2f}B params; per device: "

@@ -240,7 +240,7 @@ def test_cells_side_by_side_are_the_cells_run_alone(tmp_path, tiny_llama):
         mine, theirs = read_metrics(together / "cells" / name), read_metrics(alone / "cells" / name)
         assert [m["step"] for m in mine] == list(range(6)) and [set(m) for m in mine] == [set(m) for m in theirs]
         for a, b in zip(mine, theirs):
-            for key in set(a) - {"seconds", "step"}:
+            for key in set(a) - {"seconds", "step", "programs", "compile_seconds"}:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (name, a["step"], key)
         assert latest_checkpoint(together / "cells" / name) == 6
         ours = json.loads((together / "cells" / name / "result.json").read_text())["results"]
