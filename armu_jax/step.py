@@ -430,23 +430,34 @@ class AheadOfTime:
     def __init__(self, compiled: CompiledStep, todo: list, workers: int | None):
         import concurrent.futures
         import os
+        import time
         self.compiled, self.todo = compiled, todo
+        self.began, self.finished, self.waited = time.time(), time.time(), 0.0
         workers = workers or max(1, min(4, os.cpu_count() or 1, len(todo) or 1))
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
         self.futures = [self.pool.submit(self._build, key) for key in todo]
 
     def _build(self, key):
         kind, shape = key
+        import time
         self.compiled.executables[key] = self.compiled.lower(kind, shape).compile()
+        self.finished = max(self.finished, time.time())
 
     def wait(self) -> int:
         """Block until every program is compiled (raising the first failure); returns how many were."""
+        import time
+        began = time.time()
         try:
             for future in self.futures:
                 future.result()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            self.waited += time.time() - began
         return len(self.todo)
+
+    def describe(self) -> str:
+        return (f"{len(self.todo)} programs compiled ahead in {self.finished - self.began:.1f} s of wall time, "
+                f"{self.waited:.1f} s of it waited for before step 0")
 
     def cancel(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

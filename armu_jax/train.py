@@ -297,8 +297,9 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None, hook=None) -> tuple
         if lock:
             lock.release()
     if is_main:
+        ahead = f" ({p.compiling.describe()})" if p.compiling else ""
         print(f"armu_jax: {p.num_steps} steps in {time.time() - began:.1f} s from the start of the run; "
-              f"{describe_compiles(compile_delta(since))}", flush=True)
+              f"{describe_compiles(compile_delta(since))}{ahead}", flush=True)
     return p.out, trained
 
 
