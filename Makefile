@@ -38,6 +38,7 @@ docs: $(STAMP)
 	$(PY) -m armu_jax.config > docs/flags.md
 
 bench: $(STAMP)
+	$(PY) bench/first_run.py
 	$(PY) bench/step_time.py
 	$(PY) bench/eval_speed.py
 
