@@ -412,6 +412,19 @@ class CompiledStep:
             self.executables[key] = self.lower(kind, shape).compile()
         return self.executables[key]
 
+    def step_flops(self, shape: StepShape, diagnostics: bool) -> float:
+        """XLA's FLOP count of the step program at `shape` as a step with or without the frozen-side metrics runs
+        it: XLA counts a lax.cond's costlier branch, so the step is compiled once more with the flag a constant
+        (its cond folded away). One device's share on a mesh."""
+        flag = jnp.bool_(diagnostics)
+        fixed = jax.jit(lambda state, params, batch: self.step(state, params, {**batch, "diagnostics": flag}))
+        batch = {k: v for k, v in self.abstract_batch(shape).items() if k != "diagnostics"}
+        with jax.set_mesh(self.mesh):
+            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,
+                                 self.state_shardings)
+            analysis = fixed.lower(state, self._abstract_params(), batch).compile().cost_analysis()
+        return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis).get("flops", 0.0))
+
     def programs(self, shapes) -> list[tuple[str, object]]:
         """The (kind, shape) programs that steps of these StepShapes run, retain sides first."""
         shapes = sorted(set(shapes))

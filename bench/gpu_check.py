@@ -107,7 +107,7 @@ def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
     shape = compiled.own_shape(batches[0][1], batches[0][2])
     with jax.set_mesh(compiled.mesh):
         began = time.perf_counter()
-        programs = [compiled.executable(kind, s) for kind, s in compiled.programs([shape])]  # once: timed, counted
+        programs = [compiled.executable(kind, s) for kind, s in compiled.programs([shape])]  # retain side, step
         compile_seconds = time.perf_counter() - began
         for name, diagnostics in (("lean", False), ("diagnostic", True)):
             state, metrics, _ = compiled.run(state, frozen, *batches[0], diagnostics=diagnostics)  # warm-up
@@ -119,7 +119,8 @@ def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
                 jax.block_until_ready((state, metrics))
                 times.append(time.perf_counter() - began)
             result[name] = {"compile_s": compile_seconds, "step_s": statistics.median(times),
-                            "flops": sum(executable_flops(p) for p in programs), "loss": float(metrics["loss"])}
+                            "flops": compiled.step_flops(shape, diagnostics) + executable_flops(programs[0]),
+                            "loss": float(metrics["loss"])}
     stats = device.memory_stats() or {}
     result["peak_bytes"] = stats.get("peak_bytes_in_use")
     result["params_billion"] = sum(x.size for x in jax.tree.leaves(frozen)) / 1e9

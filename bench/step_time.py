@@ -88,8 +88,11 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
             b = data.batch(i)
             shape = compiled.own_shape(b.forget, b.retain)
             reuse = reuse_retain and i > 0 and same_side(data.batch(i - 1).retain, b.retain)
-            total = executable_flops(compiled.executable("step", shape))
-            return total if reuse else total + executable_flops(compiled.executable("retain", shape.retain))
+            key = (shape, i % log_every == 0)
+            if key not in flops_of:
+                flops_of[key] = compiled.step_flops(*key)
+            return flops_of[key] if reuse else flops_of[key] + executable_flops(compiled.executable("retain", shape.retain))
+        flops_of = {}
         step.flops = flops
         step.compiled, step.frozen, step.data, step.holder = compiled, frozen, data, holder  # bench/fusion_profile.py
         return step
