@@ -1,9 +1,9 @@
 """Test set-up: 8 fake CPU devices for mesh tests (added to any XLA_FLAGS given, e.g. a baseline ISA),
 everything offline; the model directories several modules use, built once per session.
 
-Fixtures: smollm2_dir (the embedded SmolLM2-135M), tiny_llama (a tiny random Llama with SmolLM2's
-tokenizer). Plain helpers (settings of a short run, the command line, the metrics reader) are in
-helpers.py. Tests treat the shared directories as read-only."""
+Fixtures: smollm2_dir (the embedded SmolLM2-135M), gemma3_dir (the embedded Gemma-3-270M), tiny_llama
+(a tiny random Llama with SmolLM2's tokenizer). Plain helpers (settings of a short run, the command
+line, the metrics reader) are in helpers.py. Tests treat the shared directories as read-only."""
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -21,6 +21,12 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_dir():
     from armu_jax.embedded import smollm2_dir as build
+    return build()
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    from armu_jax.embedded import gemma3_dir as build
     return build()
 
 
