@@ -158,7 +158,7 @@ def _convert_gemma3(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _assemble_gemma_gguf(Path(tmp) / GEMMA_GGUF)
         print("armu_jax: converting Gemma-3-270M from GGUF to a float32 Hugging Face directory "
-              "(once, about 30 s)", file=sys.stderr)
+              "(once, about a minute)", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=GEMMA_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=GEMMA_GGUF)
     _save_converted(model, tokenizer, out, GEMMA_MODEL)
