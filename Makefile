@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export ARMU_CACHE ?= $(HOME)/.cache/armu_jax
 
-.PHONY: demo test lint docs test-portable setup bench clean
+.PHONY: demo test test-fast lint docs test-portable setup bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
 	$(PY) -m pytest -q --durations=15 tests
+
+# The fast tier (about a minute and a half here): every test without a slow mark (pyproject.toml's markers).
+test-fast: $(STAMP)
+	$(PY) -m ruff check armu_jax launch bench tests
+	$(PY) -m pytest -q --durations=5 -m "not (cli or multiprocess or gcs or tpu or reference or slow)" tests
 
 # The numerical tests again with XLA's CPU code limited to a baseline ISA and without fast math:
 # the float32 rounding of another CPU model, on this one.

@@ -42,6 +42,7 @@ def _forward_upto(model_dir, variables, texts, layer):
     return np.asarray(h)[mask.astype(bool)]
 
 
+@pytest.mark.slow
 def test_ablating_u_removes_its_component_from_layer_l_on(unlearned_run):
     out, _, vectors = unlearned_run
     target = AttackedRun(str(out))
@@ -64,6 +65,7 @@ def _texts_and_batch(model_dir):
     return text_batch(load_tokenizer(model_dir), texts, 24, 3)
 
 
+@pytest.mark.slow
 def test_relearning_with_lr_0_changes_nothing(unlearned_run):
     out, _, _ = unlearned_run
     cfg, params = load_hf(out / "hf")
@@ -75,6 +77,7 @@ def test_relearning_with_lr_0_changes_nothing(unlearned_run):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_relearning_a_selection_changes_only_it_and_lays_it_out_like_the_step(unlearned_run):
     """--relearn_params=mlp.down_proj --relearn_layers=2 on a data:2,fsdp:4 mesh: only that tensor moves."""
     from armu_jax.sharding import make_mesh
@@ -112,6 +115,7 @@ def _torch_fine_tune(model_dir, ids, mask, lr, weight_decay, nudge=False):
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, losses
 
 
+@pytest.mark.reference
 def test_relearning_matches_a_pytorch_fine_tune(unlearned_run):
     """Three AdamW steps on the same HF model and texts, all parameters, float32: losses to 1e-4, and
     every weight to 1e-4 of its tensor's scale, or 10x torch's own drift from a one-ulp nudge where
@@ -138,6 +142,7 @@ def test_relearning_matches_a_pytorch_fine_tune(unlearned_run):
         assert not np.array_equal(got, start[path])  # it did move
 
 
+@pytest.mark.slow
 def test_attack_mode_end_to_end(unlearned_run, tmp_path):
     out, _, _ = unlearned_run
     report_dir = tmp_path / "attack"

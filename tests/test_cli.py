@@ -52,6 +52,7 @@ def _write_bad_inputs(tmp: Path) -> None:
     np.save(tmp / "wrong.npy", np.ones((3, 576), np.float32) / 24.0)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", list(_bad_cases(Path("unused"))))
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     _write_bad_inputs(tmp_path)
@@ -64,6 +65,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.cli
 def test_existing_output_dir_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

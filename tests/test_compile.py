@@ -26,6 +26,7 @@ def _tiny_config(tmp_path, **overrides):
     return config_with(**{**settings, **overrides}), ModelConfig.from_dir(model)
 
 
+@pytest.mark.slow
 def test_flops_count_the_whole_step_over_all_devices(tmp_path):
     """FLOPs double with the batch rows, and the sum over devices of a sharded step is the one-device count."""
     flops = {}
@@ -38,6 +39,7 @@ def test_flops_count_the_whole_step_over_all_devices(tmp_path):
     assert flops[("data:2,fsdp:4", 8)] == pytest.approx(flops[("data:1", 8)], rel=0.1)
 
 
+@pytest.mark.tpu
 def test_compile_for_a_tpu_slice_from_config_json_alone(tmp_path):
     out = tmp_path / "report"
     env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost"}
@@ -74,6 +76,7 @@ for topology in sys.argv[2:]:
 """
 
 
+@pytest.mark.tpu
 def test_fsdp_over_any_chip_count_takes_the_reference_batch(tmp_path):
     """--mesh=fsdp:-1 with batch 4 on 1, 2 (this machine), 16 and 256 chips (TPU slices via libtpu; 8 chips
     is the slice test above): rows padded to the chip count, parameters sharded over all of them."""
@@ -112,6 +115,7 @@ def test_shipped_model_configs_are_the_published_shapes():
         assert from_flagfile(ROOT / "configs" / name).layer_id == 7
 
 
+@pytest.mark.slow
 def test_the_report_plans_the_runs_shapes_when_its_corpora_are_here(tmp_path, tiny_llama):
     """With the corpora and the model's tokenizer at hand the report gives the run's step count and its planned
     shapes (within --step_programs); without them it says why and gives the step count the flags allow."""

@@ -14,6 +14,7 @@ from armu_jax.stats import wilson
 from armu_jax.tasks import demo_task, load_tasks, mean_chance, mmlu_task
 
 
+@pytest.mark.reference
 def test_nll_matches_transformers(smollm2_dir):
     texts = demo_task("bio").nll_texts[:5]
     scorer = scorer_for(smollm2_dir, batch_size=4)
@@ -52,6 +53,7 @@ def test_mmlu_is_interleaved_over_subjects():
                                        "abstract algebra.\n\n")
 
 
+@pytest.mark.reference
 def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     """Same items, same model (float32): every chosen answer (acc and acc_norm) is lm-eval's."""
     wmdp = tmp_path / "bio.jsonl"  # a WMDP-format file (from MMLU biology questions) for the wrapper task
@@ -135,6 +137,7 @@ def test_bad_evaluation_sources_are_clear_errors(tmp_path):
         load_tasks(["hellaswagg"])
 
 
+@pytest.mark.slow
 def test_bf16_export_evaluated_in_bf16_on_a_mesh(tmp_path, smollm2_dir):
     """--dtype and --mesh reach the evaluator: a bf16 export scored in bf16 with params sharded over
     data:2,fsdp:4 chooses the answers the float32 model chooses, up to bf16 rounding."""
@@ -159,6 +162,7 @@ def test_bf16_export_evaluated_in_bf16_on_a_mesh(tmp_path, smollm2_dir):
     assert rel <= 0.05 and agree >= 0.8
 
 
+@pytest.mark.slow
 def test_shared_prefix_scores_as_one_request_per_row(smollm2_dir):
     """The packed, shared-prefix layout (a context once, its continuations behind it, several per row)
     gives the log-likelihoods of one request per row (lm-eval's layout), on questions with long

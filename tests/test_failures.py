@@ -54,6 +54,7 @@ def finished_run(tmp_path, tiny_llama, finished_once):
     return settings, out
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_then_allowed(finished_run):
     settings, out = finished_run
     before = _snapshot(out)
@@ -68,6 +69,7 @@ def test_resume_with_other_settings_is_refused_then_allowed(finished_run):
     assert [m["step"] for m in read_metrics(out)] == list(range(6))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama):
     out = tmp_path / "run"
     settings = run_settings(tiny_llama, max_num_batches=8, checkpoint_every=1, lr=1e30, output_dir=str(out))
@@ -87,6 +89,7 @@ def _immutable(path: Path, on: bool) -> None:
         path.chmod(0o555 if on else 0o755)
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_dir_fails_with_checkpoints_and_export_intact(finished_run):
     settings, out = finished_run
     before = _snapshot(out)
@@ -111,6 +114,7 @@ def _with_file_size_limit(limit: int) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.slow
 def test_full_disk_during_export_keeps_the_earlier_export(finished_run):
     settings, out = finished_run
     export_before = _snapshot(out / "hf")
@@ -124,6 +128,7 @@ def test_full_disk_during_export_keeps_the_earlier_export(finished_run):
     assert steps[-1] == 6  # the run itself finished and was checkpointed
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_directory_is_refused(tmp_path, tiny_llama):
     out = tmp_path / "run"
     settings = run_settings(tiny_llama, max_num_batches=300, checkpoint_every=0, output_dir=str(out))
@@ -146,6 +151,7 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path, tiny_llama):
     assert steps == list(range(len(steps))) and (out / "checkpoints" / str(len(steps))).is_dir()
 
 
+@pytest.mark.slow
 def test_corpus_files_follow_the_documented_rules(tmp_path, smollm2_dir):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nbroken \xff byte\n")

@@ -29,6 +29,7 @@ def family_dirs(tmp_path_factory, smollm2_dir):
     return {f: with_tokenizer(tiny_family_model(tmp, f, vocab=VOCAB), smollm2_dir) for f in FAMILIES}
 
 
+@pytest.mark.slow
 def test_three_step_runs_export_what_transformers_reloads(tmp_path, family_dirs):
     for family, model_dir in family_dirs.items():
         out = tmp_path / family
@@ -76,6 +77,7 @@ def test_parity_mode_finds_a_wrong_port(tmp_path, family_dirs, monkeypatch):
     assert not report["passed"] and report["first_departing_layer"] == 0
 
 
+@pytest.mark.reference
 def test_native_answers_equal_lm_eval_on_gemma2(tmp_path, family_dirs):
     """Soft-caps, sliding windows (5 tokens, shorter than every question) and the packed, shared-prefix
     layout: every chosen answer is lm-eval's."""

@@ -31,6 +31,8 @@ from armu_jax.errors import UserError
 from armu_jax.hf_io import load_hf
 from armu_jax.model import DecoderLayer, LlamaForCausalLM, _defaults
 
+pytestmark = pytest.mark.reference
+
 SHORT, LONG = (11, 48, 96), 600
 KEEP = 64  # the long text's logits are compared at its last 64 positions (536..599: all past the window)
 SLACK = 10

@@ -4,12 +4,14 @@ forward it skips), the float32 comparison of a device with itself is exact, and 
 import json
 import sys
 
+import pytest
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     config = json.loads((ROOT / "configs/models/zephyr-7b-beta/config.json").read_text())
     config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, run_settings
 
 from armu_jax.config import config_with
@@ -77,6 +78,7 @@ def test_launcher_refuses_stray_arguments():
     assert result.returncode == 2 and result.stderr.strip().startswith("error: extra arguments must be armu_jax flags")
 
 
+@pytest.mark.slow
 def test_two_step_profile_window_writes_a_trace(tmp_path, tiny_llama):
     out = tmp_path / "run"
     run(config_with(**run_settings(tiny_llama, max_num_batches=5, profile_start_step=0,

@@ -70,6 +70,7 @@ def test_long_rows_match_hf(tmp_path, monkeypatch, arch, length):
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_attend_blocks_equal_one_block():
     """attend() with the queries split into 2, 3, 4 blocks against one block: outputs and the gradients of
     q, k, v, left padding and an all-pad row included, within 4x what a one-ulp change of q moves them."""
@@ -98,6 +99,7 @@ def test_attend_blocks_equal_one_block():
             assert np.abs(a - b).max() <= 4 * bound, (chunks, name, np.abs(a - b).max(), bound)
 
 
+@pytest.mark.reference
 def test_smollm2_matches_transformers(smollm2_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"

@@ -16,6 +16,8 @@ from armu_jax.config import config_with
 from armu_jax.tensor_files import StoredTensors
 from armu_jax.train import run
 
+pytestmark = pytest.mark.multiprocess
+
 # A short SmolLM2 run at the reference's lr, alpha and coefficient: layers 0..2, 64-token texts.
 SETTINGS = dict(model="smollm2-135m", layer_id=2, lr=5e-5, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
                 batch_size=4, max_num_batches=6, checkpoint_every=0)

@@ -10,6 +10,7 @@ from armu_jax.norms import norms_cli, plot_norms
 from armu_jax.train import run
 
 
+@pytest.mark.slow
 def test_norm_profile_at_layer_l_is_the_steps_frozen_norm(tmp_path, tiny_llama):
     model = tiny_llama
     settings = dict(model=str(model), layer_id=2, forget_max_len=[48], retain_max_len=48, pad_multiple=32,

@@ -4,6 +4,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import logged, read_metrics, run_settings
 from safetensors.numpy import load_file, save_file
 
@@ -93,6 +94,7 @@ def _beyond_bound(result, reference) -> list:
                   if np.abs(weights[key] - ref_weights[key]).max() > 1e-5 * np.abs(ref_weights[key]).max()]
 
 
+@pytest.mark.slow
 def test_a_packed_run_matches_the_padded_run(tmp_path, tiny_llama, monkeypatch):
     """--pack_tokens (the default) against --pack_tokens=false, reference loss (pads in the MSE), on one device
     and on data:2,fsdp:4 (each of the 8 shards packs its own row): every logged metric and the trained weights

@@ -13,6 +13,7 @@ from armu_jax.config import config_with
 from armu_jax.train import run
 
 
+@pytest.mark.slow
 def test_mesh_runs_match_one_device(tmp_path, tiny_llama):
     model_dir = tiny_llama
     results = {}
@@ -31,6 +32,7 @@ def test_mesh_runs_match_one_device(tmp_path, tiny_llama):
             assert np.abs(weights[key] - ref_weights[key]).max() <= 1e-5 * scale, (mesh, key)
 
 
+@pytest.mark.cli
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama):
     model_dir = tiny_llama
     settings = run_settings(model_dir, max_num_batches=10, checkpoint_every=2)
@@ -56,6 +58,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama):
     assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(straight)]
 
 
+@pytest.mark.slow
 def test_eval_every_logs_the_native_scores(tmp_path, tiny_llama):
     """--eval_every: scores in metrics.jsonl at steps 3 and 6, the last equal to --mode=eval of the export."""
     from armu_jax.evaluate import evaluate_tasks, load_params, scorer_for
@@ -72,6 +75,7 @@ def test_eval_every_logs_the_native_scores(tmp_path, tiny_llama):
     assert rows[0]["eval/demo_bio/nll"] != rows[-1]["eval/demo_bio/nll"]  # the weights moved in between
 
 
+@pytest.mark.slow
 def test_seeds_change_the_control_vectors_and_nothing_else(tmp_path, tiny_llama):
     """--seeds=2: two runs side by side (seed_42/, seed_43/) whose flags differ only in --seed and whose
     control vectors differ; the batches are the same (the frozen model's norms on them, every step), and
@@ -140,6 +144,7 @@ def test_the_host_prepares_the_next_batch_before_reading_a_step_and_stops_at_a_b
     assert not list((bad / "checkpoints").glob("[0-9]*"))
 
 
+@pytest.mark.slow
 def test_frozen_side_metrics_on_log_steps_only_and_the_run_unchanged(tmp_path, tiny_llama, method="adaptive_rmu"):
     """--log_every=3: the cosines and norms on steps 0, 3, 6 and the last only (the lean step between skips
     the frozen forget forward), everything else every step and the same as a run logging all of them
@@ -162,6 +167,7 @@ def test_frozen_side_metrics_on_log_steps_only_and_the_run_unchanged(tmp_path, t
         assert np.abs(w_lean[key] - w_full[key]).max() <= 1e-5 * np.abs(w_full[key]).max(), key
 
 
+@pytest.mark.slow
 def test_the_paired_topics_share_one_retain_forward(tmp_path, tiny_llama, monkeypatch):
     """With one retain corpus for both topics (the reference's wikitext twice) the second topic's step
     takes the first one's frozen retain activations (steps 1, 3, 5, a diagnostic step included: the last)

@@ -13,6 +13,8 @@ from armu_jax.config import from_flagfile
 from armu_jax.model import parse_dtype
 from armu_jax.model_config import ModelConfig
 
+pytestmark = pytest.mark.tpu
+
 GIB = 1024 ** 3
 # zephyr7b_wmdp_rmu.flags differs from the adaptive one only in how c is set: same shapes, same program size.
 # Documented per-device totals (docs/scale.md, "The 7B/8B steps on the CPU backend"): XLA CPU backend, mesh data:1,fsdp:2, bf16.

@@ -78,6 +78,7 @@ def _beyond_bound(result, reference) -> list:
                   if np.abs(weights[key] - ref_weights[key]).max() > 1e-5 * np.abs(ref_weights[key]).max()]
 
 
+@pytest.mark.slow
 def test_a_run_at_one_planned_shape_is_the_run_at_each_batchs_own(tmp_path, tiny_llama, capsys, monkeypatch):
     """--step_programs=2 (every batch padded up to one shape: more left padding, more packed filler) against a
     budget that keeps every batch at its own shape: the same metrics and trained weights to the mesh runs' bound.

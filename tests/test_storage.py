@@ -25,6 +25,8 @@ from armu_jax.errors import UserError
 from armu_jax.tensor_files import StoredTensors
 from armu_jax.train import run
 
+pytestmark = pytest.mark.gcs
+
 # 6 steps, a checkpoint every 2, on 4 devices sharded fsdp:4 (so 2 processes of 2 devices each hold
 # half of each sharded tensor).
 STEPS = dict(max_num_batches=6, checkpoint_every=2, mesh="fsdp:4")

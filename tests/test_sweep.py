@@ -89,6 +89,7 @@ def _flagfile(tmp_path, model) -> Path:
     return flags
 
 
+@pytest.mark.slow
 def test_killed_sweep_continues_without_redoing_finished_cells(tmp_path, tiny_llama):
     model = tiny_llama
     out = tmp_path / "sweep"
@@ -181,6 +182,7 @@ def test_sweep_refuses_a_directory_it_did_not_write_and_changed_settings(tmp_pat
         sweep_cli(config_with(mode="sweep", overwrite=True, output_dir=str(started)))
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_sweep_each_cell_once(tmp_path, tiny_llama):
     """--tune_storage: the cells spread over two worker processes through one Optuna study; every cell
     runs once (one complete trial, its steps once), and both workers write the whole table."""
@@ -216,6 +218,7 @@ def _sweep_config(model, out, **overrides):
                        output_dir=str(out), **overrides)
 
 
+@pytest.mark.slow
 def test_cells_side_by_side_are_the_cells_run_alone(tmp_path, tiny_llama):
     """--cells_per_step=4: the layer's cells (two seeds each: their own control vectors) train four at a time
     in one compiled step. Every cell's metrics, checkpoints and results are those of the sweep run one cell

@@ -48,6 +48,7 @@ def _same(ours, theirs, texts, max_lens=(8, 64, 512)):
         (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id)
 
 
+@pytest.mark.reference
 def test_the_embedded_tokenizer_matches_transformers_on_every_corpus():
     ours, theirs = load_tokenizer(smollm2_dir()), load_tokenizer(smollm2_dir(), "transformers")
     assert isinstance(ours, TokenizersTokenizer) and not isinstance(theirs, TokenizersTokenizer)

@@ -59,6 +59,7 @@ def two_workers(tmp_path_factory, tiny_llama):
     return flags, out, url, [(tmp / f"worker{i}.log").read_text() for i in range(2)]
 
 
+@pytest.mark.slow
 def test_two_workers_complete_the_study_with_no_trial_run_twice(two_workers):
     flags, out, url, logs = two_workers
     study = _study(url)
@@ -81,6 +82,7 @@ def test_two_workers_complete_the_study_with_no_trial_run_twice(two_workers):
     assert "test split" in (out / "tune.md").read_text() and (out / "tune.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_best_flags_reproduce_the_chosen_trial(two_workers, tmp_path):
     flags, out, url, _ = two_workers
     best = best_trial(_study(url))
@@ -119,6 +121,7 @@ def test_the_study_opens_in_optuna_dashboard(two_workers, tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_leaves_the_study_unchanged(two_workers, tiny_llama):
     flags, out, url, _ = two_workers
     journal = Path(url[8:])
@@ -148,6 +151,7 @@ def test_bad_input_is_one_line_and_leaves_the_study_unchanged(two_workers, tiny_
     assert hashlib.sha256(journal.read_bytes()).hexdigest() == before
 
 
+@pytest.mark.slow
 def test_a_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_llama):
     """SQLite (Optuna's heartbeat): a worker SIGKILLed mid-trial, then started again: its trial is failed
     after 2 heartbeats and retried with the same settings; the study still reaches its 2 trials."""
@@ -212,6 +216,7 @@ def test_space_and_budget_grammar():
     assert storage_spec(config_with(**tune, tune_storage="postgresql://h/db")) == ("rdb", "postgresql://h/db")
 
 
+@pytest.mark.slow
 def test_seeds_make_a_trial_the_mean_of_its_runs(tmp_path, tiny_llama):
     """--seeds=2: each trial is two runs side by side (trials/NNNN/seed_<s>/, control vectors of --seed and
     --seed+1), scored as their mean; best.flags carries --seeds; the chosen trial's test scores average

@@ -11,6 +11,8 @@ from armu_jax.config import config_with
 from armu_jax.data import read_corpus
 from armu_jax.train import run
 
+pytestmark = pytest.mark.reference
+
 STEPS = 10
 MODES = [("rmu", "first_batch"), ("adaptive_rmu", "per_batch"), ("adaptive_rmu", "first_batch")]
 
