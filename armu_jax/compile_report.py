@@ -17,11 +17,13 @@ import numpy as np
 
 from armu_jax import outputs, sharding
 from armu_jax.config import RunConfig, validate
+from armu_jax.data import DataSpec, UnlearningData, load_tokenizer
 from armu_jax.embedded import resolve_model
 from armu_jax.errors import UserError
 from armu_jax.model import abstract_params
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import truncate
+from armu_jax.shapes import plan_steps
 from armu_jax.step import StepSpec, build_step
 
 GIB = 1024 ** 3
@@ -87,8 +89,6 @@ def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir:
 def planned(cfg: RunConfig, model_cfg: ModelConfig, step) -> dict:
     """The run's step count and planned shapes (armu_jax.shapes) from its corpora and tokenizer when they are
     here; else the step count --max_num_batches allows and the budget of programs."""
-    from armu_jax.data import DataSpec, UnlearningData, load_tokenizer
-    from armu_jax.shapes import plan_steps
     try:
         model_dir = resolve_model(cfg.model)
         data = UnlearningData.from_spec(DataSpec.of(cfg, model_dir, step.rows), load_tokenizer(model_dir))
