@@ -73,7 +73,8 @@ class ProfileWindow:
 
     Steps carry StepTraceAnnotation (xprof's step view); the trace is closed whatever ends the run
     (last step, SIGTERM, error). A window starting at the first step this process runs begins one
-    step later unless --profile_compile: that step's time is compilation, not the step.
+    step later unless --profile_compile: the planned programs compile before step 0, but the first step still
+    pays one-time costs (its first transfers and allocations).
     """
 
     def __init__(self, cfg: RunConfig, out: Path, first_step: int, is_main: bool):
