@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_hf_model
 
-from armu_jax.compile_report import report
+from armu_jax.compile_report import abstract_step, planned, report
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.model_config import ModelConfig
 
@@ -115,17 +115,18 @@ def test_shipped_model_configs_are_the_published_shapes():
         assert from_flagfile(ROOT / "configs" / name).layer_id == 7
 
 
-@pytest.mark.slow
 def test_the_report_plans_the_runs_shapes_when_its_corpora_are_here(tmp_path, tiny_llama):
     """With the corpora and the model's tokenizer at hand the report gives the run's step count and its planned
-    shapes (within --step_programs); without them it says why and gives the step count the flags allow."""
+    shapes (within --step_programs); without them it says why and gives the step count the flags allow. (The
+    plan of the step built from shapes alone: report() adds it to the compiled programs' figures.)"""
     settings = dict(model=str(tiny_llama), layer_id=3, forget_max_len=[128], retain_max_len=128, pad_multiple=32,
                     max_num_batches=12, step_programs=4)
     model_cfg = ModelConfig.from_dir(tiny_llama)
-    plan = report(config_with(**settings), model_cfg)["plan"]
+    step, _ = abstract_step(config_with(**settings), model_cfg)
+    plan = planned(config_with(**settings), model_cfg, step)
     assert plan["steps"] == 12 and 2 <= plan["programs"] <= 4 and plan["shapes"]
     assert plan["planned_from"].startswith(f"12 steps, {plan['programs']} programs")
     absent = str(tmp_path / "absent.jsonl")
-    plan = report(config_with(**settings, forget_corpora=[absent, absent]), model_cfg)["plan"]
+    plan = planned(config_with(**settings, forget_corpora=[absent, absent]), model_cfg, step)
     assert plan == {"steps": 12, "programs": 4, "shapes": None, "planned_from": plan["planned_from"]}
     assert plan["planned_from"].startswith("not planned:") and "does not exist" in plan["planned_from"]
