@@ -8,7 +8,10 @@ trainable tensors, and gradients and optimizer state exist only for those.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
+import time
 from dataclasses import dataclass
 
 import jax
@@ -441,9 +444,6 @@ class AheadOfTime:
     compiler releases the GIL, so `workers` programs compile side by side; tracing runs under the GIL."""
 
     def __init__(self, compiled: CompiledStep, todo: list, workers: int | None):
-        import concurrent.futures
-        import os
-        import time
         self.compiled, self.todo = compiled, todo
         self.began, self.finished, self.waited = time.time(), time.time(), 0.0
         workers = workers or max(1, min(4, os.cpu_count() or 1, len(todo) or 1))
@@ -452,13 +452,11 @@ class AheadOfTime:
 
     def _build(self, key):
         kind, shape = key
-        import time
         self.compiled.executables[key] = self.compiled.lower(kind, shape).compile()
         self.finished = max(self.finished, time.time())
 
     def wait(self) -> int:
         """Block until every program is compiled (raising the first failure); returns how many were."""
-        import time
         began = time.time()
         try:
             for future in self.futures:
