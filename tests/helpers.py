@@ -135,3 +135,19 @@ ZEPHYR_7B = {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidd
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False}
+
+
+def beyond_bound(result, reference) -> list:
+    """What of a run's logged metrics and trained weights ((metrics rows, {name: array}) each) is off the
+    reference run's by more than the bound test_run.py holds mesh runs to (1e-5 relative: float32 rounding of
+    differently shaped products): [(step or "weights", key)]."""
+    import numpy as np
+
+    from armu_jax.step import DIAGNOSTICS
+    (metrics, weights), (ref_metrics, ref_weights) = result, reference
+    assert len(metrics) == len(ref_metrics)
+    off = [(b["step"], key) for a, b in zip(metrics, ref_metrics)
+           for key in logged(a, b, ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm", *DIAGNOSTICS))
+           if abs(a[key] - b[key]) > 1e-5 * abs(b[key]) + 1e-7]
+    return off + [("weights", key) for key in ref_weights
+                  if np.abs(weights[key] - ref_weights[key]).max() > 1e-5 * np.abs(ref_weights[key]).max()]

@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import logged, read_metrics, run_settings
+from helpers import beyond_bound, read_metrics, run_settings
 from safetensors.numpy import load_file, save_file
 
 from armu_jax import packing
 from armu_jax.config import config_with
 from armu_jax.data import load_tokenizer
-from armu_jax.step import DIAGNOSTICS
 from armu_jax.train import run
 
 PAD = 7
@@ -82,18 +81,6 @@ def test_unpack_and_pack_give_the_padded_values_and_their_gradients():
                                jax.grad(lambda y: jnp.sum(v * plain_pack(y)))(y), rtol=1e-6, atol=1e-6)
 
 
-def _beyond_bound(result, reference) -> list:
-    """What of a run's logged metrics and trained weights is off the padded run's by more than the bound
-    test_run.py holds mesh runs to (1e-5 relative): [(step or weight, key)]."""
-    (metrics, weights), (ref_metrics, ref_weights) = result, reference
-    assert len(metrics) == len(ref_metrics) == 6
-    off = [(b["step"], key) for a, b in zip(metrics, ref_metrics)
-           for key in logged(a, b, ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm", *DIAGNOSTICS))
-           if abs(a[key] - b[key]) > 1e-5 * abs(b[key]) + 1e-7]
-    return off + [("weights", key) for key in ref_weights
-                  if np.abs(weights[key] - ref_weights[key]).max() > 1e-5 * np.abs(ref_weights[key]).max()]
-
-
 @pytest.mark.slow
 def test_a_packed_run_matches_the_padded_run(tmp_path, tiny_llama, monkeypatch):
     """--pack_tokens (the default) against --pack_tokens=false, reference loss (pads in the MSE), on one device
@@ -120,8 +107,8 @@ def test_a_packed_run_matches_the_padded_run(tmp_path, tiny_llama, monkeypatch):
 
     padded = one("padded", pack_tokens=False)
     assert any("forget_cosine" in m for m in padded[0])  # the diagnostic steps compared too
-    assert _beyond_bound(one("packed"), padded) == []
-    assert _beyond_bound(one("packed_mesh", mesh="data:2,fsdp:4"), padded) == []
+    assert beyond_bound(one("packed"), padded) == []
+    assert beyond_bound(one("packed_mesh", mesh="data:2,fsdp:4"), padded) == []
     unpack = packing.unpack
     monkeypatch.setattr(packing, "unpack", lambda x, lay, rows, pad_grad=True: unpack(x, lay, rows, pad_grad=False))
-    assert ("weights", "model.layers.3.mlp.down_proj.weight") in _beyond_bound(one("no_pad_grad"), padded)
+    assert ("weights", "model.layers.3.mlp.down_proj.weight") in beyond_bound(one("no_pad_grad"), padded)

@@ -2,13 +2,12 @@
 padded up to its planned shape computes what it computes at its own."""
 import numpy as np
 import pytest
-from helpers import logged, read_metrics, run_settings
+from helpers import beyond_bound, read_metrics, run_settings
 from safetensors.numpy import load_file
 
 from armu_jax import data as data_module
 from armu_jax.config import config_with
 from armu_jax.shapes import Costs, SideShape, plan
-from armu_jax.step import DIAGNOSTICS
 from armu_jax.train import run
 
 COSTS = Costs(per_token=1e6, attention=2e3, rows=4, shards=1)
@@ -67,17 +66,6 @@ def _run(tmp_path, model, name, **settings):
     return read_metrics(out), load_file(out / "hf" / "model.safetensors")
 
 
-def _beyond_bound(result, reference) -> list:
-    """What of a run's metrics and weights is off the reference run's by more than the bound test_run.py holds
-    mesh runs to (1e-5 relative: float32 rounding of differently shaped products)."""
-    (metrics, weights), (ref_metrics, ref_weights) = result, reference
-    off = [(b["step"], key) for a, b in zip(metrics, ref_metrics)
-           for key in logged(a, b, ("loss", "forget_loss", "retain_loss", "coeff", "grad_norm", *DIAGNOSTICS))
-           if abs(a[key] - b[key]) > 1e-5 * abs(b[key]) + 1e-7]
-    return off + [("weights", key) for key in ref_weights
-                  if np.abs(weights[key] - ref_weights[key]).max() > 1e-5 * np.abs(ref_weights[key]).max()]
-
-
 @pytest.mark.slow
 def test_a_run_at_one_planned_shape_is_the_run_at_each_batchs_own(tmp_path, tiny_llama, capsys, monkeypatch):
     """--step_programs=2 (every batch padded up to one shape: more left padding, more packed filler) against a
@@ -92,7 +80,7 @@ def test_a_run_at_one_planned_shape_is_the_run_at_each_batchs_own(tmp_path, tiny
     assert "+0.0%" not in printed.split("planned")[1].splitlines()[0]  # the batches' own shapes differ
     assert "(2 of the unlearning step;" in printed
     assert len({m["programs"] for m in one[0]}) == 1  # nothing compiled inside the loop
-    assert _beyond_bound(one, own) == []
+    assert beyond_bound(one, own) == []
     widen = data_module.widen
 
     def read_by_the_loss(side, length, pad_id):
@@ -101,5 +89,5 @@ def test_a_run_at_one_planned_shape_is_the_run_at_each_batchs_own(tmp_path, tiny
         out["weight"][:, :extra] = 1.0
         return out
     monkeypatch.setattr(data_module, "widen", read_by_the_loss)
-    assert ("weights", "model.layers.3.mlp.down_proj.weight") in _beyond_bound(
+    assert ("weights", "model.layers.3.mlp.down_proj.weight") in beyond_bound(
         _run(tmp_path, tiny_llama, "wrong", step_programs=2), own)
