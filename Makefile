@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
 	$(PY) -m pytest -q --durations=15 tests
 
-# The fast tier (about a minute and a half here): every test without a slow mark (pyproject.toml's markers).
+# The fast tier (under two minutes here): every test without a slow mark (pyproject.toml's markers).
 test-fast: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
 	$(PY) -m pytest -q --durations=5 -m "not (cli or multiprocess or gcs or tpu or reference or slow)" tests
