@@ -396,17 +396,17 @@ class CompiledStep:
                 CARRY: carry}
 
     def _abstract_params(self):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.frozen_like,
-                            self.params_shardings)
+        return _laid_out(self.frozen_like, self.params_shardings)
+
+    def _abstract_state(self):
+        return _laid_out(self.abstract_state, self.state_shardings)
 
     def lower(self, kind: str, shape):
         """The program `kind` ("step": shape a StepShape; "retain": a SideShape) lowered for abstract arguments."""
         with jax.set_mesh(self.mesh):
             if kind == "retain":
                 return self.retain.lower(self._abstract_params(), self.abstract_side(shape))
-            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,
-                                 self.state_shardings)
-            return self.step.lower(state, self._abstract_params(), self.abstract_batch(shape))
+            return self.step.lower(self._abstract_state(), self._abstract_params(), self.abstract_batch(shape))
 
     def executable(self, kind: str, shape):
         """The compiled program `kind` at `shape`, compiled now if compile_ahead has not."""
@@ -423,9 +423,7 @@ class CompiledStep:
         fixed = jax.jit(lambda state, params, batch: self.step(state, params, {**batch, "diagnostics": flag}))
         batch = {k: v for k, v in self.abstract_batch(shape).items() if k != "diagnostics"}
         with jax.set_mesh(self.mesh):
-            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,
-                                 self.state_shardings)
-            analysis = fixed.lower(state, self._abstract_params(), batch).compile().cost_analysis()
+            analysis = fixed.lower(self._abstract_state(), self._abstract_params(), batch).compile().cost_analysis()
         return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis).get("flops", 0.0))
 
     def programs(self, shapes) -> list[tuple[str, object]]:
@@ -437,6 +435,11 @@ class CompiledStep:
         """Compile the programs of these StepShapes in the background, `workers` at a time (default: the
         cores, at most 4); returns a handle to wait on (AheadOfTime.wait)."""
         return AheadOfTime(self, [p for p in self.programs(shapes) if p not in self.executables], workers)
+
+
+def _laid_out(tree, shardings):
+    """ShapeDtypeStructs of tree's leaves, each with its sharding (the programs' abstract arguments)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class AheadOfTime:
