@@ -145,7 +145,9 @@ class Scorer:
 
     # -- lm-eval's request encoding (HFLM._encode_pair and _loglikelihood_tokens' truncation)
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # lm-eval's tok_encode (add_bos_token unset): the tokenizer's own special tokens, so Gemma's
+        # <bos> leads every context and held-out text and SmolLM2 (no template) gets none.
+        return self.tokenizer(text)["input_ids"]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if context == "":
@@ -207,8 +209,16 @@ class Scorer:
                 out[i][b] = logp[r, entry:entry + n]
         return out
 
-    def loglikelihoods(self, params, pairs: list[tuple[str, str]], desc: str = "scoring") -> np.ndarray:
-        """Summed log-probability of each continuation given its context, as lm-eval's loglikelihood."""
+    def loglikelihoods(self, params, pairs: list[tuple[str, str]], desc: str = "scoring",
+                       memo: dict | None = None) -> np.ndarray:
+        """Summed log-probability of each continuation given its context, as lm-eval's loglikelihood.
+        memo (a dict kept for one params): requests scored before are not scored again (a neighbour
+        task's questions that are also the retain task's), and what is scored here is added to it."""
+        if memo is not None:
+            todo = [p for p in dict.fromkeys(pairs) if ("ll", p) not in memo]
+            if todo:
+                memo.update({("ll", p): v for p, v in zip(todo, self.loglikelihoods(params, todo, desc))})
+            return np.array([memo[("ll", p)] for p in pairs], np.float64)
         items: list[_Item] = []
         index: dict[tuple, int] = {}  # prefix -> item (packing: shared; else one item per request)
         slots = []
@@ -225,10 +235,10 @@ class Scorer:
         scores = self._score(params, items, desc)
         return np.array([float(scores[i][b].sum()) for i, b in slots], np.float64)
 
-    def multiple_choice(self, params, task: Task) -> dict:
+    def multiple_choice(self, params, task: Task, memo: dict | None = None) -> dict:
         """acc (and acc_norm) of a task under params with their Wilson intervals, and one record per doc
         ("docs": task, doc_id, target, each choice's log-likelihood, the picks and whether each is right)."""
-        ll = self.loglikelihoods(params, task.requests(), desc=task.name)
+        ll = self.loglikelihoods(params, task.requests(), desc=task.name, memo=memo)
         cursor = 0
         records = []
         for doc_id, doc in enumerate(task.docs):
@@ -251,15 +261,19 @@ class Scorer:
         return result
 
     def nll_records(self, params, texts: list[str], max_tokens: int = 128, desc: str = "nll",
-                    task: str = "") -> list[dict]:
+                    task: str = "", memo: dict | None = None) -> list[dict]:
         """Per text (each cut to max_tokens; texts under 2 tokens are skipped): {task, doc_id, tokens (the
-        predicted ones), nll (their summed negative log-likelihood)}."""
-        encoded = [self._tokens(t)[:max_tokens] for t in texts]
+        predicted ones), nll (their summed negative log-likelihood)}. memo: as loglikelihoods'."""
+        encoded = [tuple(self._tokens(t)[:max_tokens]) for t in texts]
         kept = [i for i, e in enumerate(encoded) if len(e) >= 2]
         if not kept:
             raise UserError("no held-out text of at least 2 tokens to compute NLL on")
-        items = [_Item(tuple(encoded[i][:1]), [tuple(encoded[i][1:])]) for i in kept]
-        logps = [branches[0] for branches in self._score(params, items, desc)]
+        memo = {} if memo is None else memo
+        todo = list(dict.fromkeys(encoded[i] for i in kept if ("nll", encoded[i]) not in memo))
+        if todo:
+            items = [_Item(e[:1], [e[1:]]) for e in todo]
+            memo.update({("nll", e): branches[0] for e, branches in zip(todo, self._score(params, items, desc))})
+        logps = [memo[("nll", encoded[i])] for i in kept]
         return [{"task": task, "doc_id": i, "tokens": len(lp), "nll": float(-lp.sum())} for i, lp in zip(kept, logps)]
 
     def nll_per_token(self, params, texts: list[str], max_tokens: int = 128, desc: str = "nll") -> float:
@@ -295,11 +309,13 @@ def evaluate_tasks(scorer: Scorer, params, tasks: list[Task], nll: bool = True, 
     appended to it (samples.jsonl). Limit tasks with load_tasks(limit=)."""
     params = scorer.place(params)
     results = {}
+    memo: dict = {}  # what one task scored, another with the same requests or texts reads (demo_physical in demo_retain)
     for task in tasks:
-        res = scorer.multiple_choice(params, task)
+        res = scorer.multiple_choice(params, task, memo)
         records = res.pop("docs")
         if nll and task.nll_texts:
-            texts = scorer.nll_records(params, task.nll_texts, nll_tokens, desc=f"{task.name} nll", task=task.name)
+            texts = scorer.nll_records(params, task.nll_texts, nll_tokens, desc=f"{task.name} nll", task=task.name,
+                                       memo=memo)
             res.update(nll=nll_of(texts), nll_ci=list(stats.bootstrap_ratio([r["nll"] for r in texts],
                                                                             [r["tokens"] for r in texts])),
                        nll_n=len(texts))

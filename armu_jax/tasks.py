@@ -122,6 +122,12 @@ class Task:
             return self
         return dataclasses.replace(self, docs=self.docs[:limit], nll_texts=self.nll_texts[:limit])
 
+    def spread(self, n: int) -> "Task":
+        """n docs (and n held-out texts) evenly spaced through the task's order, where limited() takes the
+        first n: demo_retain's docs are in topic order, so a spread keeps every topic's share."""
+        pick = lambda xs: xs if not n or n >= len(xs) else [xs[i * len(xs) // n] for i in range(n)]
+        return dataclasses.replace(self, docs=pick(self.docs), nll_texts=pick(self.nll_texts))
+
 
 def split_indices(keys: list[str], task: str, split: str) -> list[int]:
     """The indices (in order) of the items of `split` among items identified by `keys`: the first half

@@ -88,6 +88,9 @@ class TokenizersTokenizer:
         self.eos_token_id = self.token_id(self.eos_token)
         self.pad_token, self.pad_token_id = self.eos_token, self.eos_token_id
 
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 

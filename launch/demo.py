@@ -1,23 +1,31 @@
-"""`make demo`: on the embedded default, evaluate the original model, run Adaptive RMU
-(configs/demo.flags) and RMU, evaluate both, and write a report (markdown table + PNG).
+"""`make demo`: on an embedded model (Gemma-3-270M by default, SmolLM2-135M with --model=smollm2-135m),
+evaluate the original model, run Adaptive RMU (the model's shipped flagfile) and RMU, evaluate both, attack
+them, let each model continue a few held-out prompts, and write a report (markdown table + PNG).
 
 RMU's steering coefficient: c = 6.5 was tuned for Zephyr-7B, whose layer-7 activations are far
-smaller than SmolLM2's. We use the coefficient Adaptive RMU derives on the same data (beta times
+smaller than these models'. We use the coefficient Adaptive RMU derives on the same data (beta times
 the mean token norm of the first forget batch, averaged over topics), so both methods steer with
 the same magnitude and differ only in how it is set: one constant vs one per topic.
 
-Usage: python -m launch.demo [--lm_eval] [--limit N] [--output_dir DIR]
+The questions: every test-split question of the forget topics (biology 137, technology 68) and of the
+physical sciences neighbour (117), and 200 of demo_retain's 659 spread evenly through its topics (every
+topic keeps its share; --retain_limit=0 scores all 659). The original model's scores are computed once
+per model, tasks and evaluator and kept in $ARMU_CACHE/demo/ (the model does not change between demos).
+
+Usage: python -m launch.demo [--model gemma3-270m|smollm2-135m] [--lm_eval] [--limit N] [--output_dir DIR]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
 
 from armu_jax import compare, outputs, stats
 from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
-from armu_jax.embedded import smollm2_dir
+from armu_jax.embedded import GEMMA_MODEL, cache_dir, resolve_model
 from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline, release_memory_after_compiles
@@ -26,7 +34,12 @@ from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks, mean_chance
 from armu_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-NLL_TOKENS = 32  # held-out NLL over each extract's first 32 tokens (64 took the demo past its 6 minutes warm: 6.7)
+# Each embedded model: its name in the report and its shipped Adaptive RMU settings (found by --mode=tune).
+MODELS = {"gemma3-270m": ("Gemma-3-270M", "configs/demo_gemma3-270m.flags"),
+          "smollm2-135m": ("SmolLM2-135M", "configs/demo.flags")}
+NLL_TOKENS = 16  # held-out NLL over each extract's first 16 tokens (Gemma's 262k-entry head costs ~1.7x its body per token)
+RETAIN_LIMIT = 200  # demo_retain's questions (and texts), spread through its topics
+CONTINUATION_TOKENS = 20
 
 
 def _ci(r: dict, key: str, scale: float, digits: int) -> str:
@@ -149,82 +162,183 @@ def format_attacks(attacks: dict) -> str:
                                    "attacked - unlearned acc (pts) [95% CI], p"], rows)
 
 
+def demo_tasks(limit: int, retain_limit: int) -> list:
+    """The demo's test-split tasks: forget topics and the neighbour whole (or their first `limit`), demo_retain
+    spread to retain_limit (Task.spread)."""
+    tasks = load_tasks(["demo"], limit)
+    return [t.spread(retain_limit) if t.name == "demo_retain" and not limit else t for t in tasks]
+
+
+def original_key(model_dir: Path, tasks: list, nll_tokens: int) -> str:
+    """What the original model's scores depend on: its weights file, the items and texts, the evaluator's code."""
+    h = hashlib.sha256()
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    h.update(json.dumps([[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]).encode())
+    h.update(json.dumps([[t.name, t.requests(), t.nll_texts] for t in tasks], sort_keys=True).encode())
+    h.update(str(nll_tokens).encode())
+    import armu_jax.evaluate as ev
+    h.update(Path(ev.__file__).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def original_scores(model_dir: Path, tasks: list, evaluate) -> tuple[dict, list, str]:
+    """The original model's (results, records): from $ARMU_CACHE/demo/<key>.json when an earlier demo wrote
+    them, else evaluated and kept there (written atomically)."""
+    path = cache_dir() / "demo" / f"original-{original_key(model_dir, tasks, NLL_TOKENS)}.json"
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+            return kept["results"], kept["records"], f"kept from an earlier demo ({path})"
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged copy: evaluate again and replace it
+    records: list = []
+    results = evaluate(records)
+    outputs.write_json(path, {"results": results, "records": records})
+    return results, records, f"evaluated now, kept in {path}"
+
+
+def prompts(tasks: list, words: int = 8) -> list[tuple[str, str]]:
+    """(topic, prompt) of the held-out test articles: the first words of biology's, technology's and the
+    retain topics' first extract (the report's side-by-side continuations)."""
+    by_name = {t.name: t for t in tasks}
+    return [(topic, " ".join(by_name[f"demo_{topic}"].nll_texts[0].split()[:words]))
+            for topic in ("bio", "cyber", "retain")]
+
+
+def continuations_table(texts: dict, chosen: list[tuple[str, str]]) -> str:
+    rows = [[f"{topic}: {prompt}"] + [texts[name][k].replace("\n", " ").replace("|", "/").strip() for name in texts]
+            for k, (topic, prompt) in enumerate(chosen)]
+    return outputs.markdown_table(["prompt (held-out test article)"] + list(texts), rows)
+
+
+def targets(results: dict, records: dict, name: str) -> list[str]:
+    """The issue's targets for one unlearned model, each checked: forget topics at least halfway to chance
+    (p < 0.01), retain within 2 points and not significantly lower, retain NLL up at most 0.1 nat/token."""
+    lines = []
+    for topic in ("bio", "cyber"):
+        task = f"demo_{topic}"
+        o, u = results["original"][task], results[name][task]
+        gap = o["acc"] - o["chance"]
+        fell = (o["acc"] - u["acc"]) / gap if gap > 0 else float("nan")
+        p = compare.paired([records[name]], [records["original"]], [task], "acc")
+        ok = fell >= 0.5 and p is not None and p["p"] < 0.01 and p["diff"] < 0
+        lines.append(f"- {topic}: {100 * o['acc']:.1f} -> {100 * u['acc']:.1f}, {100 * fell:.0f}% of the way to chance "
+                     f"(target: at least 50%, p < 0.01; p = {p['p']:.2g}): {'met' if ok else 'not met'}")
+    p = compare.paired([records[name]], [records["original"]], ["demo_retain"], "acc")
+    nll = results[name]["demo_retain"]["nll"] - results["original"]["demo_retain"]["nll"]
+    ok = p["diff"] > -0.02 and not (p["p"] < 0.05 and p["diff"] < 0)
+    lines.append(f"- retain accuracy {100 * p['diff']:+.1f} points (p = {p['p']:.2g}; target: within 2 points and not "
+                 f"significantly lower): {'met' if ok else 'not met'}")
+    lines.append(f"- retain NLL {nll:+.3f} nat/token (target: at most +0.1): {'met' if nll <= 0.1 else 'not met'}")
+    return lines
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on SmolLM2-135M")
-    parser.add_argument("--limit", type=int, default=60, help="held-out test-split questions per topic (0: all)")
+    parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on an embedded model")
+    parser.add_argument("--model", default=GEMMA_MODEL, choices=sorted(MODELS), help="the embedded model (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=0, help="test-split questions per topic (0: all; demo_retain: "
+                        "--retain_limit)")
+    parser.add_argument("--retain_limit", type=int, default=RETAIN_LIMIT,
+                        help="demo_retain's questions, spread through its topics (0: all 659)")
+    parser.add_argument("--attack", default="adaptive_rmu,rmu", help="the models attacked (comma-separated; empty: none)")
     parser.add_argument("--lm_eval", action="store_true", help="also score the exports with lm-eval (hf backend)")
-    parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<time>)")
+    parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<model>-<time>)")
     args = parser.parse_args(argv)
+    if args.limit < 0 or args.retain_limit < 0:
+        raise SystemExit("error: --limit and --retain_limit must be >= 0 (0: all)")
+    attacked = [a for a in args.attack.split(",") if a]
+    if set(attacked) - {"rmu", "adaptive_rmu"}:
+        raise SystemExit(f"error: --attack={args.attack}: name rmu and/or adaptive_rmu")
     began = time.time()
     go_offline()
     enable_compilation_cache()
     release_memory_after_compiles()
-    out = outputs.claim(args.output_dir or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
-    flagfile = ROOT / "configs" / "demo.flags"
-    print(f"armu_jax demo: writing to {out}")
-    tasks = load_tasks(["demo"], args.limit)
+    label, flags = MODELS[args.model]
+    out = outputs.claim(args.output_dir or ROOT / "runs" / time.strftime(f"demo-{args.model}-%Y%m%d-%H%M%S"))
+    flagfile = ROOT / flags
+    print(f"armu_jax demo on {label} ({flags}): writing to {out}")
+    tasks = demo_tasks(args.limit, args.retain_limit)
+    print("questions: " + ", ".join(f"{t.name} {len(t.docs)}" for t in tasks))
 
-    print("[1/5] evaluating the original model")
     # One cache for the whole demo: one scorer (every model's params are its argument, shapes stay
     # compiled), one compiled step for both runs, the original model loaded once.
     cache = ProcessCache()
-    model_dir, mesh = smollm2_dir(), make_mesh("data:1")
+    model_dir, mesh = resolve_model(args.model), make_mesh("data:1")
     scorer = cache.scorer(EvalSpec(str(model_dir), "float32", 16, mesh))
     records: dict[str, list[dict]] = {}
 
     def evaluate(name, params):
         records[name] = []
         return evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS, samples=records[name])
-    results = {"original": evaluate("original", cache.params(model_dir, "float32", mesh))}
 
-    print("[2/5] Adaptive RMU (configs/demo.flags)")
+    print("[1/6] the original model")
+    original, records["original"], how = original_scores(
+        model_dir, tasks, lambda recs: evaluate_tasks(scorer, cache.params(model_dir, "float32", mesh), tasks,
+                                                      nll_tokens=NLL_TOKENS, samples=recs))
+    print(f"      {how}")
+    results = {"original": original}
+
+    print(f"[2/6] Adaptive RMU ({flags})")
     adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
     curves = {"adaptive_rmu": read_metrics(adaptive)}
     first = {}
     for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
     coeff = sum(first.values()) / len(first)
-    print(f"[3/5] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
+    print(f"[3/6] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
     rmu = train(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")),
                 cache)[0]
     curves["rmu"] = read_metrics(rmu)
 
-    print("[4/5] evaluating the unlearned models")
+    print("[4/6] evaluating the unlearned models")
+    params = {"original": cache.params(model_dir, "float32", mesh)}
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
-        results[name] = evaluate(name, cache.params(run_dir / "hf", "float32", mesh))
+        params[name] = cache.params(run_dir / "hf", "float32", mesh)
+        results[name] = evaluate(name, params[name])
 
-    print(f"[5/5] attacks on the forgotten biology: {ATTACK_NOTE}")
-    attacks = {name: attack_results(run_dir, cache, results, name, args.limit, records) for name, run_dir in
-               (("rmu", rmu), ("adaptive_rmu", adaptive))}
+    print("[5/6] what each model now says (greedy continuations of held-out prompts)")
+    from armu_jax.generate import greedy
+    chosen = prompts(tasks)
+    said = {name: greedy(scorer.model, p, scorer.tokenizer, [c for _, c in chosen], CONTINUATION_TOKENS)
+            for name, p in params.items()}
+
+    runs = {"rmu": rmu, "adaptive_rmu": adaptive}
+    print(f"[6/6] attacks on the forgotten biology ({', '.join(attacked) or 'none'}): {ATTACK_NOTE}")
+    attacks = {name: attack_results(runs[name], cache, results, name, args.limit, records) for name in attacked}
 
     lm_eval_scores = {}
     if args.lm_eval:
         from armu_jax.harness import run_lm_eval, summary
-        for name, model_dir in (("original", smollm2_dir()), ("rmu", rmu / "hf"), ("adaptive_rmu", adaptive / "hf")):
+        for name, directory in (("original", model_dir), ("rmu", rmu / "hf"), ("adaptive_rmu", adaptive / "hf")):
             print(f"lm-eval (hf backend) on {name}")
-            lm_eval_scores[name] = summary(run_lm_eval(model_dir, ["demo"], out / "lm_eval" / name,
+            lm_eval_scores[name] = summary(run_lm_eval(directory, ["demo"], out / "lm_eval" / name,
                                                        limit=args.limit))
 
     table = report_table(results)
-    attack_table = format_attacks(attacks)
     seconds = time.time() - began
     chance = 100 * mean_chance(tasks)
-    text = ["# armu_jax demo\n", f"SmolLM2-135M; forget: Wikipedia biology and technology (cyber proxy); "
-            f"retain: other topics. {args.limit or 'all'} held-out 4-way description questions per topic, from the test split "
-            f"(chance {chance:.0f}%) and held-out NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}. [95% CI]: Wilson "
+    counts = ", ".join(f"{t.name[5:]} {len(t.docs)}" for t in tasks)
+    text = ["# armu_jax demo\n", f"{label}; forget: Wikipedia biology and technology (cyber proxy); retain: other topics. "
+            f"Held-out 4-way description questions from the test split ({counts}; chance {chance:.0f}%) and held-out "
+            f"NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}. [95% CI]: Wilson "
             "for accuracy, the bootstrap over texts for NLL.\n", table, "",
+            "## Targets (Adaptive RMU against the original, paired on the same questions)\n",
+            *targets(results, records, "adaptive_rmu"), "",
             "## Paired: the same questions under two models (McNemar's exact test; NLL: sign-flip test over texts)\n",
             paired_table(records), "",
-            f"## Does it come back? ({ATTACK_NOTE})\n", attack_table, ""]
+            f"## What the models now say (greedy, {CONTINUATION_TOKENS} tokens)\n", continuations_table(said, chosen), ""]
+    if attacks:
+        text += [f"## Does it come back? ({ATTACK_NOTE})\n", format_attacks(attacks), ""]
     if lm_eval_scores:
         text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
         text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
                  for m, rows in lm_eval_scores.items() for t, r in rows.items()]
-    text.append(f"\nTotal time: {seconds / 60:.1f} min.")
+    text.append(f"\nOriginal model's scores: {how}. Total time: {seconds / 60:.1f} min.")
     outputs.write_text(out / "report.md", "\n".join(text) + "\n")
     for name, recs in records.items():
         write_samples(out / f"samples_{name}.jsonl", recs)
-    outputs.write_json(out / "results.json", {"native": results, "lm_eval": lm_eval_scores, "attacks": attacks,
+    outputs.write_json(out / "results.json", {"model": args.model, "native": results, "lm_eval": lm_eval_scores,
+                                              "attacks": attacks, "continuations": {"prompts": chosen, "said": said},
                                               "rmu_coeff": coeff, "seconds": seconds})
     plot(out / "report.png", results, curves, from_flagfile(flagfile).forget_corpora)
     print("\n".join(text))

@@ -1,0 +1,75 @@
+"""Greedy continuations (armu_jax/generate.py) against transformers' generate(do_sample=False) on the
+embedded SmolLM2-135M: the same tokens, and the same stop at eos.
+
+Two float32 implementations may pick different tokens where the top two logits are within their
+rounding of each other. The bound for such a tie is measured, not guessed: test_model.py holds the port's
+logits to transformers' within a few 1e-5 on SmolLM2; TIE = 1e-3 is 20x that. Where the tokens differ,
+the test requires transformers' own logits at that step to be within TIE of each other (a real tie);
+any other difference fails.
+"""
+import numpy as np
+import torch
+import transformers
+
+from armu_jax.data import load_tokenizer
+from armu_jax.generate import greedy, greedy_ids
+from armu_jax.hf_io import load_hf
+from armu_jax.model import LlamaForCausalLM
+
+PROMPTS = ["The mitochondrion is", "A compiler translates", "Paris is the capital of"]
+NEW = 12
+TIE = 1e-3
+
+
+def _hf_greedy(model, tokenizer, prompt: str) -> tuple[list[int], list[np.ndarray]]:
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    return new, [s[0].numpy() for s in out.scores]
+
+
+def test_greedy_matches_transformers(smollm2_dir):
+    tokenizer = load_tokenizer(smollm2_dir)
+    cfg, params = load_hf(smollm2_dir)
+    mine = greedy_ids(LlamaForCausalLM(cfg), params, tokenizer, PROMPTS, NEW)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    hf.generation_config.eos_token_id = tokenizer.eos_token_id
+    for prompt, ours in zip(PROMPTS, mine):
+        theirs, scores = _hf_greedy(hf, tokenizer, prompt)
+        if tokenizer.eos_token_id in theirs:  # ours stops before eos and leaves it out
+            theirs = theirs[:theirs.index(tokenizer.eos_token_id)]
+        if ours != theirs:
+            k = next(i for i in range(min(len(ours), len(theirs))) if ours[i] != theirs[i])
+            gap = scores[k][theirs[k]] - scores[k][ours[k]]
+            assert gap < TIE, f"{prompt!r}: token {k} is {ours[k]}, transformers' {theirs[k]} (logit gap {gap:.2e})"
+        assert len(ours) == len(theirs) == NEW
+
+
+class _StopAt:
+    """The tokenizer with another eos id."""
+
+    def __init__(self, tokenizer, eos: int):
+        self.tokenizer, self.eos_token_id = tokenizer, eos
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def test_greedy_stops_at_eos(smollm2_dir):
+    """With eos set to the third token the first prompt continues with, that row stops before it (at most two
+    tokens, kept); the other rows run on to the limit unless they meet the same token."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    cfg, params = load_hf(smollm2_dir)
+    model = LlamaForCausalLM(cfg)
+    free = greedy_ids(model, params, tokenizer, PROMPTS, 6)
+    stop = free[0][2]
+    stopped = greedy_ids(model, params, _StopAt(tokenizer, stop), PROMPTS, 6)
+    assert len(stopped[0]) <= 2
+    for a, b in zip(free, stopped):
+        assert b == (a[:a.index(stop)] if stop in a else a)
+    assert greedy(model, params, tokenizer, PROMPTS[:1], 6)[0] == tokenizer.decode(free[0], skip_special_tokens=True)
