@@ -8,6 +8,7 @@ the test requires transformers' own logits at that step to be within TIE of each
 any other difference fails.
 """
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -15,6 +16,8 @@ from armu_jax.data import load_tokenizer
 from armu_jax.generate import greedy, greedy_ids
 from armu_jax.hf_io import load_hf
 from armu_jax.model import LlamaForCausalLM
+
+pytestmark = pytest.mark.reference
 
 PROMPTS = ["The mitochondrion is", "A compiler translates", "Paris is the capital of"]
 NEW = 12
