@@ -36,8 +36,8 @@ from armu_jax.cache import ProcessCache
 from armu_jax.config import RunConfig, from_flagfile
 from armu_jax.data import read_corpus, shuffled, tokenize
 from armu_jax.errors import UserError
+from armu_jax.families import read_model_config
 from armu_jax.model import LlamaForCausalLM, abstract_params
-from armu_jax.model_config import ModelConfig
 from armu_jax.optimizer import torch_adamw
 from armu_jax.params import merge, trainable_names
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
@@ -68,7 +68,7 @@ class AttackedRun:
         self.cfg: RunConfig = from_flagfile(self.dir / "flags.txt")
         self.original = resolve_model(self.cfg.model)
         self.unlearned = self.dir / "hf"
-        self.model_cfg = ModelConfig.from_dir(self.unlearned)
+        self.model_cfg = read_model_config(self.unlearned)
         self.vectors = load_control_vectors(self.dir / "control_vectors.npy", self.cfg.n_topics,
                                             self.model_cfg.hidden_size, what=f"--run_dir {self.dir}:")
 
@@ -186,7 +186,7 @@ def relearn(model: LlamaForCausalLM, params: dict, names: list[str], batch: dict
     and the loss before each step."""
     mesh = mesh or sharding.make_mesh("data:1")
     spec = RelearnSpec(model, tuple(names), mesh, lr, weight_decay)
-    program = (cache or ProcessCache()).relearn_program(spec)
+    program = (cache or ProcessCache()).get("relearn", spec, lambda: build_relearn_program(spec))
     params = jax.device_put(params, program.params_shardings)
     state = program.init(params)
     rows = sharding.batch_rows(mesh, batch["input_ids"].shape[0])

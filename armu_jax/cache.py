@@ -3,9 +3,10 @@
 A standalone command makes one ProcessCache; a sweep passes its one to every cell, and the
 attack mode to every relearning run, so nothing is loaded, tokenized or compiled twice: the
 model's params, tokenizers, corpora, tokenized batches (data.DataSpec), compiled unlearning
-steps (step.StepSpec), scorers (evaluate.EvalSpec) and relearning programs
-(attack.RelearnSpec). The keys are the frozen specs themselves, so a setting a builder reads is
-in its key by construction; nothing is cached at module level.
+steps (step.StepSpec), scorers (evaluate.EvalSpec) and relearning programs (attack.RelearnSpec,
+which attack.py keeps here with get("relearn", ...): the cache imports no mode). The keys are the
+frozen specs themselves, so a setting a builder reads is in its key by construction; nothing is
+cached at module level.
 """
 from __future__ import annotations
 
@@ -70,8 +71,3 @@ class ProcessCache:
         """The Scorer of an evaluate.EvalSpec."""
         from armu_jax.evaluate import build_scorer
         return self.get("scorer", spec, lambda: build_scorer(spec, self.tokenizer(storage.path(spec.model_dir))))
-
-    def relearn_program(self, spec):
-        """The jitted relearning step of an attack.RelearnSpec."""
-        from armu_jax.attack import build_relearn_program
-        return self.get("relearn", spec, lambda: build_relearn_program(spec))

@@ -20,6 +20,7 @@ from armu_jax.config import RunConfig, validate
 from armu_jax.data import DataSpec, UnlearningData, load_tokenizer
 from armu_jax.embedded import resolve_model
 from armu_jax.errors import UserError
+from armu_jax.families import read_model_config
 from armu_jax.model import abstract_params
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import truncate
@@ -148,7 +149,7 @@ def format_report(rep: dict) -> str:
 
 def compile_cli(cfg: RunConfig) -> dict:
     """--mode=compile: print the table and write <output_dir>/compile.json (never overwritten)."""
-    model_cfg = ModelConfig.from_dir(resolve_model(cfg.model))
+    model_cfg = read_model_config(resolve_model(cfg.model))
     validate(cfg, model_cfg)
     out = outputs.claim(cfg.output_dir, ("compile.json",)) if cfg.output_dir else None
     rep = report(cfg, model_cfg)

@@ -379,7 +379,7 @@ def differences(saved: RunConfig, now: RunConfig) -> list[str]:
             if meta["group"] == "training" and getattr(saved, name) != getattr(now, name)]
 
 
-def _bound_error(name: str, value, bound: str | None) -> str | None:
+def bound_error(name: str, value, bound: str | None) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"--{name}={value}: must be a finite number"
     if bound is None:
@@ -397,7 +397,7 @@ def check_bounds(cfg: RunConfig) -> None:
         if value is None or meta["kind"] in ("bool", "str", "enum", "list"):
             continue
         for v in value if isinstance(value, tuple) else (value,):
-            error = _bound_error(name, v, meta["bound"])
+            error = bound_error(name, v, meta["bound"])
             if error:
                 raise UserError(error)
 
@@ -475,12 +475,6 @@ def check_sweep(cfg: RunConfig) -> None:
                         "spread the cells over workers or train them side by side in one process, not both")
 
 
-def check_tune(cfg: RunConfig) -> None:
-    """--tune_space and --tune_retain_budget parse (their grammar lives with the tune, armu_jax.tune)."""
-    from armu_jax import tune
-    tune.check(cfg)
-
-
 def sweep_alpha(spec: str, n_topics: int) -> tuple[float, ...]:
     """One --sweep_alphas entry: a value for every topic, or one per topic joined by /."""
     try:
@@ -495,7 +489,7 @@ def sweep_alpha(spec: str, n_topics: int) -> tuple[float, ...]:
 # Each group's checks beyond the bounds (which stand beside each setting); run on every RunConfig.
 CHECKS = {"training": check_training, "hosts": check_hosts, "output": check_output, "evaluation": check_evaluation,
           "attack": check_attack,
-          "sweep": check_sweep, "tune": check_tune}
+          "sweep": check_sweep}  # the tune's grammar is checked by the tune (tune.check), where it lives
 
 
 def validate(cfg: RunConfig, model_cfg=None) -> None:

@@ -362,11 +362,11 @@ def build_scorer(spec: EvalSpec, tokenizer=None) -> Scorer:
     are split over data x fsdp and params are placed by the sharding table."""
     from armu_jax import storage
     from armu_jax.data import load_tokenizer
+    from armu_jax.families import read_model_config
     from armu_jax.model import parse_dtype
-    from armu_jax.model_config import ModelConfig
     model_dir = storage.path(spec.model_dir)
     dtype = parse_dtype(spec.dtype)
-    model = LlamaForCausalLM(ModelConfig.from_dir(model_dir), dtype=dtype, param_dtype=dtype)
+    model = LlamaForCausalLM(read_model_config(model_dir), dtype=dtype, param_dtype=dtype)
     return Scorer(model, tokenizer or load_tokenizer(model_dir), spec.batch_size, max_length_of(model_dir), spec.mesh,
                   spec.pack_tokens)
 

@@ -7,11 +7,12 @@ out, so a hub checkpoint reads as transformers reads it.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 from armu_jax.errors import UserError
-from armu_jax.model_config import Rope
+from armu_jax.model_config import ModelConfig, Rope
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -230,3 +231,23 @@ def update_params_for(names, model_cfg) -> tuple:
     if tuple(names) != ("default",):
         return tuple(names)
     return next(f.default_update_params for f in FAMILIES.values() if f.name == model_cfg.family)
+
+
+def model_config_of(hf: dict) -> ModelConfig:
+    """The ModelConfig of a config.json dict."""
+    return ModelConfig(**model_config_fields(hf))
+
+
+def read_model_config(path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model directory (local or gs://); one line for a missing or bad file."""
+    from armu_jax import storage
+    config_file = storage.path(path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({err}); restore the model's config.json") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{config_file} does not hold a JSON object; restore the model's config.json")
+    return model_config_of(hf)

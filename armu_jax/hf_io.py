@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 
 from armu_jax import outputs, storage, tensor_files
 from armu_jax.errors import RunFailure, UserError
+from armu_jax.families import read_model_config
 from armu_jax.model import parse_dtype
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, hf_key_to_path, name_of, needed_upto, path_to_hf_key, unflatten
@@ -65,7 +66,7 @@ def load_hf(model_dir: str | os.PathLike, dtype=jnp.float32, upto_layer: int | N
     model_dir = storage.path(model_dir, "--model")
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = read_model_config(model_dir)
     reads = (storage.READS.bytes, storage.READS.requests)
     expected = expected_paths(cfg)
     flat = {}
@@ -216,7 +217,7 @@ def export_hf(params: dict, source_dir: str | os.PathLike, out_dir: str | os.Pat
     source_dir, out_dir = storage.path(source_dir, "--model"), storage.path(out_dir, "export target")
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
-    cfg = ModelConfig.from_dir(source_dir)
+    cfg = read_model_config(source_dir)
     tensors = {}
     for path, value in flatten(params).items():
         key, transpose = path_to_hf_key(path)
@@ -260,7 +261,7 @@ def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | 
     source_dir, out_dir = storage.path(source_dir, "--model"), storage.path(out_dir, "export target")
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
-    cfg = ModelConfig.from_dir(source_dir)
+    cfg = read_model_config(source_dir)
     files: dict[str, list] = {}
     unused = set(trained)
     replaced: dict[str, list] = {}  # stored key -> [(rows or None, trained name, transpose)]

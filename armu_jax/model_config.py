@@ -1,4 +1,4 @@
-"""The model's shape and features, read from a Hugging Face config.json (families.py says how per family).
+"""The model's shape and features (families.py reads them from a Hugging Face config.json, per family).
 
 One decoder (model.py) serves every supported family; what differs between Llama, Qwen, Gemma, Phi-3
 and OLMo-2 is a handful of feature fields here: biases, q/k norms, where the norms sit, the norm's
@@ -7,10 +7,7 @@ and RoPE per layer type, and how the checkpoint stores fused projections.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-
-from armu_jax.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -71,22 +68,3 @@ class ModelConfig:
 
     def rope_of(self, layer_type: str) -> Rope:
         return self.rope_local if layer_type == "sliding" and self.rope_local is not None else self.rope
-
-    @classmethod
-    def from_hf_dict(cls, hf: dict) -> "ModelConfig":
-        from armu_jax.families import model_config_fields
-        return cls(**model_config_fields(hf))
-
-    @classmethod
-    def from_dir(cls, path) -> "ModelConfig":
-        from armu_jax import storage
-        config_file = storage.path(path) / "config.json"
-        if not config_file.is_file():
-            raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")
-        try:
-            hf = json.loads(config_file.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise UserError(f"{config_file} is not valid JSON ({err}); restore the model's config.json") from None
-        if not isinstance(hf, dict):
-            raise UserError(f"{config_file} does not hold a JSON object; restore the model's config.json")
-        return cls.from_hf_dict(hf)

@@ -124,11 +124,11 @@ def parity_cli(cfg) -> int:
     from armu_jax import outputs
     from armu_jax.data import load_tokenizer
     from armu_jax.embedded import resolve_model
-    from armu_jax.model_config import ModelConfig
+    from armu_jax.families import read_model_config
     out = outputs.claim(cfg.output_dir, purpose="--mode=parity writes parity.json, tokens.npy, mask.npy and "
                         "logits.npy there")
     model_dir = resolve_model(cfg.model)
-    model_cfg = ModelConfig.from_dir(model_dir)  # refuses an unsupported family before any work
+    model_cfg = read_model_config(model_dir)  # refuses an unsupported family before any work
     texts = read_texts(cfg.parity_texts)
     tokenizer = load_tokenizer(model_dir)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=cfg.parity_max_len, return_tensors="np")

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from armu_jax import compare, outputs, rundir, stats, storage
+from armu_jax import study as tune_study
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, sweep_alpha, validate
 from armu_jax.errors import RunFailure, UserError, first_line
 from armu_jax.evaluate import read_samples, write_samples
@@ -588,11 +589,10 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
     returns when every cell is done (or failed in this round) and writes the same tables."""
     import optuna
 
-    from armu_jax import tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tune.quiet_optuna()
+    tune_study.quiet_optuna()
     names = {c.name: c for c in cells}
-    study_storage = tune.open_storage(cfg)
+    study_storage = tune_study.open_storage(cfg)
     class Grid(optuna.samplers.GridSampler):
         def after_trial(self, study, trial, state, values):  # its study.stop() is for study.optimize; the loop
             pass                                              # below ends when every cell is settled
@@ -612,7 +612,7 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
         return row is not None and (row["status"] == "ok" or (out / "cells" / cell.name / "result.json").stat().st_mtime > began)
 
     while True:
-        tune.fail_stale(study, cfg.tune_heartbeat_seconds)
+        tune_study.fail_stale(study, cfg.tune_heartbeat_seconds)
         pending = [c for c in cells if not settled(c)]
         bar.n = len(cells) - len(pending)
         bar.refresh()
@@ -636,7 +636,7 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
             continue
         cell = names[name]
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        heartbeat = tune.Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
+        heartbeat = tune_study.Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
         try:
             row = run_cell(cfg, cell, out / "cells" / cell.name, runner, bar)
         except BaseException:
@@ -692,6 +692,8 @@ def sweep_cli(cfg: RunConfig) -> list[dict]:
     from armu_jax.context import RunContext
     from armu_jax.tasks import load_tasks, mean_chance
 
+    if cfg.tune_storage:
+        tune_study.storage_spec(cfg)  # one line for a storage the workers cannot share, before anything loads
     if hosts.several():  # --output_dir and --overwrite are checked with the sweep group (config.check_sweep)
         raise UserError("--mode=sweep runs in one process (its cells may use all of its devices via --mesh); "
                         "start it without --num_processes/--multihost")

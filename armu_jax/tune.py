@@ -50,7 +50,6 @@ import json
 import math
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +58,9 @@ import numpy as np
 from tqdm import tqdm
 
 from armu_jax import outputs, storage
-from armu_jax.config import SETTINGS, RunConfig, _bound_error, flagfile_text, validate
+from armu_jax.config import SETTINGS, RunConfig, bound_error, flagfile_text, validate
 from armu_jax.errors import UserError, first_line
+from armu_jax.study import MAX_RETRY, Heartbeat, fail_stale, open_storage, quiet_optuna, storage_spec
 
 SEARCHABLE_KINDS = ("int", "float", "enum", "bool", "topic_floats", "topic_ints")
 NOT_SEARCHABLE = ("model", "forget_corpora", "retain_corpora", "mesh", "dtype", "control_vectors", "update_layer_ids",
@@ -68,7 +68,6 @@ NOT_SEARCHABLE = ("model", "forget_corpora", "retain_corpora", "mesh", "dtype", 
 NLL_CAP = 1.0  # nat/token: the NLL rise beyond which the objective gains nothing (the target's +1)
 PRUNE_PERCENTILE = 75.0  # a trial worse than 75% of the others at a step is stopped (the worst quarter)
 PRUNE_TEXTS = 16  # held-out texts per forget task in the pruning NLL (a full-model forward: kept small)
-MAX_RETRY = 1  # a trial whose worker died is retried once with its settings
 
 
 # ----------------------------------------------------------------------------- the search space
@@ -169,7 +168,7 @@ def parse_space(spec: str | None, n_topics: int, num_layers: int | None = None) 
             if log and low <= 0:
                 raise UserError(f"--tune_space entry {entry!r}: a log range needs LOW > 0")
             for v in (low, high):
-                error = _bound_error(setting, v, SETTINGS[setting]["bound"])
+                error = bound_error(setting, v, SETTINGS[setting]["bound"])
                 if error:
                     raise UserError(f"--tune_space entry {entry!r}: {error}")
             dim = Dimension(setting, index, kind, float(low), float(high), log)
@@ -200,7 +199,8 @@ def parse_budget(spec: str | None) -> dict:
 
 
 def check(cfg: RunConfig) -> None:
-    """The tune group's checks on the config alone (config.CHECKS)."""
+    """The tune group's checks on the config alone, before anything is loaded (tune_cli; sweep_cli with
+    --tune_storage)."""
     parse_budget(cfg.tune_retain_budget)
     if cfg.mode == "sweep" and cfg.tune_storage:
         storage_spec(cfg)
@@ -218,72 +218,7 @@ def check(cfg: RunConfig) -> None:
     storage_spec(cfg)
 
 
-def storage_spec(cfg: RunConfig) -> tuple[str, str]:
-    """("rdb", URL) or ("journal", PATH) of the study; SQLite in the output directory by default."""
-    spec = cfg.tune_storage
-    remote_out = bool(cfg.output_dir) and storage.is_url(cfg.output_dir)
-    if not spec:
-        if remote_out:
-            raise UserError(f"--output_dir={cfg.output_dir}: SQLite and the journal file need a POSIX filesystem; give "
-                            "the study an RDB URL, --tune_storage=postgresql://USER:PASS@HOST/DB")
-        return "rdb", f"sqlite:///{Path(cfg.output_dir).expanduser().resolve() / 'study.db'}"
-    if spec.startswith("journal:"):
-        if remote_out or storage.is_url(spec[len("journal:"):]):
-            raise UserError(f"--tune_storage={spec}: the journal file needs a POSIX filesystem (a local or shared "
-                            "mount); with a gs:// output directory use an RDB URL (postgresql://...)")
-        return "journal", str(Path(spec[len("journal:"):]).expanduser())
-    if "://" not in spec:
-        raise UserError(f"--tune_storage={spec}: give an RDB URL (sqlite:///PATH, postgresql://USER:PASS@HOST/DB) "
-                        "or journal:PATH")
-    if spec.startswith("sqlite:") and remote_out:
-        raise UserError(f"--tune_storage={spec}: SQLite needs a POSIX filesystem shared by the workers; with a gs:// "
-                        "output directory use postgresql:// or mysql://")
-    if storage.is_url(spec) and not spec.split(":")[0].startswith(("postgres", "mysql", "sqlite", "oracle", "mssql")):
-        raise UserError(f"--tune_storage={spec}: Optuna storage is an RDB URL or journal:PATH, not an object-store URL")
-    return "rdb", spec
-
-
-def open_storage(cfg: RunConfig):
-    """The Optuna storage of the study (heartbeat on RDB storage); one line when it cannot be opened."""
-    import optuna
-    kind, where = storage_spec(cfg)
-    try:
-        if kind == "journal":
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-            Path(where).parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(where))
-        engine = {"connect_args": {"timeout": 120}} if where.startswith("sqlite") else {"pool_pre_ping": True}
-        make = lambda: optuna.storages.RDBStorage(
-            where, engine_kwargs=engine, heartbeat_interval=cfg.tune_heartbeat_seconds,
-            grace_period=2 * cfg.tune_heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-        if not where.startswith("sqlite:///"):
-            return make()
-        import fcntl
-        db = Path(where[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{db}.lock", "a") as lock:  # workers started together would race to create the schema
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return make()
-    except ModuleNotFoundError as err:
-        raise UserError(f"--tune_storage={cfg.tune_storage}: its database driver is not installed ({err.name}); "
-                        f"pip install it (psycopg2-binary for PostgreSQL, PyMySQL for MySQL)") from None
-    except Exception as err:  # sqlalchemy's OperationalError, ArgumentError, OSError ...
-        raise UserError(f"--tune_storage={cfg.tune_storage or where}: cannot open the study's storage "
-                        f"({first_line(err)})") from None
-
-
 # ----------------------------------------------------------------------------- the study
-
-def quiet_optuna() -> None:
-    """Our loop drives the heartbeat and the ask/tell itself (Optuna warns that heartbeats are meant for
-    study.optimize, and that experimental features are experimental)."""
-    import warnings
-
-    import optuna
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 
 def identity(cfg: RunConfig, dims: list[Dimension]) -> dict:
     """What a study is: its space, objective and the flagfile's other training settings. A worker on a
@@ -446,50 +381,6 @@ def _finished(trial) -> bool:
 
 
 # ----------------------------------------------------------------------------- a worker
-
-class Heartbeat:
-    """A running trial's heartbeat: Optuna's on RDB storage; on a journal file a trial attribute with the
-    time, written every --tune_heartbeat_seconds, which fail_stale() of any worker reads."""
-
-    def __init__(self, study, trial, interval: int):
-        import optuna
-        self.stop = threading.Event()
-        rdb = isinstance(study._storage, optuna.storages.RDBStorage)
-        beat = (lambda: study._storage.record_heartbeat(trial._trial_id)) if rdb else \
-            (lambda: study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time()))
-        beat()
-
-        def loop():
-            while not self.stop.wait(interval):
-                try:
-                    beat()
-                except Exception:  # the trial finished meanwhile (or the storage hiccuped): the next beat decides
-                    pass
-        self.thread = threading.Thread(target=loop, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stop.set()
-        self.thread.join()
-
-
-def fail_stale(study, interval: int) -> None:
-    """Fail the running trials whose worker stopped beating (2 x interval) and retry each once."""
-    import optuna
-    if isinstance(study._storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
-        return
-    now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        last = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
-        if now - last > 2 * interval:
-            try:
-                if study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
-                    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-                    retry(study, study._storage.get_trial(t._trial_id))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another worker failed it first
-
 
 class Pruned(Exception):
     pass
@@ -802,6 +693,7 @@ def tune_cli(cfg: RunConfig) -> dict:
     from armu_jax.sweep import CellRunner
     from armu_jax.tasks import load_tasks
 
+    check(cfg)
     if hosts.several():
         raise UserError("--mode=tune runs one worker per process (its trials may use all of its devices via --mesh); "
                         "start N workers as N commands, not one with --num_processes/--multihost")

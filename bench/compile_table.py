@@ -42,7 +42,7 @@ def main() -> None:
         topologies = [t for t in topologies if t[0] in args.topologies.split(",")]
     from armu_jax.compile_report import GIB, report
     from armu_jax.config import from_flagfile
-    from armu_jax.model_config import ModelConfig
+    from armu_jax.families import read_model_config
     rows = []
     print("| model | topology | mesh | GiB/device (args + temps) | fits | TFLOP/step | ms at peak | compile s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -52,7 +52,7 @@ def main() -> None:
             extra = {"update_params": ["default"]} if args.families else {}
             cfg = from_flagfile(ROOT / "configs" / flagfile, model=str(model_dir), mesh=mesh, **extra,
                                 topology=None if topology.startswith("cpu") else topology)
-            rep = report(cfg, ModelConfig.from_dir(model_dir))
+            rep = report(cfg, read_model_config(model_dir))
             rows.append({"flagfile": flagfile, "model": model, **rep})
             Path(args.out).write_text(json.dumps(rows, indent=2))
             per = rep["per_device_bytes"]

@@ -99,8 +99,8 @@ def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
     import jax
 
     from armu_jax.compile_report import executable_flops
-    from armu_jax.model_config import ModelConfig
-    model_cfg = ModelConfig.from_dir(model_dir)
+    from armu_jax.families import read_model_config
+    model_cfg = read_model_config(model_dir)
     compiled, frozen, batches = build(model_cfg, "bfloat16", device, max_len)
     state = compiled.init(frozen)
     result = {}
@@ -129,12 +129,12 @@ def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
 
 def small_config(model_dir: Path):
     """model_dir's family at a small size: 8 layers of 128 (the float32 comparison's model)."""
-    from armu_jax.model_config import ModelConfig
+    from armu_jax.families import model_config_of
     hf = json.loads((model_dir / "config.json").read_text())
     heads = 4
     hf.update(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=heads,
               num_key_value_heads=min(hf.get("num_key_value_heads", heads), 2), vocab_size=1024, head_dim=32)
-    return ModelConfig.from_hf_dict(hf)
+    return model_config_of(hf)
 
 
 def float32_check(model_dir: Path, device, steps: int = 3) -> dict:

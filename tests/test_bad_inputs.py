@@ -48,16 +48,16 @@ def test_a_cut_short_weight_file_is_refused(model_dir, tmp_path):
     (lambda c: c.update(num_hidden_layers=0), "num_hidden_layers is 0"),
 ])
 def test_a_config_json_that_parses_but_is_wrong_is_refused(model_dir, tmp_path, change, message):
-    from armu_jax.model_config import ModelConfig
+    from armu_jax.families import read_model_config
     bad = _copy(model_dir, tmp_path)
     config = json.loads((bad / "config.json").read_text())
     change(config)
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=message):
-        ModelConfig.from_dir(bad)
+        read_model_config(bad)
     (bad / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
     with pytest.raises(UserError, match="is not valid JSON"):
-        ModelConfig.from_dir(bad)
+        read_model_config(bad)
 
 
 def test_a_damaged_tokenizer_is_refused(model_dir, tmp_path, smollm2_dir):
@@ -165,10 +165,10 @@ def test_control_vectors_in_an_npz_archive_are_refused(tmp_path):
 
 def test_settings_that_would_train_nothing_or_everything_are_refused(model_dir):
     from armu_jax.config import config_with
+    from armu_jax.families import read_model_config
     from armu_jax.model import LlamaForCausalLM, abstract_params
-    from armu_jax.model_config import ModelConfig
     from armu_jax.params import trainable_names
-    params = abstract_params(LlamaForCausalLM(ModelConfig.from_dir(model_dir)))
+    params = abstract_params(LlamaForCausalLM(read_model_config(model_dir)))
     with pytest.raises(UserError, match="--update_params: the model has no parameter model/layers_1/all/kernel"):
         trainable_names(params, [1], ["all"])  # `all` is for relearning (--relearn_params), not unlearning
     assert len(trainable_names(params, [], ["all"], allow_all=True)) == len(jax_leaves(params))

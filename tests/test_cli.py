@@ -11,8 +11,8 @@ from armu_jax.config import from_flagfile
 @pytest.mark.parametrize("flagfile", sorted((ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
 def test_shipped_flagfiles_parse(flagfile):
     cfg = from_flagfile(flagfile)
-    # the demo's layers were searched on SmolLM2, by hand and by --mode=tune (docs/experiments.md)
-    layer = {"demo.flags": 5, "demo_tuned.flags": 9}.get(flagfile.name, 7)
+    # the demo's layers were searched by --mode=tune (docs/experiments.md): SmolLM2's by hand and by the tool, Gemma's
+    layer = {"demo.flags": 5, "demo_tuned.flags": 9, "demo_gemma3-270m.flags": 6}.get(flagfile.name, 7)
     assert cfg.n_topics == 2 and len(cfg.alpha) == 2 and cfg.update_layer_ids == (layer - 2, layer - 1, layer)
     assert cfg.layer_id == layer and cfg.batch_size == 4
     assert from_flagfile(flagfile, layer_id=9).layer_id == 9  # overrides win over the file

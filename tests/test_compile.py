@@ -10,7 +10,7 @@ from helpers import tiny_hf_model
 
 from armu_jax.compile_report import abstract_step, planned, report
 from armu_jax.config import config_with, from_flagfile
-from armu_jax.model_config import ModelConfig
+from armu_jax.families import read_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
@@ -23,7 +23,7 @@ ZEPHYR_V5E_SMALL_GIB = 1.86
 def _tiny_config(tmp_path, **overrides):
     model = tiny_hf_model(tmp_path, "llama", 2, layers=4)
     settings = dict(model=str(model), layer_id=3, forget_max_len=[64], retain_max_len=64, pad_multiple=64)
-    return config_with(**{**settings, **overrides}), ModelConfig.from_dir(model)
+    return config_with(**{**settings, **overrides}), read_model_config(model)
 
 
 @pytest.mark.slow
@@ -66,7 +66,8 @@ import json, sys
 from armu_jax.compile_report import report
 from armu_jax.config import config_with
 from armu_jax.model_config import ModelConfig
-model_cfg = ModelConfig.from_dir(sys.argv[1])
+from armu_jax.families import model_config_of, read_model_config
+model_cfg = read_model_config(sys.argv[1])
 for topology in sys.argv[2:]:
     cfg = config_with(model=sys.argv[1], layer_id=3, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
                       mesh="fsdp:-1", dtype="bfloat16", topology=topology)
@@ -89,7 +90,7 @@ def test_fsdp_over_any_chip_count_takes_the_reference_batch(tmp_path):
     for n in (1, 2):
         cfg = config_with(model=str(model), layer_id=3, forget_max_len=[64], retain_max_len=64, pad_multiple=64,
                           mesh=f"fsdp:{n}", dtype="bfloat16")
-        rep = report(cfg, ModelConfig.from_dir(model))
+        rep = report(cfg, read_model_config(model))
         reports[n] = {"mesh": rep["mesh"], "rows": rep["batch_rows"], "arguments": rep["per_device_bytes"]["arguments"]}
     env = {**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost"}
     result = subprocess.run([sys.executable, "-c", ANY_CHIP_COUNT, str(model), "v5e:4x4", "v5e:16x16"],
@@ -106,8 +107,8 @@ def test_fsdp_over_any_chip_count_takes_the_reference_batch(tmp_path):
 
 
 def test_shipped_model_configs_are_the_published_shapes():
-    zephyr = ModelConfig.from_dir(ROOT / "configs" / "models" / "zephyr-7b-beta")
-    llama = ModelConfig.from_dir(ROOT / "configs" / "models" / "llama-3-8b")
+    zephyr = read_model_config(ROOT / "configs" / "models" / "zephyr-7b-beta")
+    llama = read_model_config(ROOT / "configs" / "models" / "llama-3-8b")
     assert (zephyr.hidden_size, zephyr.num_hidden_layers, zephyr.num_key_value_heads, zephyr.sliding_window) == \
         (4096, 32, 8, 4096)
     assert (llama.vocab_size, llama.rope_theta, llama.sliding_window) == (128256, 500000.0, None)
@@ -121,7 +122,7 @@ def test_the_report_plans_the_runs_shapes_when_its_corpora_are_here(tmp_path, ti
     plan of the step built from shapes alone: report() adds it to the compiled programs' figures.)"""
     settings = dict(model=str(tiny_llama), layer_id=3, forget_max_len=[128], retain_max_len=128, pad_multiple=32,
                     max_num_batches=12, step_programs=4)
-    model_cfg = ModelConfig.from_dir(tiny_llama)
+    model_cfg = read_model_config(tiny_llama)
     step, _ = abstract_step(config_with(**settings), model_cfg)
     plan = planned(config_with(**settings), model_cfg, step)
     assert plan["steps"] == 12 and 2 <= plan["programs"] <= 4 and plan["shapes"]

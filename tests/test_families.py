@@ -13,9 +13,9 @@ import transformers
 from helpers import tiny_family_model
 
 from armu_jax.errors import UserError
+from armu_jax.families import read_model_config
 from armu_jax.hf_io import export_hf, load_hf
 from armu_jax.model import LlamaForCausalLM
-from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, unflatten
 from armu_jax.sharding import make_mesh, param_shardings
 
@@ -159,7 +159,7 @@ def test_shipped_configs_read_as_transformers_reads_them(name):
     """The hub-format config.json (legacy rope_scaling, no layer_types) gives the layer types, window,
     head size and RoPE that transformers' own config class derives."""
     path = ROOT / "configs" / "models" / name
-    ours, theirs = ModelConfig.from_dir(path), _transformers_config(path)
+    ours, theirs = read_model_config(path), _transformers_config(path)
     types = [{"full_attention": "full", "sliding_attention": "sliding"}[t]
              for t in (getattr(theirs, "layer_types", None) or ["full_attention"] * theirs.num_hidden_layers)]
     window = getattr(theirs, "sliding_window", None)

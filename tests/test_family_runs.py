@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 from armu_jax import families
 from armu_jax.config import config_with
 from armu_jax.evaluate import load_params, scorer_for
+from armu_jax.families import read_model_config
 from armu_jax.harness import per_doc_predictions, run_lm_eval_on
-from armu_jax.model_config import ModelConfig
 from armu_jax.parity import parity_cli
 from armu_jax.tasks import load_tasks
 from armu_jax.train import run
@@ -45,7 +45,7 @@ def test_three_step_runs_export_what_transformers_reloads(tmp_path, family_dirs)
         changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
         # The family's default updated parameters of layers 0..2; Phi-3's down_proj is unfused, its
         # fused qkv/gate_up tensors are copied unchanged.
-        names = families.update_params_for(("default",), ModelConfig.from_dir(model_dir))
+        names = families.update_params_for(("default",), read_model_config(model_dir))
         suffixes = [f".{n}.weight" for n in names]
         want = sorted(f"model.layers.{i}{s}" for i in range(3) for s in suffixes)
         assert changed == want, family

@@ -10,8 +10,8 @@ from helpers import tiny_hf_model
 from safetensors.numpy import load_file
 
 from armu_jax.errors import UserError
+from armu_jax.families import read_model_config
 from armu_jax.hf_io import export_hf, export_trained, load_hf
-from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, name_of
 from armu_jax.sharding import make_mesh, param_shardings
 
@@ -118,7 +118,7 @@ def test_bad_model_directories(tmp_path):
     # A supported architecture naming remote code (Phi-3.5's hub config does) is read with the native
     # port and never runs that code; an unknown model type with remote code is refused.
     (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
-    assert ModelConfig.from_dir(remote).family == "llama"
+    assert read_model_config(remote).family == "llama"
     (remote / "config.json").write_text(json.dumps({**config, "model_type": "custom", "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(UserError, match="remote code"):
         load_hf(remote)

@@ -85,10 +85,10 @@ def test_markdown_table():
 def test_step_spec_is_the_key_of_the_compiled_step(smollm2_dir):
     """Settings the step is compiled for change the spec (a new compile); the method and its numbers,
     lr included, do not (one compiled step serves every cell of a sweep or trial of a tune over them)."""
-    from armu_jax.model_config import ModelConfig
+    from armu_jax.families import read_model_config
     from armu_jax.sharding import make_mesh
     from armu_jax.step import StepSpec
-    model_cfg, mesh = ModelConfig.from_dir(smollm2_dir), make_mesh("data:1")
+    model_cfg, mesh = read_model_config(smollm2_dir), make_mesh("data:1")
     spec = lambda **kw: StepSpec.of(config_with(**kw), model_cfg, mesh)
     assert spec() == spec(method="rmu", beta=3.0, alpha=["10"], steering_coeffs=["20"], seed=1, lr=1e-4)
     for changed in (dict(layer_id=6), dict(update_layer_ids=[7]), dict(batch_size=8),

@@ -10,8 +10,8 @@ from helpers import LLAMA3_8B, ROOT, ZEPHYR_7B  # the published configs (config.
 
 from armu_jax.compile_report import compile_step
 from armu_jax.config import from_flagfile
+from armu_jax.families import model_config_of
 from armu_jax.model import parse_dtype
-from armu_jax.model_config import ModelConfig
 
 pytestmark = pytest.mark.tpu
 
@@ -26,7 +26,7 @@ CASES = {"zephyr7b_wmdp_adaptive.flags": (ZEPHYR_7B, 10.3), "llama3_8b_wmdp_adap
 def test_big_flagfile_compiles_and_fits(name):
     hf_config, documented_gib = CASES[name]
     cfg = from_flagfile(ROOT / "configs" / name)
-    programs, mesh, frozen, _ = compile_step(cfg, ModelConfig.from_hf_dict(hf_config))
+    programs, mesh, frozen, _ = compile_step(cfg, model_config_of(hf_config))
     mem = programs["step"].memory_analysis()
     total = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     assert total(programs["retain"].memory_analysis()) < total(mem)  # the retain side's program: a forward only

@@ -8,11 +8,11 @@ from armu_jax import sharding
 from armu_jax.compile_report import abstract_step
 from armu_jax.config import config_with, flagfile_text, from_flagfile
 from armu_jax.errors import UserError
-from armu_jax.model_config import ModelConfig
+from armu_jax.families import model_config_of
 
 
 def _abstract_step(mesh_spec: str):
-    model_cfg = ModelConfig.from_hf_dict({**ZEPHYR_7B, "num_hidden_layers": 4, "vocab_size": 512})
+    model_cfg = model_config_of({**ZEPHYR_7B, "num_hidden_layers": 4, "vocab_size": 512})
     return abstract_step(config_with(layer_id=3, mesh=mesh_spec), model_cfg)[0]
 
 

@@ -17,7 +17,17 @@ from helpers import ROOT, cli_command, read_metrics, run_cli
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.errors import UserError
 from armu_jax.train import run
-from armu_jax.tune import Dimension, best_flags, best_trial, markdown, parse_budget, parse_space, rows_of, storage_spec
+from armu_jax.tune import (
+    Dimension,
+    best_flags,
+    best_trial,
+    check,
+    markdown,
+    parse_budget,
+    parse_space,
+    rows_of,
+    storage_spec,
+)
 
 SPACE = "beta:1:10:log,lr:1e-4:1e-2:log,alpha.1:10:100"
 ENV = {"PYTHONPATH": str(ROOT)}
@@ -208,11 +218,11 @@ def test_space_and_budget_grammar():
             parse_space(bad, 2, 30)
     tune = dict(mode="tune", tune_space="beta:1:2", output_dir="gs://bucket/tune")
     with pytest.raises(UserError, match="need a POSIX filesystem; give the study an RDB URL"):
-        config_with(**tune)
+        check(config_with(**tune))
     with pytest.raises(UserError, match="journal file needs a POSIX"):
-        config_with(**tune, tune_storage="journal:/x/j.log")
+        check(config_with(**tune, tune_storage="journal:/x/j.log"))
     with pytest.raises(UserError, match="SQLite needs a POSIX"):
-        config_with(**tune, tune_storage="sqlite:///x.db")
+        check(config_with(**tune, tune_storage="sqlite:///x.db"))
     assert storage_spec(config_with(**tune, tune_storage="postgresql://h/db")) == ("rdb", "postgresql://h/db")
 
 
