@@ -240,7 +240,8 @@ def main(argv=None) -> int:
                         "--retain_limit)")
     parser.add_argument("--retain_limit", type=int, default=RETAIN_LIMIT,
                         help="demo_retain's questions, spread through its topics (0: all 659)")
-    parser.add_argument("--attack", default="adaptive_rmu,rmu", help="the models attacked (comma-separated; empty: none)")
+    parser.add_argument("--attack", default="adaptive_rmu", help="the models attacked: adaptive_rmu, rmu or both "
+                        "(comma-separated; empty: none; each attack of each model costs about a minute on Gemma here)")
     parser.add_argument("--lm_eval", action="store_true", help="also score the exports with lm-eval (hf backend)")
     parser.add_argument("--output_dir", default=None, help="a new directory (default runs/demo-<model>-<time>)")
     args = parser.parse_args(argv)
