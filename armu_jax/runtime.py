@@ -20,7 +20,7 @@ def has_gpu() -> bool:
 
 def choose_platforms() -> None:
     """JAX_PLATFORMS=cpu on a machine with neither TPU nor GPU (cuda,cpu on an NVIDIA machine with jax's
-    CUDA plugin), unless the user set it. With libtpu
+    CUDA 12 or CUDA 13 plugin), unless the user set it. With libtpu
     installed (for the compile reports) jax would otherwise initialise it at the first device query:
     warnings about the accelerator type, an E0000 TPU_WORKER_HOSTNAMES error line, and libtpu's
     machine-wide lock held for the whole process (a --mode=compile --topology beside it then fails).
@@ -29,7 +29,8 @@ def choose_platforms() -> None:
         return
     if not has_gpu():
         os.environ["JAX_PLATFORMS"] = "cpu"
-    elif glob.glob("/dev/nvidia[0-9]*") and _installed("jax_plugins.xla_cuda12", "jax_cuda12_plugin"):
+    elif glob.glob("/dev/nvidia[0-9]*") and _installed("jax_plugins.xla_cuda12", "jax_cuda12_plugin",
+                                                       "jax_plugins.xla_cuda13", "jax_cuda13_plugin"):
         os.environ["JAX_PLATFORMS"] = "cuda,cpu"  # the GPU, and never libtpu
 
 

@@ -31,10 +31,12 @@ def run_sweep(k: int, out: Path, args) -> dict:
     if done.returncode:
         raise SystemExit(f"K={k}: the sweep failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
-    groups = {}  # a group's cells share its training time: count it once
+    groups = {}  # a group's cells share its training time: count it once; a cell run alone is its own group
     for r in rows:
-        groups.setdefault((r.get("side_by_side") or 1, r["train_seconds"]), []).append(r)
-    train = sum(t for (_, t) in groups)
+        size = r.get("side_by_side") or 1
+        key = ("alone", r["name"]) if size == 1 else ("group", size, r["layer"], r["train_seconds"])
+        groups.setdefault(key, []).append(r)
+    train = sum(members[0]["train_seconds"] for members in groups.values())
     evaluation = sum(r["eval_seconds"] for r in rows)
     return {"k": k, "cells": len(rows), "ok": sum(r["status"] == "ok" for r in rows), "train_s": train,
             "eval_s": evaluation, "wall_s": wall, "forget_acc": [round(r["forget_acc"], 4) for r in rows]}
