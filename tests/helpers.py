@@ -151,3 +151,21 @@ def beyond_bound(result, reference) -> list:
            if abs(a[key] - b[key]) > 1e-5 * abs(b[key]) + 1e-7]
     return off + [("weights", key) for key in ref_weights
                   if np.abs(weights[key] - ref_weights[key]).max() > 1e-5 * np.abs(ref_weights[key]).max()]
+
+
+REAL_ERROR = 1e-3  # relative: the smallest real error (a wrong mask, eps or coefficient) a drift bound must still catch
+
+
+def drift_bound(ref, nudged, floor: float, margin: float = 10.0, absolute: float = 1e-6, what: str = "") -> float:
+    """The bound a number (or an array, by its largest element) is held to: margin x its measured last-bit
+    drift |ref - nudged| (the same run from inputs one ulp apart), at least floor x |ref|. A drift that
+    grows would raise its own bound; past REAL_ERROR x |ref| (or `absolute`) the bound could no longer
+    tell rounding from a real error, and this fails instead of passing by accident."""
+    import numpy as np
+    ref, nudged = np.asarray(ref, np.float64), np.asarray(nudged, np.float64)
+    scale, drift = float(np.abs(ref).max()), float(np.abs(ref - nudged).max())
+    bound = max(floor * scale, margin * drift)
+    ceiling = max(REAL_ERROR * scale, absolute)
+    assert bound <= ceiling, (f"{what}: the measured drift {drift:.3g} gives a bound {bound:.3g} above "
+                              f"{REAL_ERROR:g} x |value| ({ceiling:.3g}): the test could no longer see a real error")
+    return bound

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, cli_args, cli_command, logged, read_metrics
+from helpers import ROOT, cli_args, cli_command, drift_bound, logged, read_metrics
 
 from armu_jax import tensor_files
 from armu_jax.config import config_with
@@ -84,10 +84,9 @@ def one_process(tmp_path_factory):
         run(config_with(**{**SETTINGS, "model": model}, mesh="fsdp:4", output_dir=str(out)))
         results.append((read_metrics(out), _weights(out)))
     (metrics, weights), (nudged_metrics, nudged_weights) = results
-    tolerance = [{k: max(1e-5 * abs(a[k]), 10 * abs(a[k] - b[k])) for k in logged(a, b, COMPARED)}
+    tolerance = [{k: drift_bound(a[k], b[k], 1e-5, what=f"step {a['step']} {k}") for k in logged(a, b, COMPARED)}
                  for a, b in zip(metrics, nudged_metrics)]
-    weight_tolerance = {k: max(1e-6 * np.abs(weights[k]).max(), 10 * np.abs(weights[k] - nudged_weights[k]).max())
-                        for k in TRAINED}
+    weight_tolerance = {k: drift_bound(weights[k], nudged_weights[k], 1e-6, what=k) for k in TRAINED}
     return metrics, weights, tolerance, weight_tolerance
 
 
