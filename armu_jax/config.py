@@ -183,7 +183,9 @@ class RunConfig:
                                     "from half of the run on and stop trials in the worst quarter (0: no pruning).", bound=">=0")
     tune_startup_trials: int = setting("tune", "int", 5, "--mode=tune: random trials before TPE (and before pruning).",
                                        bound=">=0")
-    tune_seed: int = setting("tune", "int", 0, "--mode=tune: the sampler's seed (each worker adds its own offset).", bound=">=0")
+    tune_seed: int = setting("tune", "int", 0, "--mode=tune: the study's seed: trial k's random draws are seeded "
+                             "from it and k, so workers started together never draw alike and the study is "
+                             "reproducible from it.", bound=">=0")
     tune_heartbeat_seconds: int = setting("tune", "int", 60, "Workers' heartbeat: a trial whose worker is silent for "
                                           "2x this is failed and retried (once per trial).", bound=">=1")
     # -- norms

@@ -123,3 +123,23 @@ def fail_stale(study, interval: int) -> None:
                     retry(study, study._storage.get_trial(t._trial_id))
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker failed it first
+
+
+def trial_seeded_sampler(seed: int, startup_trials: int):
+    """Optuna's TPE whose random draws are seeded per trial, from the study's seed and the trial's number.
+
+    Every worker of a study is started with the same --tune_seed. Seeded once per worker (TPESampler(seed)),
+    N workers started together draw the same random start: the same setting N times. Seeded per trial,
+    each worker draws its trial's own numbers (the storage hands out each number once), and the study stays
+    reproducible from its seed: trial k draws the same random setting whoever runs it, and TPE's choices
+    follow from the trials finished before it."""
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.TPESampler):
+        def before_trial(self, study, trial):
+            state = (seed * 1_000_003 + trial.number) % 2**32
+            self._rng.rng.seed(state)
+            self._random_sampler._rng.rng.seed(state)
+            super().before_trial(study, trial)
+
+    return TrialSeededTPE(seed=seed, n_startup_trials=startup_trials)

@@ -60,7 +60,15 @@ from tqdm import tqdm
 from armu_jax import outputs, storage
 from armu_jax.config import SETTINGS, RunConfig, bound_error, flagfile_text, validate
 from armu_jax.errors import UserError, first_line
-from armu_jax.study import MAX_RETRY, Heartbeat, fail_stale, open_storage, quiet_optuna, storage_spec
+from armu_jax.study import (
+    MAX_RETRY,
+    Heartbeat,
+    fail_stale,
+    open_storage,
+    quiet_optuna,
+    storage_spec,
+    trial_seeded_sampler,
+)
 
 SEARCHABLE_KINDS = ("int", "float", "enum", "bool", "topic_floats", "topic_ints")
 NOT_SEARCHABLE = ("model", "forget_corpora", "retain_corpora", "mesh", "dtype", "control_vectors", "update_layer_ids",
@@ -716,9 +724,8 @@ def tune_cli(cfg: RunConfig) -> dict:
     study_storage = open_storage(cfg)
     name = cfg.tune_study or "tune"
     ident = identity(cfg, dims)
-    probe = open_study(cfg, study_storage, name, ident)  # refuses another study before anything is written
-    seed = cfg.tune_seed if not probe.trials else (cfg.tune_seed + hash((socket.gethostname(), os.getpid()))) % 2**31
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune_startup_trials)
+    open_study(cfg, study_storage, name, ident)  # refuses another study before anything is written
+    sampler = trial_seeded_sampler(cfg.tune_seed, cfg.tune_startup_trials)  # workers never draw alike (study.py)
     pruner = (optuna.pruners.PercentilePruner(PRUNE_PERCENTILE, n_startup_trials=cfg.tune_startup_trials,
                                               n_warmup_steps=cfg.max_num_batches // 2)
               if cfg.tune_prune_every else optuna.pruners.NopPruner())
