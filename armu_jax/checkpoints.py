@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state, restored onto the same shardings.
 
 A save or close that fails (full disk, unwritable directory) is a RunFailure naming the last good
-checkpoint, which stays intact.
+checkpoint, which stays intact. A resume takes the newest checkpoint that restores and sets the damaged
+newer ones aside (restore_newest).
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from armu_jax import storage
 from armu_jax.errors import RunFailure, first_line
 
 
+class CheckpointsDamaged(Exception):
+    """No checkpoint of a run restores: the directory and [(step, why)] newest first."""
+
+    def __init__(self, directory, skipped: list[tuple[int, str]]):
+        self.directory, self.skipped = directory, skipped
+        super().__init__("; ".join(f"step {step}: {why}" for step, why in skipped))
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int):
         # Synchronous: a save that fails raises at that step, so the run knows exactly which checkpoint
@@ -23,8 +32,8 @@ class Checkpointer:
         # and the arrays through tensorstore's gcs driver, and marks a finished step with
         # commit_success.txt where a local save renames a temporary directory.
         self.directory = directory if storage.is_url(directory) else Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self.saved: int | None = None  # the step of the last good checkpoint (this run's or the resumed one)
 
     def latest_step(self) -> int | None:
@@ -41,12 +50,47 @@ class Checkpointer:
 
     def restore(self, state_like, shardings):
         """The latest state, restored as arrays with the given shardings."""
+        return self.restore_newest(state_like, shardings)[0]
+
+    def restore_newest(self, state_like, shardings) -> tuple[dict, list[tuple[int, str]]]:
+        """(state, skipped): the newest checkpoint that restores, as arrays with the given shardings, and the
+        newer ones that did not, [(step, why)]. Those are set aside in <run>/damaged_checkpoints/<step> (not
+        removed), so that the run can write its own checkpoints of those steps again. When none restores:
+        CheckpointsDamaged, and nothing is moved."""
         target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                         state_like, shardings)
-        step = self.manager.latest_step()
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        self.saved = step
-        return restored["state"]
+        skipped: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+            except Exception as err:  # orbax raises many types for a damaged or foreign checkpoint
+                skipped.append((step, first_line(err, 200)))
+                continue
+            if skipped:
+                self._set_aside([s for s, _ in skipped])
+            self.saved = step
+            return restored["state"], skipped
+        raise CheckpointsDamaged(self.directory, skipped)
+
+    def damaged_dir(self):
+        return self.directory.parent / "damaged_checkpoints"
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move the damaged steps' directories aside (process 0 of a multi-process run; the others wait)."""
+        self.manager.close()
+        if jax.process_index() == 0:
+            aside = self.damaged_dir()
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                k = 1
+                while target.exists():  # set aside before, by an earlier resume
+                    target, k = aside / f"{step}.{k}", k + 1
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("armu_jax: damaged checkpoints set aside")
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
     def close(self) -> None:
         try:

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from armu_jax import hosts, outputs, rundir, storage
 from armu_jax.cache import ProcessCache
-from armu_jax.checkpoints import Checkpointer
+from armu_jax.checkpoints import Checkpointer, CheckpointsDamaged
 from armu_jax.config import RunConfig, seed_configs, validate
 from armu_jax.context import RunContext
 from armu_jax.data import DataSpec, UnlearningData
@@ -324,13 +325,20 @@ def run_steps(p: Prepared, frozen, evaluator, is_main: bool, hook=None) -> dict:
     return run_lanes([p], p.compiled, frozen, evaluator, is_main, hook)[0]
 
 
-def _restore(checkpointer: Checkpointer, out: Path, state_like, shardings):
+def _restore(checkpointer: Checkpointer, out: Path, state_like, shardings, is_main: bool = True):
+    """The newest checkpoint that restores; a line per newer one that does not (set aside, not removed)."""
     try:
-        return checkpointer.restore(state_like, shardings)
-    except Exception as err:  # orbax raises many types for a damaged or foreign checkpoint
-        raise UserError(f"--resume: the checkpoint of step {checkpointer.latest_step()} in {out / 'checkpoints'} "
-                        f"cannot be restored ({first_line(err)}); remove that step's directory to resume "
-                        "from the one before, or start a new run") from None
+        state, skipped = checkpointer.restore_newest(state_like, shardings)
+    except CheckpointsDamaged as err:
+        detail = "; ".join(f"step {step}: {why}" for step, why in err.skipped)
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} can be restored ({detail}); nothing was "
+                        "removed: start afresh with --overwrite or a new --output_dir") from None
+    for step, why in skipped if is_main else ():
+        print(f"armu_jax: --resume: the checkpoint of step {step} cannot be restored ({why}); set aside in "
+              f"{checkpointer.damaged_dir() / str(step)}", file=sys.stderr)
+    if skipped and is_main:
+        print(f"armu_jax: --resume: continuing from the checkpoint of step {checkpointer.saved}", file=sys.stderr)
+    return state
 
 
 def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, is_main: bool, hook=None) -> list:
@@ -344,12 +352,21 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
     state = compiled.init(frozen)
     start = 0
     if cfg.resume and lanes[0].checkpointer.latest_step() is not None:
-        if several:  # each run's checkpoint is one run's state, as a run alone writes it
-            runs = [_restore(lane.checkpointer, lane.out, compiled.run_abstract_state, compiled.run_state_shardings)
-                    for lane in lanes]
-            state = jax.device_put(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *runs), compiled.state_shardings)
-        else:
-            state = _restore(lanes[0].checkpointer, lanes[0].out, state, compiled.state_shardings)
+        try:
+            if several:  # each run's checkpoint is one run's state, as a run alone writes it
+                runs = [_restore(lane.checkpointer, lane.out, compiled.run_abstract_state, compiled.run_state_shardings,
+                                 is_main) for lane in lanes]
+                if len({lane.checkpointer.saved for lane in lanes}) > 1:
+                    raise UserError("--resume: runs side by side restored different steps ("
+                                    + ", ".join(f"{lane.out}: {lane.checkpointer.saved}" for lane in lanes)
+                                    + "); resume them one at a time")
+                state = jax.device_put(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *runs), compiled.state_shardings)
+            else:
+                state = _restore(lanes[0].checkpointer, lanes[0].out, state, compiled.state_shardings, is_main)
+        except BaseException:
+            for lane in lanes:  # orbax's threads, closed before the error reaches the exit (no tracebacks there)
+                lane.checkpointer.manager.close()
+            raise
         start = int(np.max(jax.device_get(state["step"])))
     for lane in lanes:
         lane.log = MetricsLog(lane.out, start, is_main)

@@ -174,3 +174,46 @@ def test_corpus_files_follow_the_documented_rules(tmp_path, smollm2_dir):
     assert len(texts) == 1 and len(texts[0]) == 10_000_000
     batch = tokenize(load_tokenizer(smollm2_dir), texts, 64, 4, 64, "none")
     assert batch["attention_mask"][0].sum() == 64  # truncated to the max length like any text
+
+
+def _cut_short(checkpoint: Path) -> int:
+    """Truncate a checkpoint's data files to half (a write cut off); returns how many were cut."""
+    cut = 0
+    for p in sorted(checkpoint.rglob("*")):
+        if p.is_file() and p.stat().st_size > 64 and "metadata" not in p.name:
+            with open(p, "r+b") as f:
+                f.truncate(p.stat().st_size // 2)
+            cut += 1
+    return cut
+
+
+@pytest.mark.cli
+def test_resume_goes_past_a_damaged_checkpoint(finished_run, finished_once):
+    """The newest checkpoint cut short: --resume says so in one line, sets it aside, continues from the one
+    before and ends with the export of the run that was never damaged, with no traceback at exit."""
+    from safetensors.numpy import load_file
+    settings, out = finished_run
+    shutil.rmtree(out / "hf")  # killed before its export
+    assert _cut_short(out / "checkpoints" / "4") > 0
+    result = _main(settings, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the checkpoint of step 4 cannot be restored" in result.stderr, result.stderr[-3000:]
+    assert "continuing from the checkpoint of step 2" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (out / "damaged_checkpoints" / "4").is_dir() and (out / "checkpoints" / "4").is_dir()  # set aside, rewritten
+    a, b = load_file(finished_once / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all((a[k] == b[k]).all() for k in a)
+    assert [m["loss"] for m in read_metrics(out)] == [m["loss"] for m in read_metrics(finished_once)]
+
+
+@pytest.mark.cli
+def test_resume_with_no_checkpoint_that_restores_is_one_line(finished_run):
+    """The newest checkpoint gone and the one before cut short: one line naming both reasons, exit 2, nothing
+    removed or moved, no traceback from the checkpointing library's threads."""
+    settings, out = finished_run
+    shutil.rmtree(out / "checkpoints" / "4")
+    _cut_short(out / "checkpoints" / "2")
+    before = _snapshot(out)
+    line = _one_error_line(_main(settings, "--resume"), 2, "no checkpoint in")
+    assert "step 2:" in line and "nothing was removed" in line
+    assert _snapshot(out) == before
