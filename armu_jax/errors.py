@@ -25,14 +25,31 @@ def first_line(err: Exception, limit: int = 200) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
+# Called with (exit code, reason) before a failing command exits: hosts.start registers the one that tells
+# the job's other processes (a multi-process run), so they stop at once instead of waiting in a collective.
+ON_FAILURE: list = []
+
+
+def _failed(code: int, reason: str) -> None:
+    for hook in ON_FAILURE:
+        hook(code, reason)
+    sys.exit(code)
+
+
 def run_cli(fn) -> None:
     """Run a command's main and exit: 0, or one `error: ...` line with exit 2 (UserError) or 1 (RunFailure)."""
     try:
         code = fn()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
+        _failed(USAGE_EXIT, first_line(err))
     except RunFailure as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(FAILURE_EXIT)
+        _failed(FAILURE_EXIT, first_line(err))
+    except Exception as err:
+        if ON_FAILURE:  # another process must not wait for this one: tell it, then show the traceback
+            import traceback
+            traceback.print_exc()
+            _failed(FAILURE_EXIT, f"{type(err).__name__}: {first_line(err)}")
+        raise
     sys.exit(code or 0)

@@ -17,6 +17,8 @@ import sys
 import jax
 import numpy as np
 
+from armu_jax import errors
+
 
 # Environment variables that say this process is one of several, with how to read the count: srun
 # sets SLURM_STEP_NUM_TASKS for the processes of a step (SLURM_NTASKS is also set for a batch
@@ -65,6 +67,111 @@ def start(coordinator_address: str | None, num_processes: int | None, process_id
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     # All None: jax reads the coordinator, count and index from the cluster (TPU VM metadata, SLURM).
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    if several():
+        Watchdog().start()
+
+
+# What the run last committed, for the line a lost process leaves (train.py sets it after every checkpoint).
+LAST_CHECKPOINT: dict = {"step": None, "directory": None}
+BEAT_SECONDS = 3.0  # each process writes its heartbeat to the coordination service this often
+LOST_AFTER_SECONDS = 20.0  # a process silent this long (or the coordinator unreachable) is lost: every other stops
+
+
+def _checkpoint_text() -> str:
+    if LAST_CHECKPOINT["step"] is None:
+        return "no checkpoint was committed yet"
+    return f"the last committed checkpoint is step {LAST_CHECKPOINT['step']} in {LAST_CHECKPOINT['directory']}"
+
+
+class Watchdog:
+    """Every process's heartbeat in jax.distributed's key-value store, and a watch on the others'.
+
+    jax's own heartbeat notices a lost process only after its timeout (100 s) and then aborts every other
+    process with a fatal-error dump; a process that fails with an error leaves the others waiting in a
+    collective until the shutdown barrier gives up (5 minutes). Here a process that dies (SIGKILL, a lost
+    host) stops beating, one that fails says so (errors.ON_FAILURE), and within LOST_AFTER_SECONDS every
+    other process leaves one line naming it and the last committed checkpoint and exits 1. Relaunching
+    the same command with --resume continues from that checkpoint."""
+
+    def __init__(self):
+        from jax._src import distributed
+        self.client = distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.leaving = False
+        errors.ON_FAILURE.append(self.failed)
+        import atexit
+        atexit.register(self.done)  # runs before jax's own shutdown (registered earlier, run later)
+
+    def start(self) -> None:
+        import threading
+        threading.Thread(target=self._watch, name="armu_jax-watchdog", daemon=True).start()
+
+    def done(self) -> None:
+        """This process exits normally: the others must not take its silence for a loss (one may export for
+        minutes after the others are done)."""
+        self.leaving = True
+        try:
+            self.client.key_value_set(f"armu_jax/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:
+            pass
+
+    def failed(self, code: int, reason: str) -> None:
+        """This process failed: tell the others, give them a beat to read it, exit without jax's shutdown
+        barrier (which would wait for processes that are stopping)."""
+        import time
+        self.leaving = True
+        try:
+            self.client.key_value_set(f"armu_jax/failed/{self.me}", reason[:300], allow_overwrite=True)
+            time.sleep(2 * BEAT_SECONDS)
+        except Exception:
+            pass
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
+
+    def _lost(self, who: str, why: str) -> None:
+        if self.leaving:
+            return
+        self.leaving = True
+        print(f"\nerror: {who} of {self.count} was lost ({why}); this process (process {self.me}) stops too: "
+              f"{_checkpoint_text()}. Relaunch the same command on every host with --resume", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+
+    def _watch(self) -> None:
+        import time
+        seen = {peer: (None, time.monotonic()) for peer in range(self.count) if peer != self.me}
+        reached = time.monotonic()
+        noticed: dict = {}
+        while not self.leaving:
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(f"armu_jax/beat/{self.me}", repr(time.time()), allow_overwrite=True)
+                beats = {key.rsplit("/", 1)[-1]: value for key, value in self.client.key_value_dir_get("armu_jax/beat/")}
+                failed = {key.rsplit("/", 1)[-1]: value for key, value in self.client.key_value_dir_get("armu_jax/failed/")}
+                done = {key.rsplit("/", 1)[-1] for key, _ in self.client.key_value_dir_get("armu_jax/done/")}
+                reached = now
+            except Exception as err:  # the coordination service (in process 0) is gone
+                if now - reached > LOST_AFTER_SECONDS:
+                    from armu_jax.errors import first_line
+                    self._lost("process 0", f"its coordination service is unreachable for {now - reached:.0f} s: "
+                                            f"{first_line(err, 120)}")
+                time.sleep(BEAT_SECONDS)
+                continue
+            for peer, reason in failed.items():  # after a grace: this process may be failing alike (a SIGTERM
+                if peer != str(self.me):           # stops all at one step) and then says its own line
+                    noticed.setdefault(peer, now)
+                    if now - noticed[peer] >= 2 * BEAT_SECONDS:
+                        self._lost(f"process {peer}", f"it failed: {reason}")
+            for peer, (value, since) in seen.items():
+                if str(peer) in done:
+                    continue
+                if beats.get(str(peer)) != value:
+                    seen[peer] = (beats.get(str(peer)), now)
+                elif now - since > LOST_AFTER_SECONDS:
+                    self._lost(f"process {peer}", f"no heartbeat for {now - since:.0f} s")
+            time.sleep(BEAT_SECONDS)
+
 
 
 def is_main() -> bool:

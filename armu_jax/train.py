@@ -368,6 +368,7 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
                 lane.checkpointer.manager.close()
             raise
         start = int(np.max(jax.device_get(state["step"])))
+        hosts.LAST_CHECKPOINT.update(step=start, directory=str(lanes[0].checkpointer.directory))
     for lane in lanes:
         lane.log = MetricsLog(lane.out, start, is_main)
     plan, since = preps[0].plan, preps[0].since or compile_counts()
@@ -417,6 +418,7 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
         for k in live():
             lanes[k].log.flush()  # then: the log in a bucket holds every step the checkpoint has
             lanes[k].checkpointer.save(done, run_state(k))
+        hosts.LAST_CHECKPOINT.update(step=done, directory=str(lanes[0].checkpointer.directory))
 
     try:
         with jax.set_mesh(compiled.mesh):

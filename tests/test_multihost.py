@@ -179,3 +179,35 @@ def test_cluster_environment_and_partial_flags(monkeypatch):
         hosts.start("localhost:1234", None, None, False)
     with pytest.raises(UserError, match="--process_id=2 must be in 0..1"):
         hosts.start("localhost:1234", 2, 2, False)
+
+
+def test_a_process_killed_outright_stops_the_other_with_one_line(tmp_path, two_processes):
+    """SIGKILL to process 1 after the first checkpoint: process 0 leaves within 60 s with one line naming
+    process 1 and the last committed checkpoint (exit 1, no fatal-error dump), and the same command with
+    --resume on both continues to the uninterrupted run's export."""
+    settings = {**SETTINGS, "mesh": "data:2,fsdp:2", "checkpoint_every": 2}
+    straight = two_processes["data:2,fsdp:2"]
+    killed = tmp_path / "killed"
+    procs = _start({**settings, "output_dir": str(killed)})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "2").is_dir() and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    assert (killed / "checkpoints" / "2").is_dir(), procs[0].communicate()[1][-3000:]
+    procs[1].kill()
+    lost_at = time.time()
+    code = procs[0].wait(timeout=120)
+    took = time.time() - lost_at
+    stderr = procs[0].communicate()[1]
+    procs[1].communicate()
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    assert code == 1 and took < 60, (code, took, stderr[-3000:])
+    assert lines[-1].startswith("error: process 1 of 2 was lost") and "--resume" in lines[-1], stderr[-3000:]
+    assert "the last committed checkpoint is step" in lines[-1] and str(killed / "checkpoints") in lines[-1]
+    assert "Fatal Python error" not in stderr
+    print(f"process 0 stopped {took:.1f} s after process 1 was killed: {lines[-1]}")
+
+    resumed = _finish(_start({**settings, "output_dir": str(killed)}, "--resume"))
+    assert all(code == 0 for code, _ in resumed), resumed[0][1][-3000:]
+    assert [m["step"] for m in read_metrics(killed)] == list(range(6))
+    a, b = _weights(killed), _weights(straight)
+    assert all(np.array_equal(a[k], b[k]) for k in b)
