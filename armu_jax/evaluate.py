@@ -424,7 +424,9 @@ def evaluate_cli(cfg) -> None:
     record per question to --output_dir/samples.jsonl."""
     from armu_jax.context import RunContext
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)  # bad task files fail here, before the model is loaded
-    out = outputs.claim(cfg.output_dir, ("eval.json", "samples.jsonl")) if cfg.output_dir else None
+    # eval.json, written last, marks a finished evaluation: a directory without it (a run stopped or a disk
+    # full while writing) is taken again, and its samples.jsonl replaced
+    out = outputs.claim(cfg.output_dir, ("eval.json",)) if cfg.output_dir else None
     run = RunContext.of(cfg)
     began = time.time()
     scorer = build_scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
@@ -434,7 +436,7 @@ def evaluate_cli(cfg) -> None:
     print(format_table(results))
     print(f"native evaluation: {time.time() - began:.1f} s ({INTERVALS})")
     if out is not None:
+        write_samples(out / "samples.jsonl", samples)
         outputs.write_json(out / "eval.json", {"model": str(run.model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
                                                "split": cfg.eval_split, "intervals": INTERVALS, "results": results})
-        write_samples(out / "samples.jsonl", samples)
         print(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")

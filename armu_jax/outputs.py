@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from armu_jax import storage
-from armu_jax.errors import UserError
+from armu_jax.errors import RunFailure, UserError, first_line
 
 DPI = 110
 
@@ -95,8 +95,17 @@ def build_directory(target, build, replace: bool = False, clean_stale: bool = Fa
     return target
 
 
+def _write(path, data: bytes):
+    """storage.write_bytes, with a file that cannot be written (no space, a quota, read-only) as one line."""
+    try:
+        return storage.write_bytes(path, data)
+    except OSError as err:
+        raise RunFailure(f"{path} could not be written ({err.strerror or first_line(err)}); nothing half-written "
+                         "is left: make room (or choose another --output_dir) and rerun") from None
+
+
 def write_text(path, text: str):
-    return storage.write_bytes(path, text.encode("utf-8"))
+    return _write(path, text.encode("utf-8"))
 
 
 def write_json(path, obj, default=None):
@@ -106,7 +115,7 @@ def write_json(path, obj, default=None):
 def write_npy(path, array):
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array), allow_pickle=False)
-    return storage.write_bytes(path, buffer.getvalue())
+    return _write(path, buffer.getvalue())
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

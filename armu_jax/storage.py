@@ -201,11 +201,15 @@ class open_write:
             else:
                 self.f.discard()  # the resumable upload is abandoned: no object appears
             return False
-        self.f.close()
-        if kind is None:
-            os.replace(self.temp, self.p)
-        elif self.temp.exists():
-            self.temp.unlink()
+        try:
+            self.f.close()  # a full disk may refuse the last bytes here
+            if kind is None:
+                os.replace(self.temp, self.p)
+        except BaseException:
+            self.temp.unlink(missing_ok=True)
+            raise
+        if kind is not None:
+            self.temp.unlink(missing_ok=True)
         return False
 
 

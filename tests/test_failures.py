@@ -126,6 +126,25 @@ def test_full_disk_during_export_keeps_the_earlier_export(finished_run):
     assert not [p for p in out.iterdir() if p.name.startswith(".hf.")]  # no half-written export left
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6  # the run itself finished and was checkpointed
+    # once there is room, the same command finishes the work: the 6-step export replaces the 4-step one
+    again = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _snapshot(out / "hf") != export_before and (out / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_disk_during_an_evaluations_writes_leaves_nothing_half_written(tmp_path, tiny_llama):
+    """--mode=eval whose reports cannot be written (a file-size limit standing in for a full disk): one line
+    naming the file, no partial report left, and the same command with room writes them."""
+    out = tmp_path / "eval"
+    args = [f"--model={tiny_llama}", "--mode=eval", "--eval_tasks=demo_bio", "--eval_limit=8", f"--output_dir={out}"]
+    result = run_cli(*args, prefix=_with_file_size_limit(2000))  # samples.jsonl (written first) does not fit
+    _one_error_line(result, 1, "samples.jsonl could not be written (File too large)")
+    assert not (out / "samples.jsonl").exists() and not (out / "eval.json").exists()  # eval.json: the finished mark
+    assert not [p for p in out.iterdir() if p.name.startswith(".")] if out.exists() else True
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "samples.jsonl").stat().st_size > 2000 and (out / "eval.json").is_file()
 
 
 @pytest.mark.slow
