@@ -204,3 +204,28 @@ def test_tasks_know_their_role_and_chance_and_are_limited_in_one_place(tmp_path)
     assert len(tasks[0].nll_texts) == 3
     with pytest.raises(UserError, match="--eval_limit=-1: must be >= 0"):
         load_tasks(["demo"], limit=-1)
+
+
+@pytest.mark.reference
+def test_native_answers_equal_lm_eval_on_gemma(tmp_path, gemma3_dir, monkeypatch):
+    """Gemma-3-270M: lm-eval encodes every context with the tokenizer's own <bos> (tok_encode without
+    add_bos_token); so does the native scorer, and every log-likelihood and pick is lm-eval's. The control:
+    the same scorer without the <bos> is far off (Gemma without its first token is another model)."""
+    tasks = load_tasks(["demo_bio", "demo_cyber"], {"demo_bio": 6, "demo_cyber": 4}, "test")
+    scorer, params = scorer_for(gemma3_dir, batch_size=8), load_params(gemma3_dir)
+    native = {t.name: scorer.multiple_choice(params, t) for t in tasks}
+    results = run_lm_eval_on(gemma3_dir, tasks, [], tmp_path / "lm_eval", batch_size=8, log_samples=True)
+    worst = 0.0
+    for task in tasks:
+        ours, docs = native[task.name], per_doc_predictions(results, task.name)
+        lls_ours = np.array([d["loglikelihoods"] for d in ours["docs"]])
+        lls_theirs = np.array([d["loglikelihoods"] for d in docs])
+        worst = max(worst, float(np.abs(lls_ours - lls_theirs).max()))
+        assert [d["pred"] for d in ours["docs"]] == list(lls_theirs.argmax(1))
+    print(f"Gemma: max |loglikelihood diff| against lm-eval {worst:.1e}")
+    assert worst <= 2e-3
+    monkeypatch.setattr(type(scorer), "_tokens", lambda self, text: self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    without = scorer.multiple_choice(params, tasks[0])
+    off = np.abs(np.array([d["loglikelihoods"] for d in without["docs"]])
+                 - np.array([d["loglikelihoods"] for d in native[tasks[0].name]["docs"]])).max()
+    assert off > 100 * 2e-3, off
