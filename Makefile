@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m armu_jax.embedded --prepare
+	$(PY) -m armu_jax.shipped --prepare
 	touch $(STAMP)
 
 demo: $(STAMP)

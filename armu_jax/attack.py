@@ -37,7 +37,7 @@ from armu_jax.config import RunConfig, from_flagfile
 from armu_jax.data import read_corpus, shuffled, tokenize
 from armu_jax.errors import UserError
 from armu_jax.families import read_model_config
-from armu_jax.model import LlamaForCausalLM, abstract_params
+from armu_jax.model import CausalLM, abstract_params
 from armu_jax.optimizer import torch_adamw
 from armu_jax.params import merge, trainable_names
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
@@ -51,7 +51,7 @@ class AttackedRun:
     """What --run_dir holds, checked before anything is computed or written."""
 
     def __init__(self, run_dir: str):
-        from armu_jax.embedded import resolve_model
+        from armu_jax.shipped import resolve_model
         if not run_dir:
             raise UserError("--mode=attack needs --run_dir: the directory of an unlearning run (flags.txt, "
                             "control_vectors.npy, hf/)")
@@ -103,7 +103,7 @@ class AttackedRun:
 
 def ablation_variables(params: dict, directions: np.ndarray, from_layer: int, num_layers: int) -> dict:
     """Model variables that make the forward project span(directions) out of the residual stream
-    after layer `from_layer` and every later one (LlamaModel.run_layers reads them)."""
+    after layer `from_layer` and every later one (DecoderStack.run_layers reads them)."""
     q, _ = np.linalg.qr(np.asarray(directions, np.float64).T)  # [D, k] orthonormal basis of the span
     per_layer = np.zeros((num_layers, *q.shape), np.float32)
     per_layer[from_layer:] = q
@@ -111,8 +111,8 @@ def ablation_variables(params: dict, directions: np.ndarray, from_layer: int, nu
 
 
 @partial(jax.jit, static_argnums=(0, 5))
-def _hidden(model: LlamaForCausalLM, params, ids, mask, positions, layer: int):
-    return model.apply(params, ids, mask, positions, layer=layer, method=LlamaForCausalLM.hidden_upto)
+def _hidden(model: CausalLM, params, ids, mask, positions, layer: int):
+    return model.apply(params, ids, mask, positions, layer=layer, method=CausalLM.hidden_upto)
 
 
 def text_batch(tokenizer, texts: list[str], max_len: int, rows: int | None = None) -> dict:
@@ -121,7 +121,7 @@ def text_batch(tokenizer, texts: list[str], max_len: int, rows: int | None = Non
     return tokenize(tokenizer, texts, max_len, rows or len(texts), 1, "tokens", side="right")
 
 
-def layer_activations(model: LlamaForCausalLM, params: dict, tokenizer, texts: list[str], layer: int,
+def layer_activations(model: CausalLM, params: dict, tokenizer, texts: list[str], layer: int,
                       max_len: int, batch_size: int = 8) -> np.ndarray:
     """Layer-l residual-stream outputs on every real token of the texts: [tokens, D] float32."""
     rows = []
@@ -140,7 +140,7 @@ def principal_directions(unlearned: np.ndarray, original: np.ndarray, k: int) ->
 
 # ----------------------------------------------------------------------------- relearning
 
-def lm_loss(model: LlamaForCausalLM, params: dict, batch: dict):
+def lm_loss(model: CausalLM, params: dict, batch: dict):
     """Mean next-token cross-entropy over real (input, target) pairs: transformers' loss with labels =
     ids and pads set to -100."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -159,7 +159,7 @@ def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...])
 @dataclass(frozen=True)
 class RelearnSpec:
     """What a relearning program is compiled for (the process cache keys programs by it)."""
-    model: LlamaForCausalLM
+    model: CausalLM
     names: tuple[str, ...]
     mesh: jax.sharding.Mesh
     lr: float
@@ -180,7 +180,7 @@ def build_relearn_program(spec: RelearnSpec):
                            spec.mesh, sharding.batch_sharding(spec.mesh))
 
 
-def relearn(model: LlamaForCausalLM, params: dict, names: list[str], batch: dict, steps: int, lr: float,
+def relearn(model: CausalLM, params: dict, names: list[str], batch: dict, steps: int, lr: float,
             weight_decay: float, mesh=None, cache: ProcessCache | None = None) -> tuple[dict, list[float]]:
     """`steps` AdamW steps on one batch (text_batch) of the leaves `names`. Returns the fine-tuned params
     and the loss before each step."""
@@ -233,7 +233,7 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
     model_cfg = target.model_cfg
     dtype = parse_dtype(cfg.dtype)
     mesh = sharding.make_mesh(cfg.mesh)
-    model = LlamaForCausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
+    model = CausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
     tokenizer = cache.tokenizer(target.original)
     layer = target.cfg.layer_id
     original = cache.params(target.original, cfg.dtype, mesh)
@@ -283,7 +283,7 @@ def attack_cli(cfg: RunConfig) -> None:
     from armu_jax.tasks import load_tasks
     target = AttackedRun(cfg.run_dir)
     if any(a in RELEARN for a in cfg.attacks):  # bad --relearn_params / --relearn_layers fail before any work
-        relearn_names(abstract_params(LlamaForCausalLM(target.model_cfg)), cfg.relearn_params,
+        relearn_names(abstract_params(CausalLM(target.model_cfg)), cfg.relearn_params,
                       cfg.relearn_layers or target.cfg.update_layer_ids)
     out = outputs.claim(cfg.output_dir or target.dir / "attack")
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)

@@ -18,13 +18,13 @@ import numpy as np
 from armu_jax import outputs, sharding
 from armu_jax.config import RunConfig, validate
 from armu_jax.data import DataSpec, UnlearningData, load_tokenizer
-from armu_jax.embedded import resolve_model
 from armu_jax.errors import UserError
 from armu_jax.families import read_model_config
 from armu_jax.model import abstract_params
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import truncate
 from armu_jax.shapes import plan_steps
+from armu_jax.shipped import resolve_model
 from armu_jax.step import StepSpec, build_step
 
 GIB = 1024 ** 3

@@ -19,7 +19,7 @@ class RunContext:
     def of(cls, cfg, model: str | None = None) -> "RunContext":
         """cfg's context; model: another --model spelling (an export, the attacked run's original)."""
         from armu_jax import sharding
-        from armu_jax.embedded import resolve_model
         from armu_jax.families import read_model_config
+        from armu_jax.shipped import resolve_model
         model_dir = resolve_model(model or cfg.model)
         return cls(model_dir, read_model_config(model_dir), sharding.make_mesh(cfg.mesh), cfg.dtype)

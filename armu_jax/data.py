@@ -34,7 +34,7 @@ def is_held_out(title: str) -> bool:
 
 def wiki_articles() -> tuple[dict, ...]:
     """The embedded Wikipedia summaries, parsed once per process (per cache path)."""
-    from armu_jax.embedded import wiki_summaries_path
+    from armu_jax.shipped import wiki_summaries_path
     return _parse_articles(str(wiki_summaries_path()))
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from armu_jax import outputs, sharding, stats
 from armu_jax.errors import UserError
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import CausalLM
 from armu_jax.params import merge
 from armu_jax.tasks import Task, load_tasks
 
@@ -46,7 +46,7 @@ def _bucket(length: int, least: int) -> int:
 @partial(jax.jit, static_argnums=0)
 def _scored_logprobs(model, params, ids, positions, segment, branch, at, targets):
     """log p(targets[b, c] | what position at[b, c] sees) of packed rows: [B, C] in float32."""
-    logits = model.apply(params, ids, positions, segment, branch, at, method=LlamaForCausalLM.logits_packed)
+    logits = model.apply(params, ids, positions, segment, branch, at, method=CausalLM.logits_packed)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, C, V]
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
@@ -132,7 +132,7 @@ class Scorer:
     (pack_tokens=0: one request per row, no sharing, lm-eval's layout).
     """
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer, batch_size: int = 16, max_length: int = 2048,
+    def __init__(self, model: CausalLM, tokenizer, batch_size: int = 16, max_length: int = 2048,
                  mesh=None, pack_tokens: int = 256):
         self.model, self.tokenizer = model, tokenizer
         self.mesh = mesh
@@ -366,7 +366,7 @@ def build_scorer(spec: EvalSpec, tokenizer=None) -> Scorer:
     from armu_jax.model import parse_dtype
     model_dir = storage.path(spec.model_dir)
     dtype = parse_dtype(spec.dtype)
-    model = LlamaForCausalLM(read_model_config(model_dir), dtype=dtype, param_dtype=dtype)
+    model = CausalLM(read_model_config(model_dir), dtype=dtype, param_dtype=dtype)
     return Scorer(model, tokenizer or load_tokenizer(model_dir), spec.batch_size, max_length_of(model_dir), spec.mesh,
                   spec.pack_tokens)
 

@@ -18,24 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from armu_jax.errors import UserError
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import CausalLM
 
 
 @partial(jax.jit, static_argnums=0)
 def _next_tokens(model, params, ids, positions, segment, at):
     """argmax of the next-token logits at position at[b] of each row: [B]."""
     branch = jnp.zeros_like(ids)
-    logits = model.apply(params, ids, positions, segment, branch, at[:, None], method=LlamaForCausalLM.logits_packed)
+    logits = model.apply(params, ids, positions, segment, branch, at[:, None], method=CausalLM.logits_packed)
     return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
 
-def greedy(model: LlamaForCausalLM, params, tokenizer, prompts: list[str], new_tokens: int = 24) -> list[str]:
+def greedy(model: CausalLM, params, tokenizer, prompts: list[str], new_tokens: int = 24) -> list[str]:
     """Each prompt's greedy continuation (the decoded new tokens, special tokens left out)."""
     return [tokenizer.decode(o, skip_special_tokens=True) for o in greedy_ids(model, params, tokenizer, prompts,
                                                                               new_tokens)]
 
 
-def greedy_ids(model: LlamaForCausalLM, params, tokenizer, prompts: list[str], new_tokens: int = 24) -> list[list[int]]:
+def greedy_ids(model: CausalLM, params, tokenizer, prompts: list[str], new_tokens: int = 24) -> list[list[int]]:
     """Each prompt's greedy new tokens, up to new_tokens or before the first eos."""
     if new_tokens < 1:
         raise UserError(f"new_tokens={new_tokens}: must be at least 1")

@@ -103,10 +103,10 @@ def report_reads(model_dir, before: tuple[int, int]) -> dict:
 def expected_paths(cfg: ModelConfig) -> dict:
     """{path: shape} of every parameter of the decoder for this config (the model's own tree, not a
     hand-kept list): one layer's parameters are traced abstractly and repeated for each layer."""
-    from armu_jax.model import LlamaForCausalLM, abstract_params
+    from armu_jax.model import CausalLM, abstract_params
     one = dataclasses.replace(cfg, num_hidden_layers=1, layer_types=cfg.layer_types[:1])
     paths = {}
-    for path, leaf in flatten(abstract_params(LlamaForCausalLM(one))).items():
+    for path, leaf in flatten(abstract_params(CausalLM(one))).items():
         if path[1:2] == ("layers_0",):
             paths.update({(path[0], f"layers_{i}", *path[2:]): tuple(leaf.shape) for i in range(cfg.num_hidden_layers)})
         else:

@@ -16,7 +16,7 @@ define_flags()
 MODES = {
     "train": "armu_jax.train:train_cli",
     "eval": "armu_jax.evaluate:evaluate_cli",
-    "lm_eval": "armu_jax.harness:lm_eval_cli",
+    "lm_eval": "armu_jax.lm_eval_mode:lm_eval_cli",
     "compile": "armu_jax.compile_report:compile_cli",
     "norms": "armu_jax.norms:norms_cli",
     "sweep": "armu_jax.sweep:sweep_cli",

@@ -274,8 +274,8 @@ class DecoderLayer(_Block):
         return (out, (h, act)) if keep_mid else out
 
 
-class LlamaModel(nn.Module):
-    """The decoder stack of every family (the name is historical: Llama was the first)."""
+class DecoderStack(nn.Module):
+    """The decoder stack of every family: embeddings, the layers, the final norm."""
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -344,14 +344,14 @@ def _defaults(input_ids, attention_mask, positions):
     return attention_mask, positions
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     dot_block: int = 0  # > 0: blocked float32 accumulation in the dense layers (accurate, slow)
 
     def setup(self):
-        self.model = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.dot_block)
+        self.model = DecoderStack(self.cfg, self.dtype, self.param_dtype, self.dot_block)
         if not self.cfg.tie_word_embeddings:
             self.lm_head = _dense(self.cfg.vocab_size, "lm_head", self.dtype, self.param_dtype, self.dot_block)
 
@@ -398,6 +398,6 @@ class LlamaForCausalLM(nn.Module):
                                      packing=packing)
 
 
-def abstract_params(model: LlamaForCausalLM) -> dict:
+def abstract_params(model: CausalLM) -> dict:
     """The model's params tree as ShapeDtypeStructs (shapes and dtypes, nothing allocated)."""
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))

@@ -22,17 +22,17 @@ from tqdm import tqdm
 from armu_jax import outputs, stats
 from armu_jax.config import RunConfig
 from armu_jax.data import load_tokenizer, read_corpus, tokenize
-from armu_jax.model import DecoderLayer, LlamaForCausalLM, parse_dtype
+from armu_jax.model import CausalLM, DecoderLayer, parse_dtype
 from armu_jax.objective import without_first_token
 
 
 @partial(jax.jit, static_argnums=0)
-def _layer_norm_sums(model: LlamaForCausalLM, params, ids, mask, positions, weight):
+def _layer_norm_sums(model: CausalLM, params, ids, mask, positions, weight):
     """Per layer and row: sum of token norms over the weighted tokens (all / without the first, as the
     step's norm_skip_first), their counts, and the sum of squared norms: each [L, B]."""
     weight_skip = without_first_token(weight, mask)
     last = model.cfg.num_hidden_layers - 1
-    _, state = model.apply(params, ids, mask, positions, layer=last, method=LlamaForCausalLM.hidden_upto,
+    _, state = model.apply(params, ids, mask, positions, layer=last, method=CausalLM.hidden_upto,
                            capture_intermediates=lambda mdl, method: isinstance(mdl, DecoderLayer)
                            and method == "__call__", mutable=["intermediates"])
     layers = state["intermediates"]["model"]
@@ -44,7 +44,7 @@ def _layer_norm_sums(model: LlamaForCausalLM, params, ids, mask, positions, weig
             "sum_sq": jnp.sum(jnp.square(norms) * weight, -1)}
 
 
-def corpus_profile(model: LlamaForCausalLM, params, tokenizer, texts: list[str], max_len: int, batch_size: int,
+def corpus_profile(model: CausalLM, params, tokenizer, texts: list[str], max_len: int, batch_size: int,
                    pad_multiple: int, desc: str = "norms") -> dict:
     """{mean, mean_skip_first, std}: lists over layers for these texts."""
     rows = {k: [] for k in ("sum", "count", "sum_skip", "count_skip", "sum_sq")}
@@ -84,7 +84,7 @@ def norms_cli(cfg: RunConfig) -> None:
     began = time.time()
     dtype = parse_dtype(cfg.dtype)
     params = load_params(run.model_dir, cfg.dtype, run.mesh)
-    model = LlamaForCausalLM(run.model_cfg, dtype=dtype, param_dtype=dtype)
+    model = CausalLM(run.model_cfg, dtype=dtype, param_dtype=dtype)
     tokenizer = load_tokenizer(run.model_dir)
     profiles = {spec: corpus_profile(model, params, tokenizer, texts, max_len, cfg.norms_batch_size,
                                      cfg.pad_multiple, desc=spec) for spec, (texts, max_len) in corpora.items()}

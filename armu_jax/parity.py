@@ -81,10 +81,10 @@ def _flax_side(model_dir: Path, ids, mask, dtype: str):
     import jax.numpy as jnp
 
     from armu_jax.hf_io import load_hf
-    from armu_jax.model import DecoderLayer, LlamaForCausalLM, parse_dtype
+    from armu_jax.model import CausalLM, DecoderLayer, parse_dtype
     jdtype = parse_dtype(dtype)
     cfg, params = load_hf(model_dir, jdtype)
-    model = LlamaForCausalLM(cfg, dtype=jdtype, param_dtype=jdtype)
+    model = CausalLM(cfg, dtype=jdtype, param_dtype=jdtype)
 
     def forward(params, ids, mask):
         return model.apply(params, ids, mask, mutable=["intermediates"],
@@ -123,8 +123,8 @@ def parity_cli(cfg) -> int:
     """--mode=parity on --model: prints the comparison, writes the files, returns 1 above the tolerance."""
     from armu_jax import outputs
     from armu_jax.data import load_tokenizer
-    from armu_jax.embedded import resolve_model
     from armu_jax.families import read_model_config
+    from armu_jax.shipped import resolve_model
     out = outputs.claim(cfg.output_dir, purpose="--mode=parity writes parity.json, tokens.npy, mask.npy and "
                         "logits.npy there")
     model_dir = resolve_model(cfg.model)

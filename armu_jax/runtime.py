@@ -67,7 +67,7 @@ def enable_compilation_cache() -> None:
     shapes (it still traces them and loads the programs)."""
     import jax
 
-    from armu_jax.embedded import cache_dir
+    from armu_jax.shipped import cache_dir
     jax.config.update("jax_compilation_cache_dir", os.environ.get("ARMU_XLA_CACHE") or str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

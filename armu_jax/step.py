@@ -21,7 +21,7 @@ import optax
 
 from armu_jax import packing, sharding
 from armu_jax.families import update_params_for
-from armu_jax.model import LlamaForCausalLM, parse_dtype
+from armu_jax.model import CausalLM, parse_dtype
 from armu_jax.model_config import ModelConfig
 from armu_jax.objective import mean_cosine, mean_token_norm, rmu_loss, without_first_token
 from armu_jax.optimizer import make_optimizer
@@ -58,9 +58,9 @@ class StepSpec:
                    pack_multiple=cfg.pad_multiple if cfg.pack_tokens else 0)
 
     @property
-    def model(self) -> LlamaForCausalLM:
+    def model(self) -> CausalLM:
         dtype = parse_dtype(self.dtype)
-        return LlamaForCausalLM(self.model_cfg, dtype=dtype, param_dtype=dtype)
+        return CausalLM(self.model_cfg, dtype=dtype, param_dtype=dtype)
 
     @property
     def lowest_update_layer(self) -> int:
@@ -185,12 +185,12 @@ def make_step(spec: StepSpec, optimizer, share_lowest: bool = False):
 
     def prefix(params, b):
         h = model.apply(params, b["input_ids"], b["attention_mask"], b["positions"], layer=lo - 1,
-                        packing=b.get("pack"), method=LlamaForCausalLM.hidden_upto)
+                        packing=b.get("pack"), method=CausalLM.hidden_upto)
         return jax.lax.stop_gradient(h)
 
     def upper(params, h, b, mid=None, keep_mid=False):
         return model.apply(params, h, b["attention_mask"], b["positions"], start=lo, end=hi, mid=mid,
-                           keep_mid=keep_mid, packing=b.get("pack"), method=LlamaForCausalLM.run_layers)
+                           keep_mid=keep_mid, packing=b.get("pack"), method=CausalLM.run_layers)
 
     def padded(h, b):
         """An activation as the loss and the metrics read it: [rows, T, D] (unpacked when the side is packed)."""

@@ -225,7 +225,7 @@ def wmdp_from_hf_cache(name: str) -> Task:
 def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     """MMLU test CSVs (question, A, B, C, D, answer letter; no header), interleaved across subjects."""
     if directory is None:
-        from armu_jax.embedded import mmlu_dir
+        from armu_jax.shipped import mmlu_dir
         directory = mmlu_dir()
     directory = Path(directory).expanduser()
     if (directory / "test").is_dir():

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     import gcs
 
-    from armu_jax.embedded import smollm2_dir
+    from armu_jax.shipped import smollm2_dir
     with gcs.emulator(buckets=("bench",)):
         began = time.time()
         model = gcs.upload(smollm2_dir(), "gs://bench/smollm2-135m")

@@ -37,8 +37,8 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from armu_jax.embedded import smollm2_dir
     from armu_jax.evaluate import EvalSpec, build_scorer, load_params
+    from armu_jax.shipped import smollm2_dir
     from armu_jax.tasks import load_tasks, write_lm_eval_tasks
 
     model_dir = smollm2_dir()

@@ -51,7 +51,7 @@ def build_checkpoint(directory: Path) -> Path:
     import ml_dtypes
 
     from armu_jax import tensor_files
-    from armu_jax.embedded import smollm2_dir
+    from armu_jax.shipped import smollm2_dir
     if (directory / "model.safetensors.index.json").is_file():
         return directory
     tmp = Path(tempfile.mkdtemp(dir=directory.parent))
@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose armu_jax is measured")
     args = parser.parse_args()
-    from armu_jax.embedded import cache_dir, smollm2_dir
+    from armu_jax.shipped import cache_dir, smollm2_dir
     cache = cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     print("building the random 1.3B checkpoint (once)...", file=sys.stderr)

@@ -32,16 +32,16 @@ def x10_effect(model_dir: Path) -> float:
     import numpy as np
 
     from armu_jax.hf_io import load_hf
-    from armu_jax.model import LlamaForCausalLM
+    from armu_jax.model import CausalLM
     from armu_jax.params import flatten, unflatten
     cfg, params = load_hf(model_dir)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 1000, size=(2, 16)))
-    model = LlamaForCausalLM(cfg)
-    base = model.apply(params, ids, layer=2, method=LlamaForCausalLM.hidden_upto)
+    model = CausalLM(cfg)
+    base = model.apply(params, ids, layer=2, method=CausalLM.hidden_upto)
     flat = flatten(params)
     key = ("model", "layers_2", "mlp", "down_proj", "kernel")
     flat[key] = flat[key] * 10
-    scaled = model.apply(unflatten(flat), ids, layer=2, method=LlamaForCausalLM.hidden_upto)
+    scaled = model.apply(unflatten(flat), ids, layer=2, method=CausalLM.hidden_upto)
     return float(jnp.linalg.norm(scaled - base) / jnp.linalg.norm(base))
 
 
@@ -52,12 +52,12 @@ def cosine_to_u(run: Path, model_dir: Path, layer: int, texts: list[str]) -> flo
 
     from armu_jax.data import load_tokenizer
     from armu_jax.hf_io import load_hf
-    from armu_jax.model import LlamaForCausalLM
+    from armu_jax.model import CausalLM
     cfg, params = load_hf(run / "hf" if (run / "hf").is_dir() else model_dir)
     u = np.load(run / "control_vectors.npy")[0]
     enc = load_tokenizer(model_dir)(texts, padding=True, truncation=True, max_length=32, return_tensors="np")
-    h = np.asarray(LlamaForCausalLM(cfg).apply(params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
-                                               layer=layer, method=LlamaForCausalLM.hidden_upto))
+    h = np.asarray(CausalLM(cfg).apply(params, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
+                                               layer=layer, method=CausalLM.hidden_upto))
     cos = (h @ u) / np.linalg.norm(h, axis=-1)
     return float(cos[enc["attention_mask"].astype(bool)].mean())
 
@@ -75,7 +75,7 @@ def main() -> None:
 
     from armu_jax.config import config_with
     from armu_jax.data import read_corpus
-    from armu_jax.embedded import smollm2_dir
+    from armu_jax.shipped import smollm2_dir
     from armu_jax.train import run
     tmp = Path(tempfile.mkdtemp(prefix="post_norm."))
     forget = read_corpus("demo:bio")[:8]

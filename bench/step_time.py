@@ -50,10 +50,10 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
     from armu_jax.compile_report import executable_flops
     from armu_jax.config import config_with
     from armu_jax.data import UnlearningData, load_tokenizer
-    from armu_jax.embedded import smollm2_dir
     from armu_jax.hf_io import load_hf
     from armu_jax.runtime import release_memory_after_compiles
     from armu_jax.sharding import make_mesh
+    from armu_jax.shipped import smollm2_dir
     from armu_jax.step import StepSpec, build_step
     from armu_jax.train import same_side
 
@@ -107,7 +107,7 @@ def make_torch_side(max_len: int, forget_max_len: tuple[int, int] | None = None)
     from reference_rmu import HFAdamW, forward_with_cache
 
     from armu_jax.data import load_tokenizer
-    from armu_jax.embedded import smollm2_dir
+    from armu_jax.shipped import smollm2_dir
     model_dir = smollm2_dir()
     forget, retain, vectors = _inputs()
     tokenizer = load_tokenizer(model_dir, "transformers")

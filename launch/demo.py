@@ -25,11 +25,11 @@ from pathlib import Path
 from armu_jax import compare, outputs, stats
 from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
-from armu_jax.embedded import GEMMA_MODEL, cache_dir, resolve_model
 from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline, release_memory_after_compiles
 from armu_jax.sharding import make_mesh
+from armu_jax.shipped import GEMMA_MODEL, cache_dir, resolve_model
 from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks, mean_chance
 from armu_jax.train import train
 
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
 
     lm_eval_scores = {}
     if args.lm_eval:
-        from armu_jax.harness import run_lm_eval, summary
+        from armu_jax.lm_eval_mode import run_lm_eval, summary
         for name, directory in (("original", model_dir), ("rmu", rmu / "hf"), ("adaptive_rmu", adaptive / "hf")):
             print(f"lm-eval (hf backend) on {name}")
             lm_eval_scores[name] = summary(run_lm_eval(directory, ["demo"], out / "lm_eval" / name,

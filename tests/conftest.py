@@ -20,13 +20,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from armu_jax.embedded import smollm2_dir as build
+    from armu_jax.shipped import smollm2_dir as build
     return build()
 
 
 @pytest.fixture(scope="session")
 def gemma3_dir():
-    from armu_jax.embedded import gemma3_dir as build
+    from armu_jax.shipped import gemma3_dir as build
     return build()
 
 

@@ -13,7 +13,7 @@ from armu_jax.data import load_tokenizer, read_corpus
 from armu_jax.errors import UserError
 from armu_jax.evaluate import read_samples
 from armu_jax.hf_io import load_hf
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import CausalLM
 from armu_jax.params import flatten, path_to_hf_key
 from armu_jax.train import run
 
@@ -35,10 +35,10 @@ def unlearned_run(tmp_path_factory, tiny_llama):
 
 def _forward_upto(model_dir, variables, texts, layer):
     cfg, _ = load_hf(model_dir)
-    model = LlamaForCausalLM(cfg)
+    model = CausalLM(cfg)
     batch = text_batch(load_tokenizer(model_dir), texts, 32)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    h = model.apply(variables, ids, mask, layer=layer, method=LlamaForCausalLM.hidden_upto)
+    h = model.apply(variables, ids, mask, layer=layer, method=CausalLM.hidden_upto)
     return np.asarray(h)[mask.astype(bool)]
 
 
@@ -70,7 +70,7 @@ def test_relearning_with_lr_0_changes_nothing(unlearned_run):
     out, _, _ = unlearned_run
     cfg, params = load_hf(out / "hf")
     batch = _texts_and_batch(out / "hf")
-    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), batch,
+    tuned, losses = relearn(CausalLM(cfg), params, relearn_names(params, ("all",), ()), batch,
                             steps=3, lr=0.0, weight_decay=0.01)
     assert len(losses) == 3 and losses[0] == losses[2] > 0
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tuned)):
@@ -86,7 +86,7 @@ def test_relearning_a_selection_changes_only_it_and_lays_it_out_like_the_step(un
     batch = _texts_and_batch(out / "hf")
     names = relearn_names(params, ("mlp.down_proj",), (2,))
     assert names == ["model/layers_2/mlp/down_proj/kernel"]
-    tuned, _ = relearn(LlamaForCausalLM(cfg), params, names, batch, steps=1, lr=1e-3, weight_decay=0.0,
+    tuned, _ = relearn(CausalLM(cfg), params, names, batch, steps=1, lr=1e-3, weight_decay=0.0,
                        mesh=make_mesh("data:2,fsdp:4"))
     changed = [p for p, v in flatten(tuned).items() if not np.array_equal(np.asarray(v), np.asarray(flatten(params)[p]))]
     assert changed == [("model", "layers_2", "mlp", "down_proj", "kernel")]
@@ -130,7 +130,7 @@ def test_relearning_matches_a_pytorch_fine_tune(unlearned_run):
 
     cfg, params = load_hf(model_dir)
     start = {p: np.asarray(v) for p, v in flatten(params).items()}
-    tuned, losses = relearn(LlamaForCausalLM(cfg), params, relearn_names(params, ("all",), ()), batch,
+    tuned, losses = relearn(CausalLM(cfg), params, relearn_names(params, ("all",), ()), batch,
                             steps=3, lr=lr, weight_decay=weight_decay)
     assert losses == pytest.approx(torch_losses, rel=1e-4)
     for path, value in flatten(tuned).items():

@@ -166,9 +166,9 @@ def test_control_vectors_in_an_npz_archive_are_refused(tmp_path):
 def test_settings_that_would_train_nothing_or_everything_are_refused(model_dir):
     from armu_jax.config import config_with
     from armu_jax.families import read_model_config
-    from armu_jax.model import LlamaForCausalLM, abstract_params
+    from armu_jax.model import CausalLM, abstract_params
     from armu_jax.params import trainable_names
-    params = abstract_params(LlamaForCausalLM(read_model_config(model_dir)))
+    params = abstract_params(CausalLM(read_model_config(model_dir)))
     with pytest.raises(UserError, match="--update_params: the model has no parameter model/layers_1/all/kernel"):
         trainable_names(params, [1], ["all"])  # `all` is for relearning (--relearn_params), not unlearning
     assert len(trainable_names(params, [], ["all"], allow_all=True)) == len(jax_leaves(params))
@@ -187,7 +187,7 @@ def test_urls_never_become_local_directories(tmp_path, monkeypatch):
     """Path("gs://b/run") is the local directory gs:/b/run: a URL goes to the storage layer or is
     refused in one line (another scheme, no bucket), and nothing is written locally."""
     from armu_jax import outputs
-    from armu_jax.embedded import resolve_model
+    from armu_jax.shipped import resolve_model
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="--output_dir gs:///run names no bucket"):
         outputs.claim("gs:///run")

@@ -9,7 +9,7 @@ import transformers
 from armu_jax.data import is_held_out, read_corpus
 from armu_jax.errors import UserError
 from armu_jax.evaluate import load_params, read_samples, scorer_for, write_samples
-from armu_jax.harness import per_doc_predictions, run_lm_eval_on
+from armu_jax.lm_eval_mode import per_doc_predictions, run_lm_eval_on
 from armu_jax.stats import wilson
 from armu_jax.tasks import demo_task, load_tasks, mean_chance, mmlu_task
 

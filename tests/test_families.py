@@ -15,7 +15,7 @@ from helpers import tiny_family_model
 from armu_jax.errors import UserError
 from armu_jax.families import read_model_config
 from armu_jax.hf_io import export_hf, load_hf
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import CausalLM
 from armu_jax.params import flatten, unflatten
 from armu_jax.sharding import make_mesh, param_shardings
 
@@ -53,7 +53,7 @@ def _hf(model_dir, batches, perturb=False):
 
 
 def _ours(cfg, params, batches):
-    model = LlamaForCausalLM(cfg)
+    model = CausalLM(cfg)
     return [np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask))) for ids, mask in batches]
 
 
@@ -111,8 +111,8 @@ def test_family_logits_match_transformers_and_each_feature_matters(tmp_path, fam
     print(f"{family}: max |logit diff| {diff:.2e} (one-ulp drift {drift:.2e}, tolerance {tol:.2e})")
     assert diff <= tol
     ids, mask = batches[0]
-    h1 = LlamaForCausalLM(cfg).apply(params, jnp.asarray(ids), jnp.asarray(mask), layer=1,
-                                     method=LlamaForCausalLM.hidden_upto)
+    h1 = CausalLM(cfg).apply(params, jnp.asarray(ids), jnp.asarray(mask), layer=1,
+                                     method=CausalLM.hidden_upto)
     assert np.abs(np.asarray(h1) - want[0][1][2])[mask.astype(bool)].max() <= tol
     for feature, change in CONTROLS[family]:
         off_cfg, off_params = _switched_off(cfg, params, change)

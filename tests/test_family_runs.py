@@ -14,7 +14,7 @@ from armu_jax import families
 from armu_jax.config import config_with
 from armu_jax.evaluate import load_params, scorer_for
 from armu_jax.families import read_model_config
-from armu_jax.harness import per_doc_predictions, run_lm_eval_on
+from armu_jax.lm_eval_mode import per_doc_predictions, run_lm_eval_on
 from armu_jax.parity import parity_cli
 from armu_jax.tasks import load_tasks
 from armu_jax.train import run

@@ -24,12 +24,12 @@ import pytest
 import torch
 import transformers
 
-from armu_jax import embedded
+from armu_jax import shipped
 from armu_jax.data import load_tokenizer
-from armu_jax.embedded import resolve_model, wiki_summaries_path
 from armu_jax.errors import UserError
 from armu_jax.hf_io import load_hf
-from armu_jax.model import DecoderLayer, LlamaForCausalLM, _defaults
+from armu_jax.model import CausalLM, DecoderLayer, _defaults
+from armu_jax.shipped import resolve_model, wiki_summaries_path
 
 pytestmark = pytest.mark.reference
 
@@ -75,7 +75,7 @@ def _transformers(model_dir, batches):
 
 def _port(cfg):
     """The port's forward as transformers' above (one compile per batch shape, reused for other params)."""
-    model = LlamaForCausalLM(cfg)
+    model = CausalLM(cfg)
 
     def forward(module, ids, mask, keep):
         mask, positions = _defaults(ids, mask, None)
@@ -153,7 +153,7 @@ def test_gemma3_270m_is_embedded_with_its_terms(gemma3_dir, tmp_path, monkeypatc
     config = json.loads((gemma3_dir / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in config
     assert [p.name for p in gemma3_dir.glob("*.safetensors")] == ["model.safetensors"]
-    monkeypatch.setattr(embedded, "GEMMA_GGUF_SHA256", "0" * 64)
+    monkeypatch.setattr(shipped, "GEMMA_GGUF_SHA256", "0" * 64)
     with pytest.raises(UserError, match="chunk wheels passed their checksums") as err:
-        embedded._assemble_gemma_gguf(tmp_path / "gemma.gguf")
+        shipped._assemble_gemma_gguf(tmp_path / "gemma.gguf")
     assert "\n" not in str(err.value) and "253113024 bytes" in str(err.value)

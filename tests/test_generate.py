@@ -15,7 +15,7 @@ import transformers
 from armu_jax.data import load_tokenizer
 from armu_jax.generate import greedy, greedy_ids
 from armu_jax.hf_io import load_hf
-from armu_jax.model import LlamaForCausalLM
+from armu_jax.model import CausalLM
 
 pytestmark = pytest.mark.reference
 
@@ -36,7 +36,7 @@ def _hf_greedy(model, tokenizer, prompt: str) -> tuple[list[int], list[np.ndarra
 def test_greedy_matches_transformers(smollm2_dir):
     tokenizer = load_tokenizer(smollm2_dir)
     cfg, params = load_hf(smollm2_dir)
-    mine = greedy_ids(LlamaForCausalLM(cfg), params, tokenizer, PROMPTS, NEW)
+    mine = greedy_ids(CausalLM(cfg), params, tokenizer, PROMPTS, NEW)
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     hf.generation_config.eos_token_id = tokenizer.eos_token_id
     for prompt, ours in zip(PROMPTS, mine):
@@ -68,7 +68,7 @@ def test_greedy_stops_at_eos(smollm2_dir):
     tokens, kept); the other rows run on to the limit unless they meet the same token."""
     tokenizer = load_tokenizer(smollm2_dir)
     cfg, params = load_hf(smollm2_dir)
-    model = LlamaForCausalLM(cfg)
+    model = CausalLM(cfg)
     free = greedy_ids(model, params, tokenizer, PROMPTS, 6)
     stop = free[0][2]
     stopped = greedy_ids(model, params, _StopAt(tokenizer, stop), PROMPTS, 6)

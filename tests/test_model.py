@@ -9,7 +9,7 @@ from helpers import tiny_hf_model
 
 from armu_jax import model as model_lib
 from armu_jax.hf_io import load_hf
-from armu_jax.model import LlamaForCausalLM, attend, query_chunks
+from armu_jax.model import CausalLM, attend, query_chunks
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -44,7 +44,7 @@ def _batch(rng, vocab, length=17, pad_rows=(0, 5, 11)):
 def test_logits_match_hf(tmp_path, arch, kv_heads, tied, rope):
     model_dir = tiny_hf_model(tmp_path, arch, kv_heads, tied, rope)
     cfg, params = load_hf(model_dir)
-    model = LlamaForCausalLM(cfg)
+    model = CausalLM(cfg)
     ids, mask = _batch(np.random.default_rng(0), cfg.vocab_size)
     want, hidden = _hf_logits(model_dir, ids, mask)
     got = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask)))
@@ -52,7 +52,7 @@ def test_logits_match_hf(tmp_path, arch, kv_heads, tied, rope):
     assert np.abs(got - want)[real].max() <= 1e-5
     # Pad positions too (HF SDPA gives them a zero attention output): the reference loss sees them.
     assert np.abs(got - want).max() <= 1e-5
-    h1 = model.apply(params, jnp.asarray(ids), jnp.asarray(mask), layer=1, method=LlamaForCausalLM.hidden_upto)
+    h1 = model.apply(params, jnp.asarray(ids), jnp.asarray(mask), layer=1, method=CausalLM.hidden_upto)
     assert np.abs(np.asarray(h1) - hidden[2]).max() <= 1e-5
 
 
@@ -66,7 +66,7 @@ def test_long_rows_match_hf(tmp_path, monkeypatch, arch, length):
     cfg, params = load_hf(model_dir)
     ids, mask = _batch(np.random.default_rng(1), cfg.vocab_size, length, pad_rows=(0, 70, length - 1))
     want, _ = _hf_logits(model_dir, ids, mask)
-    got = np.asarray(jax.jit(LlamaForCausalLM(cfg).apply)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    got = np.asarray(jax.jit(CausalLM(cfg).apply)(params, jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(got - want).max() <= 1e-5
 
 
@@ -116,7 +116,7 @@ def test_smollm2_matches_transformers(smollm2_dir):
     # multiples of that drift, measured here, so they hold on any CPU model.
     drift = np.abs(_hf_logits(smollm2_dir, ids, mask, perturb=True)[0] - want)[real].max()
     cfg, params = load_hf(smollm2_dir)
-    model = LlamaForCausalLM(cfg)
+    model = CausalLM(cfg)
     got = np.asarray(jax.jit(model.apply)(params, ids, mask))
     diff = np.abs(got - want)[real].max()
     print(f"SmolLM2 max |logit diff| (float32, real tokens) = {diff:.2e}, one-ulp drift {drift:.2e}")
@@ -124,20 +124,20 @@ def test_smollm2_matches_transformers(smollm2_dir):
     assert diff <= 4 * drift
     # With blocked float32 accumulation in the dense layers the port is as close to transformers as
     # transformers is to itself under a one-ulp change (1.25x here, 1.5x with a baseline-ISA XLA).
-    blocked = LlamaForCausalLM(cfg, dot_block=64)
+    blocked = CausalLM(cfg, dot_block=64)
     got_blocked = np.asarray(jax.jit(blocked.apply)(params, ids, mask))
     diff_blocked = np.abs(got_blocked - want)[real].max()
     print(f"SmolLM2 max |logit diff| with dot_block=64 = {diff_blocked:.2e}")
     assert diff_blocked <= 2 * drift
 
-    layer7 = model.apply(params, ids, mask, layer=7, method=LlamaForCausalLM.hidden_upto)
+    layer7 = model.apply(params, ids, mask, layer=7, method=CausalLM.hidden_upto)
     # The residual stream reaches ~840 at layer 7: float32 agreement is relative to that scale.
     assert np.abs(np.asarray(layer7) - hidden[8]).max() <= 2e-6 * np.abs(hidden[8]).max()
 
     # Layers 0..4, then 5..7 from that residual stream, equals the direct layer-7 output.
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    prefix = model.apply(params, ids, mask, layer=4, method=LlamaForCausalLM.hidden_upto)
-    resumed = model.apply(params, prefix, mask, positions, start=5, end=7, method=LlamaForCausalLM.run_layers)
+    prefix = model.apply(params, ids, mask, layer=4, method=CausalLM.hidden_upto)
+    resumed = model.apply(params, prefix, mask, positions, start=5, end=7, method=CausalLM.run_layers)
     assert np.abs(np.asarray(resumed) - np.asarray(layer7)).max() <= 1e-6 * np.abs(hidden[8]).max()
 
     # capture_intermediates filtered to one layer gives the same tensor.
@@ -148,7 +148,7 @@ def test_smollm2_matches_transformers(smollm2_dir):
 
     # bfloat16 params and compute stay close to float32 (relative to the logit scale).
     _, params16 = load_hf(smollm2_dir, jnp.bfloat16)
-    model16 = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model16 = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     got16 = np.asarray(jax.jit(model16.apply)(params16, ids, mask))
     rel = np.abs(got16 - got)[real].mean() / np.abs(got)[real].mean()
     top1 = (got16.argmax(-1) == got.argmax(-1))[real].mean()

