@@ -415,6 +415,21 @@ def format_table(results: dict) -> str:
     return table
 
 
+WMDP_COLUMNS = (("wmdp_bio", "WMDP-Bio"), ("wmdp_cyber", "WMDP-Cyber"), ("mmlu", "MMLU"),
+                ("mmlu_college_biology", "College Bio."), ("mmlu_high_school_biology", "HS Bio."),
+                ("mmlu_virology", "Virology"), ("mmlu_college_computer_science", "College CS"),
+                ("mmlu_computer_security", "Computer Sec."), ("mmlu_rest", "MMLU, the other subjects"))
+
+
+def wmdp_table(models: dict) -> str:
+    """The WMDP paper's table (its Table 2 layout: WMDP, MMLU and MMLU's neighbouring subjects as columns), a
+    row per model ({label: evaluate_tasks' results}), accuracy % with its Wilson 95% interval and n."""
+    columns = [(key, label) for key, label in WMDP_COLUMNS if any(key in r for r in models.values())]
+    rows = [[model] + [f"{100 * r[key]['acc']:.1f} [{stats.fmt_ci(r[key]['acc_ci'])}] (n={r[key]['n']})"
+                       if key in r else "-" for key, _ in columns] for model, r in models.items()]
+    return outputs.markdown_table(["model"] + [label for _, label in columns], rows)
+
+
 INTERVALS = ("acc and acc_norm: Wilson 95% score intervals over questions; NLL per token: 95% percentile "
              "bootstrap over texts (2,000 resamples); samples.jsonl: a record per question and per text")
 
@@ -434,9 +449,15 @@ def evaluate_cli(cfg) -> None:
     results = evaluate_tasks(scorer, load_params(run.model_dir, cfg.dtype, run.mesh), tasks,
                              nll_tokens=cfg.eval_nll_tokens, samples=samples)
     print(format_table(results))
+    report = any(spec.split(":")[0] == "wmdp_report" for spec in cfg.eval_tasks)
+    if report:
+        table = wmdp_table({str(run.model_dir): results})
+        print(f"\nThe WMDP paper's table (accuracy % [95% CI]):\n{table}")
     print(f"native evaluation: {time.time() - began:.1f} s ({INTERVALS})")
     if out is not None:
         write_samples(out / "samples.jsonl", samples)
+        if report:
+            outputs.write_text(out / "wmdp_report.md", f"# {run.model_dir}\n\n{table}\n\n{INTERVALS}\n")
         outputs.write_json(out / "eval.json", {"model": str(run.model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
                                                "split": cfg.eval_split, "intervals": INTERVALS, "results": results})
         print(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")

@@ -13,6 +13,12 @@ Task specs (--eval_tasks):
                         (the retain topic nearest the forget topics; role "neighbour")
   mmlu[:DIR]            MMLU test CSVs in the original layout (<subject>_test.csv, or DIR/test/);
                         default: the embedded copy of all 57 subjects
+  wmdp_neighbours[:DIR] the MMLU subjects the WMDP paper reports beside WMDP, each a task (mmlu_college_biology,
+                        mmlu_high_school_biology, mmlu_virology, mmlu_college_computer_science,
+                        mmlu_computer_security; role "neighbour") and mmlu_rest (the other 52 subjects)
+  wmdp_report[:DIR]     WMDP-Bio and WMDP-Cyber from DIR (wmdp_bio.jsonl, wmdp-bio.jsonl or bio.jsonl, and
+                        the cyber file alike; without DIR lm-eval's cais/wmdp from the local HF cache), MMLU
+                        and its WMDP neighbours; --mode=eval prints them in the WMDP paper's table
   wmdp_bio:FILE         WMDP-format jsonl (question, choices, answer); also wmdp_cyber:FILE
   wmdp_bio, wmdp_cyber  lm-eval's source, cais/wmdp, if it is in the local HF datasets cache
   lm_eval:NAME          (--mode=lm_eval only) lm-eval's built-in task NAME; so is any other name
@@ -253,8 +259,49 @@ def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     return Task(name, interleaved, "letters", metrics=("acc",), role="retain")
 
 
-TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, demo_physical, mmlu[:DIR], wmdp_bio[:FILE], wmdp_cyber[:FILE] "
-                "or a .jsonl path")
+# The MMLU subjects the WMDP paper reports beside WMDP (nearest the forget sets, where RMU's damage shows first).
+WMDP_NEIGHBOURS = {"bio": ("college_biology", "high_school_biology", "virology"),
+                   "cyber": ("college_computer_science", "computer_security")}
+# The file names a WMDP directory may give each forget set under (the user's copy: WMDP is gated upstream).
+WMDP_FILES = {"wmdp_bio": ("wmdp_bio.jsonl", "wmdp-bio.jsonl", "bio.jsonl"),
+              "wmdp_cyber": ("wmdp_cyber.jsonl", "wmdp-cyber.jsonl", "cyber.jsonl")}
+
+
+def wmdp_neighbours(directory: str | Path | None = None) -> list[Task]:
+    """mmlu_<subject> for each neighbouring subject (role "neighbour") and mmlu_rest, every other subject
+    (role "retain"), from the MMLU CSVs (default: the embedded copy)."""
+    whole = mmlu_task(directory)
+    near = [s for group in WMDP_NEIGHBOURS.values() for s in group]
+    tasks = []
+    for subject in near:
+        docs = [d for d in whole.docs if d["subject"] == subject]
+        if not docs:
+            raise UserError(f"wmdp_neighbours: no {subject}_test.csv in the MMLU directory; the group needs "
+                            f"{', '.join(f'{s}_test.csv' for s in near)}")
+        tasks.append(Task(f"mmlu_{subject}", docs, "letters", metrics=("acc",), role="neighbour"))
+    tasks.append(Task("mmlu_rest", [d for d in whole.docs if d["subject"] not in near], "letters", metrics=("acc",),
+                      role="retain"))
+    return tasks
+
+
+def wmdp_report_tasks(directory: str | None) -> list[Task]:
+    """WMDP-Bio and WMDP-Cyber (files in `directory`, else lm-eval's source in the local HF cache), MMLU whole
+    and its WMDP neighbours: the WMDP paper's table."""
+    wmdp = []
+    for name, names in WMDP_FILES.items():
+        if directory is None:
+            wmdp.append(wmdp_from_hf_cache(name))
+            continue
+        found = [Path(directory).expanduser() / n for n in names if (Path(directory).expanduser() / n).is_file()]
+        if not found:
+            raise UserError(f"wmdp_report:{directory}: no {' or '.join(names)} there; put WMDP's {name[5:]} questions "
+                            "in that directory as a WMDP-format jsonl (question, choices, answer per line)")
+        wmdp.append(wmdp_task(found[0], name))
+    return [*wmdp, mmlu_task(), *wmdp_neighbours()]
+
+
+TASK_GRAMMAR = ("demo, demo_bio, demo_cyber, demo_retain, demo_physical, mmlu[:DIR], wmdp_neighbours[:DIR], "
+                "wmdp_report[:DIR], wmdp_bio[:FILE], wmdp_cyber[:FILE] or a .jsonl path")
 
 
 def resolve_tasks(specs, builtin_ok: bool = False, split: str = "test") -> tuple[list[Task], list[str]]:
@@ -272,6 +319,10 @@ def resolve_tasks(specs, builtin_ok: bool = False, split: str = "test") -> tuple
             tasks.append(demo_task(name[len("demo_"):], split=split))
         elif name == "mmlu":
             tasks.append(mmlu_task(arg or None))
+        elif name == "wmdp_neighbours":
+            tasks += wmdp_neighbours(arg or None)
+        elif name == "wmdp_report":
+            tasks += wmdp_report_tasks(arg or None)
         elif name in WMDP_SUBJECTS and arg:
             tasks.append(wmdp_task(arg, name))
         elif spec.endswith(".jsonl"):
@@ -307,7 +358,7 @@ def load_tasks(specs, limit: int | dict = 0, split: str = "test") -> list[Task]:
 def lm_eval_task_name(task: Task) -> str:
     """The lm-eval name of our task: demo_* and generic files keep theirs; local WMDP/MMLU get a
     _local suffix so they never shadow lm-eval's built-in tasks of the same name."""
-    return f"{task.name}_local" if task.name in WMDP_SUBJECTS or task.name == "mmlu" else task.name
+    return f"{task.name}_local" if task.name in WMDP_SUBJECTS or task.name.startswith("mmlu") else task.name
 
 
 def lm_eval_yaml(task: Task, data_file: Path) -> dict:

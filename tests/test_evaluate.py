@@ -229,3 +229,59 @@ def test_native_answers_equal_lm_eval_on_gemma(tmp_path, gemma3_dir, monkeypatch
     off = np.abs(np.array([d["loglikelihoods"] for d in without["docs"]])
                  - np.array([d["loglikelihoods"] for d in native[tasks[0].name]["docs"]])).max()
     assert off > 100 * 2e-3, off
+
+
+def test_wmdp_task_groups_and_the_papers_table(tmp_path):
+    """wmdp_neighbours: the five MMLU subjects the WMDP paper sets beside WMDP, each its own task, and the rest
+    of MMLU as one; wmdp_report:DIR adds WMDP-Bio and WMDP-Cyber from the user's files; a missing file is one
+    line; the lm-eval names never shadow lm-eval's own mmlu_* tasks; the table has the paper's columns."""
+    from armu_jax.evaluate import wmdp_table
+    from armu_jax.tasks import lm_eval_task_name, resolve_tasks
+    whole = {t.name: t for t in load_tasks(["mmlu"], 0, "all")}["mmlu"]
+    groups = {t.name: t for t in load_tasks(["wmdp_neighbours"], 0, "all")}
+    assert list(groups) == ["mmlu_college_biology", "mmlu_high_school_biology", "mmlu_virology",
+                            "mmlu_college_computer_science", "mmlu_computer_security", "mmlu_rest"]
+    assert sum(len(t.docs) for t in groups.values()) == len(whole.docs)
+    assert {d["subject"] for d in groups["mmlu_virology"].docs} == {"virology"}
+    assert len(groups["mmlu_college_biology"].docs) == 144 and len(groups["mmlu_computer_security"].docs) == 100
+    assert [t.role for t in groups.values()] == ["neighbour"] * 5 + ["retain"]
+    assert "college_biology" not in {d["subject"] for d in groups["mmlu_rest"].docs}
+    assert {lm_eval_task_name(t) for t in groups.values()} == {f"{n}_local" for n in groups}
+    test_split = {t.name: t for t in load_tasks(["wmdp_neighbours"])}  # the project's split applies to each
+    assert 0 < len(test_split["mmlu_virology"].docs) < len(groups["mmlu_virology"].docs)
+
+    with pytest.raises(UserError, match=r"wmdp_report:.*: no wmdp_bio.jsonl or wmdp-bio.jsonl or bio.jsonl there"):
+        resolve_tasks([f"wmdp_report:{tmp_path}"])
+    doc = {"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 1}
+    (tmp_path / "wmdp-bio.jsonl").write_text(json.dumps(doc) + "\n")
+    (tmp_path / "cyber.jsonl").write_text((json.dumps(doc) + "\n") * 2)
+    report = {t.name: t for t in load_tasks([f"wmdp_report:{tmp_path}"], 0, "all")}
+    assert list(report)[:3] == ["wmdp_bio", "wmdp_cyber", "mmlu"] and len(report["wmdp_cyber"].docs) == 2
+    assert "cybersecurity" in report["wmdp_cyber"].docs[0]["description"]
+
+    result = lambda acc, n: {"acc": acc, "acc_ci": [acc - 0.1, acc + 0.1], "n": n}
+    table = wmdp_table({"original": {"wmdp_bio": result(0.6, 1273), "mmlu": result(0.58, 14042),
+                                     "mmlu_virology": result(0.5, 166)},
+                        "rmu": {"wmdp_bio": result(0.31, 1273), "mmlu": result(0.57, 14042)}})
+    lines = table.splitlines()
+    assert lines[0].split("|")[1:-1] == [" model ", " WMDP-Bio ", " MMLU ", " Virology "]
+    assert "31.0 [21.0-41.0] (n=1273)" in lines[3] and lines[3].rstrip().endswith("| - |")
+
+
+@pytest.mark.cli
+def test_eval_prints_and_writes_the_wmdp_table(tmp_path, tiny_llama):
+    """--mode=eval --eval_tasks=wmdp_report:DIR: the paper's table on stdout and in wmdp_report.md, every
+    column's numbers those of eval.json."""
+    from helpers import run_cli
+    doc = {"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 1}
+    for name in ("bio.jsonl", "cyber.jsonl"):
+        (tmp_path / name).write_text((json.dumps(doc) + "\n") * 4)
+    out = tmp_path / "eval"
+    result = run_cli(f"--model={tiny_llama}", "--mode=eval", f"--eval_tasks=wmdp_report:{tmp_path}", "--eval_limit=4",
+                     "--eval_split=all", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "wmdp_report.md").read_text()
+    assert "| WMDP-Bio | WMDP-Cyber | MMLU | College Bio. | HS Bio. | Virology | College CS | Computer Sec." in table
+    assert "WMDP-Bio" in result.stdout and "Computer Sec." in result.stdout
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert f"{100 * results['wmdp_bio']['acc']:.1f} [" in table and results["mmlu_virology"]["n"] == 4
