@@ -136,8 +136,8 @@ class RunConfig:
                                     "by default a window starting there begins one step later.")
     # -- evaluation
     eval_every: int = setting("evaluation", "int", 0, "Evaluate --eval_tasks every N steps during a run (0: never).", bound=">=0")
-    eval_tasks: tuple = setting("evaluation", "list", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], wmdp_neighbours[:DIR], wmdp_report[:DIR], wmdp_bio:FILE, "
-                                "wmdp_cyber:FILE, FILE.jsonl (WMDP format); with --mode=lm_eval also lm-eval "
+    eval_tasks: tuple = setting("evaluation", "list", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], "
+                                "wmdp_neighbours[:DIR], wmdp_report[:DIR], wmdp_bio:FILE, wmdp_cyber:FILE, FILE.jsonl (WMDP format); with --mode=lm_eval also lm-eval "
                                 "task names.")
     eval_limit: int = setting("evaluation", "int", 0, "Items per evaluation task (0: all), the first of --eval_split's.", bound=">=0")
     eval_split: str = setting("evaluation", "enum", "test", "Which items of each task are scored: test (every reported "
