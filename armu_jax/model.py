@@ -155,9 +155,11 @@ class _Block(nn.Module):
 
 class Attention(_Block):
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, packing=None):
+    def __call__(self, x, cos, sin, allowed, packing=None, cache=None):
         """x [B, T, D]; or with packing (armu_jax.packing's layout) the packed tokens [S, N, D]: the
-        projections run on them, the scores and the value products in the padded [B, T] layout of allowed."""
+        projections run on them, the scores and the value products in the padded [B, T] layout of allowed.
+        cache (generation): (keys, values [B, S, kv, hd], at): x's keys and values are written at positions
+        at..at+T of the cache, the queries attend over all S (allowed [B, T, S]); returns (out, new cache)."""
         cfg = self.cfg
         batch, length, _ = x.shape
         heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -172,6 +174,8 @@ class Attention(_Block):
             q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(batch, length, kv, hd)
+        if cache is not None:
+            return self._cached(q, k, v, allowed, cache)
         if packing is not None:
             batch, length = allowed.shape[:2]
             # A pad position's query sees no key and is a key no query sees: no gradient reaches it.
@@ -185,6 +189,23 @@ class Attention(_Block):
         if packing is not None:
             out = packing_lib.pack(out, packing)
         return self.dense(cfg.hidden_size, "o_proj", "self_attn")(out)
+
+    def _cached(self, q, k, v, allowed, cache):
+        cfg = self.cfg
+        keys, values, at = cache
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, at, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, at, 0, 0))
+        batch, length, heads = q.shape[0], q.shape[1], cfg.num_attention_heads
+        kv = cfg.num_key_value_heads
+        qg = jnp.transpose(q.reshape(batch, length, kv, heads // kv, cfg.head_dim), (0, 2, 3, 1, 4))
+        scale = math.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim)
+        score_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        scores = jnp.einsum("bkgqd,bskd->bkgqs", qg, keys, preferred_element_type=score_dtype) / scale
+        scores = _softcap(scores, cfg.attn_logit_softcapping)
+        probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, jnp.finfo(score_dtype).min), axis=-1)
+        out = jnp.einsum("bkgqs,bskd->bkgqd", probs.astype(self.dtype), values)
+        out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads * cfg.head_dim)
+        return self.dense(cfg.hidden_size, "o_proj", "self_attn")(out), (keys, values, at)
 
     def attend(self, q, k, v, allowed):
         """q: [B, kv, groups, Tq, hd], k/v: [B, kv, Tk, hd], allowed: [B, Tq, Tk] -> [B, kv, groups, Tq, hd]."""
@@ -252,25 +273,35 @@ class DecoderLayer(_Block):
     post (OLMo-2): h + post_norm(attn(h)), then h + post_norm(mlp(h))."""
 
     @nn.compact
-    def __call__(self, h, cos, sin, allowed, mid=None, keep_mid: bool = False, packing=None):
+    def __call__(self, h, cos, sin, allowed, mid=None, keep_mid: bool = False, packing=None, cache=None):
         """mid: (the residual stream after attention, the down projection's input) computed before: only the
-        down projection and what follows it run. keep_mid: also return that pair (out, mid)."""
+        down projection and what follows it run. keep_mid: also return that pair (out, mid). cache: the
+        attention's key/value cache (Attention), returned beside the output: (out, cache)."""
         kind = self.cfg.layer_norms
         mlp = MLP(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="mlp")
         if mid is None:
             attn = Attention(self.cfg, self.dtype, self.param_dtype, self.dot_block, name="self_attn")
+
+            def attention(x):
+                nonlocal cache
+                if cache is None:
+                    return attn(x, cos, sin, allowed, packing)
+                out, cache = attn(x, cos, sin, allowed, cache=cache)
+                return out
             if kind == "pre":
-                h = h + attn(self.norm("input_layernorm")(h), cos, sin, allowed, packing)
+                h = h + attention(self.norm("input_layernorm")(h))
                 x = self.norm("post_attention_layernorm")(h)
             else:
                 x = h if kind == "post" else self.norm("input_layernorm")(h)
-                h = h + self.norm("post_attention_layernorm")(attn(x, cos, sin, allowed, packing))
+                h = h + self.norm("post_attention_layernorm")(attention(x))
                 x = h if kind == "post" else self.norm("pre_feedforward_layernorm")(h)
             act = mlp(x, part="act")
         else:
             h, act = mid
         down = mlp(act, part="down")
         out = h + down if kind == "pre" else h + self.norm("post_feedforward_layernorm")(down)
+        if cache is not None:
+            return out, cache
         return (out, (h, act)) if keep_mid else out
 
 
@@ -329,6 +360,24 @@ class DecoderStack(nn.Module):
                 h = h - (h @ q) @ q.T
         return (h, mid) if keep_mid else h
 
+    def decode(self, input_ids, positions, key_positions, key_valid, caches, at):
+        """The tokens input_ids [B, T] at `positions`, written into every layer's cache at at..at+T and
+        attending over the cache's keys (their positions key_positions and validity key_valid [B, S], these
+        tokens' included): the final norm's output [B, T, D] and the new caches."""
+        h = self.embed(input_ids)
+        causal = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])
+        masks = {"full": causal}
+        if "sliding" in {self.cfg.layer_type(i) for i in range(self.cfg.num_hidden_layers)}:
+            masks["sliding"] = causal & (positions[:, :, None] - key_positions[:, None, :] < self.cfg.sliding_window)
+        tables = {rope: rope_tables(rope, self.cfg.head_dim, positions, self.dtype)
+                  for rope in {self.cfg.rope_of(self.cfg.layer_type(i)) for i in range(self.cfg.num_hidden_layers)}}
+        new = []
+        for index, layer in enumerate(self.layers):
+            kind = self.cfg.layer_type(index)
+            h, cache = layer(h, *tables[self.cfg.rope_of(kind)], masks[kind], cache=(*caches[index], at))
+            new.append(cache[:2])
+        return self.norm(h), new
+
     def __call__(self, input_ids, attention_mask, positions, upto: int | None = None, allowed=None, packing=None):
         last = self.cfg.num_hidden_layers - 1 if upto is None else upto
         h = self.embed(input_ids if packing is None else packing["ids"])
@@ -383,6 +432,13 @@ class CausalLM(nn.Module):
         h = self.model(input_ids, None, positions, allowed=allowed)
         return self._head(jnp.take_along_axis(h, at[..., None], axis=1))
 
+    def decode(self, input_ids, positions, key_positions, key_valid, caches, at):
+        """Logits [B, V] of the last of input_ids' tokens, with every layer's key/value cache (DecoderStack.decode)
+        updated: (logits, caches). Greedy generation (armu_jax/generate.py) prefills the prompts, then decodes
+        a token at a time."""
+        h, caches = self.model.decode(input_ids, positions, key_positions, key_valid, caches, at)
+        return self._head(h[:, -1]), caches
+
     def hidden_upto(self, input_ids, attention_mask=None, positions=None, *, layer: int, packing=None):
         """Residual-stream output of decoder layer `layer` (HF's hidden_states[layer + 1]); later layers are not run.
         packing: of the real tokens only, packed ([S, N, D], armu_jax.packing)."""
@@ -396,6 +452,12 @@ class CausalLM(nn.Module):
         follows runs) or also returned ((h, mid))."""
         return self.model.run_layers(h, attention_mask, positions, start, end, mid=mid, keep_mid=keep_mid,
                                      packing=packing)
+
+
+def empty_caches(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> list:
+    """Every layer's (keys, values) generation cache, zeros [batch, length, kv heads, head dim]."""
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
 
 
 def abstract_params(model: CausalLM) -> dict:

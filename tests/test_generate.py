@@ -76,3 +76,16 @@ def test_greedy_stops_at_eos(smollm2_dir):
     for a, b in zip(free, stopped):
         assert b == (a[:a.index(stop)] if stop in a else a)
     assert greedy(model, params, tokenizer, PROMPTS[:1], 6)[0] == tokenizer.decode(free[0], skip_special_tokens=True)
+
+
+def test_the_cache_gives_what_the_whole_row_gives(gemma3_dir):
+    """Gemma-3-270M (sliding-window and full layers, q/k norms): prompts of different lengths,
+    left-padded into one prefill, then one token at a time from the key/value cache, continue exactly as
+    running the whole row again for every token does: the same tokens."""
+    tokenizer = load_tokenizer(gemma3_dir)
+    cfg, params = load_hf(gemma3_dir)
+    model = CausalLM(cfg)
+    prompts = ["The heart pumps blood", "In computer networking, a firewall is a system that"]
+    cached = greedy_ids(model, params, tokenizer, prompts, 10)
+    whole = greedy_ids(model, params, tokenizer, prompts, 10, cached=False)
+    assert cached == whole and all(len(c) == 10 for c in cached), (cached, whole)
