@@ -137,8 +137,8 @@ class RunConfig:
     # -- evaluation
     eval_every: int = setting("evaluation", "int", 0, "Evaluate --eval_tasks every N steps during a run (0: never).", bound=">=0")
     eval_tasks: tuple = setting("evaluation", "list", ["demo"], "demo, demo_bio|cyber|retain, mmlu[:DIR], "
-                                "wmdp_neighbours[:DIR], wmdp_report[:DIR], wmdp_bio:FILE, wmdp_cyber:FILE, FILE.jsonl (WMDP format); with --mode=lm_eval also lm-eval "
-                                "task names.")
+                                "wmdp_neighbours[:DIR], wmdp_report[:DIR], wmdp_bio:FILE, wmdp_cyber:FILE, FILE.jsonl "
+                                "(WMDP format); with --mode=lm_eval also lm-eval task names.")
     eval_limit: int = setting("evaluation", "int", 0, "Items per evaluation task (0: all), the first of --eval_split's.", bound=">=0")
     eval_split: str = setting("evaluation", "enum", "test", "Which items of each task are scored: test (every reported "
                               "number), validation (what --mode=tune searches on; the other half), all (the whole "
@@ -146,6 +146,12 @@ class RunConfig:
                               ["test", "validation", "all"])
     eval_batch_size: int = setting("evaluation", "int", 16, "Sequences per evaluation batch.", bound=">=1")
     eval_nll_tokens: int = setting("evaluation", "int", 128, "Held-out NLL over each text's first N tokens.", bound=">=2")
+    eval_generate: int = setting("evaluation", "int", 0, "--mode=eval: greedy continuations of N held-out prompts per "
+                                 "task (the first words of its texts or questions), with their fluency: repetition and "
+                                 "the NLL of the text under --eval_fluency_model (0: none).", bound=">=0")
+    eval_generate_tokens: int = setting("evaluation", "int", 32, "--mode=eval: new tokens per continuation.", bound=">=1")
+    eval_fluency_model: str = setting("evaluation", "str", None, "--mode=eval: the model whose NLL of a continuation "
+                                      "measures its fluency (e.g. the original model; default: the model evaluated).")
     # -- compile
     topology: str = setting("compile", "str", None, "--mode=compile: a TPU slice to compile for, e.g. v5e:2x4, v5e:4x4, "
                             "v4:2x2x1 (needs libtpu; default: this machine's devices).")

@@ -446,9 +446,22 @@ def evaluate_cli(cfg) -> None:
     began = time.time()
     scorer = build_scorer(EvalSpec.of(cfg, run.model_dir, run.mesh))
     samples: list[dict] = []
-    results = evaluate_tasks(scorer, load_params(run.model_dir, cfg.dtype, run.mesh), tasks,
-                             nll_tokens=cfg.eval_nll_tokens, samples=samples)
+    params = load_params(run.model_dir, cfg.dtype, run.mesh)
+    results = evaluate_tasks(scorer, params, tasks, nll_tokens=cfg.eval_nll_tokens, samples=samples)
     print(format_table(results))
+    generation, generated = None, []
+    if cfg.eval_generate:
+        from armu_jax.fluency import format_generation, generate_report
+        from armu_jax.shipped import resolve_model
+        reference = resolve_model(cfg.eval_fluency_model) if cfg.eval_fluency_model else run.model_dir
+        same = str(reference) == str(run.model_dir)
+        ref_scorer = scorer if same else build_scorer(EvalSpec.of(cfg, reference, run.mesh))
+        ref_params = params if same else load_params(reference, cfg.dtype, run.mesh)
+        generation, generated = generate_report(scorer.model, scorer.place(params), scorer.tokenizer, tasks,
+                                                cfg.eval_generate, cfg.eval_generate_tokens, ref_scorer,
+                                                ref_scorer.place(ref_params))
+        print(f"\nWhat the model writes ({cfg.eval_generate_tokens} greedy tokens per held-out prompt; fluency: "
+              f"repetition, and NLL per token under {reference}):\n{format_generation(generation, generated)}")
     report = any(spec.split(":")[0] == "wmdp_report" for spec in cfg.eval_tasks)
     if report:
         table = wmdp_table({str(run.model_dir): results})
@@ -456,8 +469,11 @@ def evaluate_cli(cfg) -> None:
     print(f"native evaluation: {time.time() - began:.1f} s ({INTERVALS})")
     if out is not None:
         write_samples(out / "samples.jsonl", samples)
+        if generated:
+            write_samples(out / "generations.jsonl", generated)
         if report:
             outputs.write_text(out / "wmdp_report.md", f"# {run.model_dir}\n\n{table}\n\n{INTERVALS}\n")
         outputs.write_json(out / "eval.json", {"model": str(run.model_dir), "dtype": cfg.dtype, "mesh": cfg.mesh,
-                                               "split": cfg.eval_split, "intervals": INTERVALS, "results": results})
+                                               "split": cfg.eval_split, "intervals": INTERVALS, "results": results,
+                                               **({"generation": generation} if generation else {})})
         print(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")

@@ -89,3 +89,45 @@ def test_the_cache_gives_what_the_whole_row_gives(gemma3_dir):
     cached = greedy_ids(model, params, tokenizer, prompts, 10)
     whole = greedy_ids(model, params, tokenizer, prompts, 10, cached=False)
     assert cached == whole and all(len(c) == 10 for c in cached), (cached, whole)
+
+
+def test_repetition_and_prompts():
+    from armu_jax.fluency import prompts_of, repetition
+    from armu_jax.tasks import load_tasks
+    assert repetition([1, 2, 3, 4]) == 0.0 and repetition([5]) == 0.0
+    assert repetition([7, 8, 7, 8, 7, 8]) == pytest.approx(1 - 2 / 5)  # bigrams 78 87 78 87 78: 2 distinct of 5
+    bio = load_tasks(["demo_bio"])[0]
+    assert prompts_of(bio, 2) == [" ".join(t.split()[:8]) for t in bio.nll_texts[:2]]
+    mmlu = load_tasks(["mmlu"], 3)[0]
+    assert prompts_of(mmlu, 5) == [" ".join(d["question"].split()[:8]) for d in mmlu.docs[:3]]
+
+
+@pytest.mark.cli
+def test_eval_generates_and_measures_fluency(tmp_path, tiny_llama, smollm2_dir):
+    """--mode=eval --eval_generate: every continuation in generations.jsonl with its repetition and its NLL per
+    token under --eval_fluency_model (SmolLM2 here), which is what transformers computes for that text."""
+    import json
+
+    from helpers import run_cli
+    out = tmp_path / "eval"
+    result = run_cli(f"--model={tiny_llama}", "--mode=eval", "--eval_tasks=demo_bio,demo_retain", "--eval_limit=3",
+                     "--eval_generate=2", "--eval_generate_tokens=6", f"--eval_fluency_model={smollm2_dir}",
+                     f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "What the model writes" in result.stdout and "repetition" in result.stdout
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "eval.json").read_text())["generation"]
+    assert [r["task"] for r in records] == ["demo_bio"] * 2 + ["demo_retain"] * 2
+    assert summary["demo_bio"]["n"] == 2
+    assert summary["demo_bio"]["repetition"] == pytest.approx(np.mean([r["repetition"] for r in records[:2]]))
+    tokenizer = load_tokenizer(smollm2_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    for r in records:
+        if not r["text"].strip():
+            continue
+        context = tokenizer(r["prompt"])["input_ids"]
+        whole = tokenizer(r["prompt"] + r["text"])["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([whole])).logits[0].double(), -1)
+        nll = -sum(float(logp[i - 1, whole[i]]) for i in range(len(context), len(whole)))
+        assert r["nll"] == pytest.approx(nll / r["tokens"], abs=2e-3), r
