@@ -1,4 +1,5 @@
 """Whole runs: a multi-device mesh matches one device; SIGKILL + --resume is bit-identical."""
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "4").is_dir() and not (killed / "hf").exists()
+    before = (killed / "metrics.jsonl").read_text().splitlines()[:4]  # steps 0..3, as the killed process wrote them
 
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -55,6 +57,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_llama):
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     steps = [m["step"] for m in read_metrics(killed)]
     assert steps == list(range(10))
+    # a resume, not a restart: the rows before the checkpoint are the killed process's own, byte for byte
+    # (a run restarted from step 0 writes the same numbers with other wall-clock seconds)
+    assert len(before) == 4 and (killed / "metrics.jsonl").read_text().splitlines()[:4] == before
+    assert any(json.loads(line)["seconds"] != m["seconds"] for line, m in zip(before, read_metrics(straight)))
     assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(straight)]
 
 
