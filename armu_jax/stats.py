@@ -85,20 +85,23 @@ def bootstrap_ratio(numerators, denominators, resamples: int = RESAMPLES, seed: 
 
 
 def bootstrap_seeds(scores, weights=None, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
-    """Two-way percentile bootstrap of the mean of scores [K seeds, n questions] (weighted by per-question
-    weights of mean 1, if given): seeds and questions resampled independently (one seed: the question
-    bootstrap)."""
+    """Two-way percentile bootstrap of the mean of scores [K seeds, n questions], weighted by per-question
+    weights if given (each resample's sum(w s) / sum(w) over the questions drawn, the weights drawn with their
+    questions): seeds and questions resampled independently. One seed: the question bootstrap, which for
+    weighted scores is bootstrap_ratio's (an NLL per token has one interval, whichever report gives it)."""
     scores = np.atleast_2d(np.asarray(scores, np.float64))
-    if weights is not None:
-        scores = scores * (np.asarray(weights, np.float64) / np.mean(weights))
     k, n = scores.shape
     if n == 0:
         return (float("nan"), float("nan"))
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    if k == 1 and weights is not None:
+        return bootstrap_ratio(scores[0] * w, w, resamples, seed)
     rng = _rng(seed)
     means = np.empty(resamples)
     for b in range(resamples):
         seeds = rng.integers(0, k, k) if k > 1 else np.zeros(1, int)
-        means[b] = scores[seeds][:, rng.integers(0, n, n)].mean()
+        drawn = rng.integers(0, n, n)
+        means[b] = (scores[seeds][:, drawn] * w[drawn]).sum() / (len(seeds) * w[drawn].sum())
     return _percentiles(means)
 
 

@@ -103,3 +103,21 @@ def test_recovered_fraction_interval_holds_the_point_and_widens_with_noise():
     low_small, high_small = stats.bootstrap_recovered(original[half], unlearned[half], attacked[half])
     assert high_small - low_small > high - low  # fewer questions: a wider interval
     assert all(np.isnan(stats.bootstrap_recovered(original, original, original)))  # no gap: undefined
+
+
+def test_an_nll_has_one_interval_whichever_report_gives_it():
+    """The held-out NLL per token of one model on one task: evaluate_tasks' interval (the bootstrap of the ratio
+    of summed NLL to summed tokens) and compare.score's (the reports') are the same numbers; a weighted mean
+    over several seeds is each resample's ratio too (a text twice as long weighs twice, in every resample)."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(2, 40, 50)
+    nll = tokens * rng.uniform(2.0, 4.0, 50)
+    records = [{"task": "t", "doc_id": i, "type": "nll", "tokens": int(n), "nll": float(v)}
+               for i, (n, v) in enumerate(zip(tokens, nll))]
+    evaluated = stats.bootstrap_ratio(nll, tokens)
+    reported = compare.score([records], ["t"], "nll")
+    assert reported["ci"] == pytest.approx(list(evaluated), rel=1e-12)  # the same resamples, the same ratio
+    assert reported["mean"] == pytest.approx(nll.sum() / tokens.sum())
+    two = compare.score([records, records], ["t"], "nll")  # two identical seeds: the same ratio, a ratio interval
+    assert two["mean"] == pytest.approx(reported["mean"])
+    assert two["ci"][0] < reported["mean"] < two["ci"][1]
