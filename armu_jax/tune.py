@@ -70,9 +70,8 @@ from armu_jax.study import (
     trial_seeded_sampler,
 )
 
-SEARCHABLE_KINDS = ("int", "float", "enum", "bool", "topic_floats", "topic_ints")
-NOT_SEARCHABLE = ("model", "forget_corpora", "retain_corpora", "mesh", "dtype", "control_vectors", "update_layer_ids",
-                  "update_params")
+SEARCHABLE_KINDS = ("int", "float", "enum", "bool", "topic_floats", "topic_ints", "list")  # a list: by choices
+NOT_SEARCHABLE = ("model", "forget_corpora", "retain_corpora", "mesh", "dtype", "control_vectors", "update_layer_ids")
 NLL_CAP = 1.0  # nat/token: the NLL rise beyond which the objective gains nothing (the target's +1)
 PRUNE_PERCENTILE = 75.0  # a trial worse than 75% of the others at a step is stopped (the worst quarter)
 PRUNE_TEXTS = 16  # held-out texts per forget task in the pruning NLL (a full-model forward: kept small)
@@ -161,7 +160,7 @@ def parse_space(spec: str | None, n_topics: int, num_layers: int | None = None) 
                 raise UserError(f"--tune_space entry {entry!r}: topic index {index} is outside the {n_topics} forget topics "
                                 f"(0..{n_topics - 1})")
         index = int(index) if index else None
-        if len(parts) == 2 and "|" in parts[1] or kind in ("enum", "bool"):
+        if len(parts) == 2 and "|" in parts[1] or kind in ("enum", "bool", "list"):
             if len(parts) != 2 or not parts[1]:
                 raise UserError(f"--tune_space entry {entry!r}: give the choices as {name}:a|b|c")
             choices = tuple(dict.fromkeys(_value(setting, kind, c, entry) for c in parts[1].split("|")))
@@ -282,6 +281,8 @@ def trial_config(cfg: RunConfig, dims: list[Dimension], params: dict, directory)
             else:
                 values[d.index] = value
             changes[d.setting] = tuple(float(v) if d.kind == "topic_floats" else int(v) for v in values)
+        elif d.kind == "list":  # a choice of several values joined by + (update_params:mlp.down_proj|default)
+            changes[d.setting] = tuple(value.split("+"))
         else:
             changes[d.setting] = value
     if "layer_id" in changes:

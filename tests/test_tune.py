@@ -259,3 +259,14 @@ def test_seeds_make_a_trial_the_mean_of_its_runs(tmp_path, tiny_llama):
     saved = json.loads((out / "best_test.json").read_text())
     assert saved["trial"] == best.number and saved["chosen"]["demo_bio"]["seeds"] == 2
     assert "the mean of its 2 seeds" in (out / "tune.md").read_text()
+
+
+def test_a_list_setting_is_searched_by_choices():
+    """--tune_space=update_params:a|b+c: which parameters train is a searched choice; + joins several."""
+    from armu_jax.tune import trial_config
+    dims = parse_space("update_params:mlp.down_proj|mlp.down_proj+post_feedforward_layernorm|default", 2, 18)
+    assert dims[0].choices == ("mlp.down_proj", "mlp.down_proj+post_feedforward_layernorm", "default")
+    cfg = trial_config(config_with(), dims, {"update_params": "mlp.down_proj+post_feedforward_layernorm"}, "/tmp/t")
+    assert cfg.update_params == ("mlp.down_proj", "post_feedforward_layernorm")
+    with pytest.raises(UserError, match="give the choices as update_params:a"):
+        parse_space("update_params:1:2", 2, 18)
