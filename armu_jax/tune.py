@@ -6,7 +6,7 @@
 Each trial is a full run of the flagfile with the searched settings (in <output_dir>/trials/NNNN/)
 and the native evaluator on --eval_tasks' *validation* items (tasks.py: one split for the project);
 the chosen trial is then scored on the *test* items, which no trial saw. Runs reuse what a process
-shares through the sweep's cell runner (sweep.CellRunner: the model, tokenized corpora, compiled
+shares through the cell runner (cells.CellRunner: the model, tokenized corpora, compiled
 steps per layer and shape, the scorer; lr, beta, c and alpha are arguments of the compiled step).
 
 The objective (one number, minimised; Optuna prunes only single-objective studies):
@@ -698,8 +698,8 @@ def tune_cli(cfg: RunConfig) -> dict:
     import optuna
 
     from armu_jax import hosts
+    from armu_jax.cells import CellRunner
     from armu_jax.context import RunContext
-    from armu_jax.sweep import CellRunner
     from armu_jax.tasks import load_tasks
 
     check(cfg)
