@@ -162,11 +162,15 @@ def test_bad_input_is_one_line_and_leaves_the_study_unchanged(two_workers, tiny_
 
 
 @pytest.mark.slow
-def test_a_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_llama):
-    """SQLite (Optuna's heartbeat): a worker SIGKILLed mid-trial, then started again: its trial is failed
-    after 2 heartbeats and retried with the same settings; the study still reaches its 2 trials."""
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_llama, storage):
+    """A worker SIGKILLed mid-trial, then started again: its trial is failed after 2 heartbeats and retried
+    with the same settings; the study still reaches its 2 trials. SQLite: Optuna's heartbeat; the journal
+    file: the workers' own (a trial attribute, tune.py/study.py)."""
     flags, out = _flagfile(tmp_path, tiny_llama, steps=60), tmp_path / "tune"
-    first = _worker(flags, out, tmp_path / "first.log", "--tune_trials=2", "--tune_prune_every=0")
+    url = f"sqlite:///{out / 'study.db'}" if storage == "sqlite" else f"journal:{tmp_path / 'study.journal'}"
+    where = () if storage == "sqlite" else (f"--tune_storage={url}",)
+    first = _worker(flags, out, tmp_path / "first.log", "--tune_trials=2", "--tune_prune_every=0", *where)
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:
         logs = list(out.glob("trials/*/metrics.jsonl"))
@@ -176,9 +180,9 @@ def test_a_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_llama):
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed = logs[0].parent.name
-    second = _worker(flags, out, tmp_path / "second.log", "--tune_trials=2", "--tune_prune_every=0")
+    second = _worker(flags, out, tmp_path / "second.log", "--tune_trials=2", "--tune_prune_every=0", *where)
     assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    study = _study(f"sqlite:///{out / 'study.db'}")
+    study = _study(url)
     by_number = {t.number: t for t in study.trials}
     dead = by_number[int(killed)]
     assert dead.state.name == "FAIL"
