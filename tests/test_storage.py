@@ -258,13 +258,18 @@ def test_lock_object_excludes_a_second_run_and_frees_a_dead_ones(bucket, monkeyp
     storage.lock(storage.path("gs://bkt/locked"), "x").release()
     fs.pipe_file("bkt/locked/.lock", json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - 3600}).encode())
     storage.lock(storage.path("gs://bkt/locked"), "x").release()  # silent for an hour: its host is gone
-    # Two runs that both saw no lock: GCS's ifGenerationMatch=0 lets one create it (HTTP 412 for the other).
-    def precondition_failed(path, data, mode="overwrite", **kwargs):
-        if mode == "create":
-            raise FileExistsError(path)  # gcsfs's reading of HTTP 412
-    monkeypatch.setattr(storage.filesystem(), "pipe_file", precondition_failed)
+    # Two runs that both saw no lock: the create carries ifGenerationMatch=0, and the store refuses it
+    # (HTTP 412) for the second, whose lock then fails in one line; the first's lock object is untouched.
+    first = storage.lock(storage.path("gs://bkt/locked"), "x")
+    held = fs.cat_file("bkt/locked/.lock")
+    with pytest.raises(FileExistsError):  # the precondition sent and honoured, on its own
+        storage.filesystem().pipe_file("bkt/locked/.lock", b"{}", mode="create")
+    monkeypatch.setattr(storage.filesystem(), "exists", lambda path, **kw: False)  # it saw no lock
     with pytest.raises(UserError, match="took the lock just now"):
         storage.lock(storage.path("gs://bkt/locked"), "x")
+    monkeypatch.undo()
+    assert fs.cat_file("bkt/locked/.lock") == held
+    first.release()
 
 
 def test_a_local_directory_other_hosts_cannot_see_is_refused(tmp_path, tiny_llama):
