@@ -29,9 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 import armu_jax  # noqa: E402,F401  (first, as in a run: it picks the platform before jax starts)
 
-# Dense bf16 peak per chip (vendors' data sheets; the SXM parts for NVIDIA), matched on device_kind.
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
-             "A10": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12,
+# Dense (not sparse) bf16 tensor peak per chip from the vendors' data sheets, matched on device_kind by the
+# longest name it contains: "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL"
+# their own; "L40" is not "L4". None: the chip has no bf16 tensor cores (the V100: fp16 only), so no MFU.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
+             "B200": 2250e12, "A100": 312e12, "A40": 149.7e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12,
+             "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX A6000": 154.8e12, "V100": None,
              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 PAPER = dict(method="adaptive_rmu", adaptive_coeff="first_batch", layer_id=7, update_layer_ids=[5, 6, 7],

@@ -30,3 +30,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["platform"] == "cpu"
     assert gpu_check.peak_of("NVIDIA H100 80GB HBM3") == 989e12 and gpu_check.peak_of("TPU v5 lite") == 197e12
     assert gpu_check.peak_of("NVIDIA A100-SXM4-40GB") == 312e12 and gpu_check.peak_of("Some new chip") is None
+    assert gpu_check.peak_of("NVIDIA H100 PCIe") == 756e12 and gpu_check.peak_of("NVIDIA H100 NVL") == 835e12
+    assert gpu_check.peak_of("NVIDIA L40") == 181e12 and gpu_check.peak_of("NVIDIA L4") == 121e12
+    assert gpu_check.peak_of("NVIDIA L40S") == 362e12 and gpu_check.peak_of("NVIDIA A40") == 149.7e12
+    assert gpu_check.peak_of("Tesla V100-SXM2-16GB") is None  # no bf16 tensor cores: no MFU claimed
