@@ -1,6 +1,6 @@
 """bench/gpu_check.py runs where there is no accelerator (on the CPU, a tiny model of Zephyr's family):
 its table has every row, the lean step costs fewer FLOPs than the diagnostic one (the frozen forget
-forward it skips), the float32 comparison of a device with itself is exact, and chips' peaks are found."""
+forward it skips), the float32 comparison of a device with itself passes its drift-derived bound and one 1% off fails it, and chips' peaks are found."""
 import json
 import sys
 
@@ -9,6 +9,11 @@ from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
+
+
+def gpu_check_device():
+    import jax
+    return jax.devices("cpu")[0]
 
 
 @pytest.mark.slow
@@ -22,8 +27,12 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     assert 0 < speed["lean"]["flops"] < speed["diagnostic"]["flops"]
     layer = 2 * 4 * 32 * (3 * 64 * 128 + 2 * 64 * 64 + 2 * 64 * 32)  # one layer's forward on a side, roughly
     assert speed["diagnostic"]["flops"] - speed["lean"]["flops"] > 0.5 * 3 * layer  # layers 5..7 of the forget side
-    assert result["float32"]["loss_rel"] == 0.0 and result["float32"]["weight_rel"] == 0.0
-    assert all(v > 0 for v in result["float32"]["losses"])
+    f32 = result["float32"]
+    assert f32["loss_rel"] == 0.0 and f32["update_rel"] == 0.0 and f32["passed"]  # the CPU against itself
+    assert 0 < f32["update_drift"] < 1e-3 and all(v > 0 for v in f32["losses"])
+    # the control: a device whose updates are 1% off (its lr 1% high) fails the bound
+    wrong = gpu_check.float32_check(tmp_path, gpu_check_device(), device_lr_scale=1.01)
+    assert not wrong["passed"] and wrong["update_rel"] > 10 * wrong["bounds"]["update"], wrong
     table = capsys.readouterr().out
     for row in ("| device | cpu", "| lean step |", "| diagnostic step |", "| peak device memory |", "float32 vs CPU"):
         assert row in table
