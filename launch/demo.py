@@ -272,39 +272,51 @@ def main(argv=None) -> int:
         records[name] = []
         return evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS, samples=records[name])
 
-    print("[1/6] the original model")
+    phases: list[tuple[str, float]] = []
+    mark = [time.time()]
+
+    def phase(text: str) -> None:
+        """Print the next phase; the one before it is timed (the report's per-phase seconds)."""
+        now = time.time()
+        if phases:
+            phases[-1] = (phases[-1][0], now - mark[0])
+        mark[0] = now
+        phases.append((text.split(" ", 1)[1].split(" (")[0], 0.0))
+        print(f"{text}   [{now - began:.0f} s]")
+
+    phase("[1/6] the original model")
     original, records["original"], how = original_scores(
         model_dir, tasks, lambda recs: evaluate_tasks(scorer, cache.params(model_dir, "float32", mesh), tasks,
                                                       nll_tokens=NLL_TOKENS, samples=recs))
     print(f"      {how}")
     results = {"original": original}
 
-    print(f"[2/6] Adaptive RMU ({flags})")
+    phase(f"[2/6] Adaptive RMU ({flags})")
     adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
     curves = {"adaptive_rmu": read_metrics(adaptive)}
     first = {}
     for m in curves["adaptive_rmu"]:
         first.setdefault(m["topic"], m["coeff"])
     coeff = sum(first.values()) / len(first)
-    print(f"[3/6] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
+    phase(f"[3/6] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
     rmu = train(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")),
                 cache)[0]
     curves["rmu"] = read_metrics(rmu)
 
-    print("[4/6] evaluating the unlearned models")
+    phase("[4/6] evaluating the unlearned models")
     params = {"original": cache.params(model_dir, "float32", mesh)}
     for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
         params[name] = cache.params(run_dir / "hf", "float32", mesh)
         results[name] = evaluate(name, params[name])
 
-    print("[5/6] what each model now says (greedy continuations of held-out prompts)")
+    phase("[5/6] what each model now says (greedy continuations of held-out prompts)")
     from armu_jax.generate import greedy
     chosen = prompts(tasks)
     said = {name: greedy(scorer.model, p, scorer.tokenizer, [c for _, c in chosen], CONTINUATION_TOKENS)
             for name, p in params.items()}
 
     runs = {"rmu": rmu, "adaptive_rmu": adaptive}
-    print(f"[6/6] attacks on the forgotten biology ({', '.join(attacked) or 'none'}): {ATTACK_NOTE}")
+    phase(f"[6/6] attacks on the forgotten biology ({', '.join(attacked) or 'none'}): {ATTACK_NOTE}")
     attacks = {name: attack_results(runs[name], cache, results, name, args.limit, records) for name in attacked}
 
     lm_eval_scores = {}
@@ -315,6 +327,8 @@ def main(argv=None) -> int:
             lm_eval_scores[name] = summary(run_lm_eval(directory, ["demo"], out / "lm_eval" / name,
                                                        limit=args.limit))
 
+    phase("[done] the report")
+    phases.pop()
     table = report_table(results)
     seconds = time.time() - began
     chance = 100 * mean_chance(tasks)
@@ -334,13 +348,14 @@ def main(argv=None) -> int:
         text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
         text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
                  for m, rows in lm_eval_scores.items() for t, r in rows.items()]
-    text.append(f"\nOriginal model's scores: {how}. Total time: {seconds / 60:.1f} min.")
+    text.append(f"\nOriginal model's scores: {how}. Total time: {seconds / 60:.1f} min ("
+                + ", ".join(f"{name} {sec:.0f} s" for name, sec in phases) + ").")
     outputs.write_text(out / "report.md", "\n".join(text) + "\n")
     for name, recs in records.items():
         write_samples(out / f"samples_{name}.jsonl", recs)
     outputs.write_json(out / "results.json", {"model": args.model, "native": results, "lm_eval": lm_eval_scores,
                                               "attacks": attacks, "continuations": {"prompts": chosen, "said": said},
-                                              "rmu_coeff": coeff, "seconds": seconds})
+                                              "rmu_coeff": coeff, "seconds": seconds, "phases": dict(phases)})
     plot(out / "report.png", results, curves, from_flagfile(flagfile).forget_corpora)
     print("\n".join(text))
     print(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
