@@ -11,6 +11,11 @@ unlearned export). Each attack is followed by the native evaluator on --eval_tas
 - relearn_forget / relearn_retain: AdamW fine-tuning of the unlearned model for --relearn_steps
   steps on --relearn_texts texts (one batch) of the forget topics (texts the run did not use)
   or of the retain corpus (unrelated), then evaluation.
+- relearn_rtt: the same fine-tuning on facts of the forget tasks' *validation* items (a question with its
+  right answer: "<title> is <description>", "question ... Answer: B"; at most RTT_TEXTS), scored on the
+  test items, which share no fact with them (Deeb & Roger's RTT: recovery, not re-teaching).
+- kshot: no weights changed; --kshot answered validation questions of the same forget task precede each
+  forget question (lm-eval's fewshot layout); retain tasks are asked as before.
 
 The controls: the relearning attacks applied to the original model (unrelated texts must leave it
 within noise; forget-topic texts show how much the texts teach a model that already knows the
@@ -42,7 +47,8 @@ from armu_jax.optimizer import torch_adamw
 from armu_jax.params import merge, trainable_names
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
 
-RELEARN = {"relearn_forget": "forget", "relearn_retain": "retain"}
+RELEARN = {"relearn_forget": "forget", "relearn_retain": "retain", "relearn_rtt": "rtt"}
+RTT_TEXTS = 64  # relearn_rtt: at most this many validation facts (one batch), drawn with --attack_seed
 
 
 # ----------------------------------------------------------------------------- the run being attacked
@@ -214,10 +220,26 @@ def _flat(results: dict) -> dict:
             for task, r in results.items()}
 
 
+def validation_items(cfg: RunConfig) -> list:
+    """The forget tasks of --eval_tasks on the validation split (relearn_rtt's facts, kshot's examples)."""
+    from armu_jax.tasks import load_tasks
+    tasks = [t for t in load_tasks(cfg.eval_tasks, 0, "validation") if t.role == "forget"]
+    if not tasks:
+        raise UserError(f"relearn_rtt and kshot need a forget task in --eval_tasks ({','.join(cfg.eval_tasks)} has "
+                        "none): demo_bio, demo_cyber, wmdp_bio:FILE")
+    return tasks
+
+
 def attack_texts(cfg: RunConfig, target: AttackedRun) -> dict:
-    """The texts the attacks use ({"forget": [...], "retain": [...]}), drawn before anything runs."""
+    """The texts the attacks use ({"forget": [...], "retain": [...], "rtt": [...]}), drawn before anything runs."""
     corpora = {RELEARN[a] for a in cfg.attacks if a in RELEARN} | ({"forget"} if "ablate_pca" in cfg.attacks else set())
-    return {corpus: target.unused_texts(corpus, cfg.attack_seed, cfg.relearn_texts) for corpus in sorted(corpora)}
+    texts = {corpus: target.unused_texts(corpus, cfg.attack_seed, cfg.relearn_texts)
+             for corpus in sorted(corpora - {"rtt"})}
+    if "rtt" in corpora:
+        facts = [t.fact(d) for t in validation_items(cfg) for d in t.docs]
+        rng = np.random.default_rng(cfg.attack_seed)
+        texts["rtt"] = [facts[i] for i in sorted(rng.choice(len(facts), min(RTT_TEXTS, len(facts)), replace=False))]
+    return texts
 
 
 def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, nll_tokens: int = 128,
@@ -240,10 +262,10 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
     unlearned = cache.params(target.unlearned, cfg.dtype, mesh)
     scorer = cache.scorer(EvalSpec(str(target.original), cfg.dtype, cfg.eval_batch_size, mesh))
 
-    def evaluate(name: str, variables: dict) -> dict:
+    def evaluate(name: str, variables: dict, asked: list | None = None) -> dict:
         print(f"evaluating: {name}")
         samples: list[dict] = []
-        flat = _flat(evaluate_tasks(scorer, variables, tasks, nll_tokens=nll_tokens, samples=samples))
+        flat = _flat(evaluate_tasks(scorer, variables, asked or tasks, nll_tokens=nll_tokens, samples=samples))
         if records is not None:
             records[name] = samples
         return flat
@@ -257,6 +279,15 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
         if attack == "ablate_u":
             results[attack] = evaluate(attack, ablation_variables(unlearned, target.vectors, layer,
                                                                   model_cfg.num_hidden_layers))
+        elif attack == "kshot":
+            examples = {t.name: t.docs for t in validation_items(cfg)}
+            rng = np.random.default_rng(cfg.attack_seed)
+            shot = lambda t: t.with_shots([examples[t.name][i] for i in sorted(
+                rng.choice(len(examples[t.name]), min(cfg.kshot, len(examples[t.name])), replace=False))])
+            asked = [shot(t) if t.name in examples else t for t in tasks]
+            results[attack] = evaluate(attack, unlearned, asked)
+            if cfg.attack_controls:
+                results[f"control: {attack} on original"] = evaluate(f"control: {attack} on original", original, asked)
         elif attack == "ablate_pca":
             acts = [layer_activations(model, p, tokenizer, texts["forget"], layer, cfg.relearn_max_len)
                     for p in (unlearned, original)]

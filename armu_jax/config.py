@@ -201,7 +201,11 @@ class RunConfig:
     run_dir: str = setting("attack", "str", None, "--mode=attack: the unlearning run directory (flags.txt, control_vectors.npy, "
                            "hf/).")
     attacks: tuple = setting("attack", "list", ["ablate_u", "ablate_pca", "relearn_forget", "relearn_retain"],
-                             "--mode=attack: ablate_u, ablate_pca, relearn_forget, relearn_retain.")
+                             "--mode=attack: ablate_u, ablate_pca, relearn_forget, relearn_retain, relearn_rtt "
+                             "(relearn on the forget tasks' validation facts, score their test items), kshot "
+                             "(--kshot answered validation questions before each forget question).")
+    kshot: int = setting("attack", "int", 5, "kshot: answered forget-topic examples (validation items) before each "
+                         "question.", bound=">=1")
     ablate_k: int = setting("attack", "int", 4, "ablate_pca: principal directions of (unlearned - original) layer-l "
                             "activations on forget texts projected out.", bound=">=1")
     relearn_texts: int = setting("attack", "int", 10, "Relearning and PCA: texts (K) the run did not train on, drawn "
@@ -455,7 +459,7 @@ def check_output(cfg: RunConfig) -> None:
                         "local directory; profile a run with a local --output_dir")
 
 
-ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain")
+ATTACKS = ("ablate_u", "ablate_pca", "relearn_forget", "relearn_retain", "relearn_rtt", "kshot")
 
 
 def check_attack(cfg: RunConfig) -> None:

@@ -95,6 +95,7 @@ class Task:
     style: str
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     nll_texts: list[str] = field(default_factory=list)
+    shots: tuple = ()  # k-shot: docs whose answered prompts precede every context (lm-eval's fewshot layout)
     role: str = "forget"  # "forget" (the knowledge to remove), "retain" (to keep: demo_retain, MMLU) or
     # "neighbour" (a retain topic next to a forget topic, reported on its own: demo_physical)
 
@@ -104,9 +105,19 @@ class Task:
         return sum(1.0 / len(self.choices(d)) for d in self.docs) / max(len(self.docs), 1)
 
     def context(self, doc: dict) -> str:
-        """description + doc_to_text, rendered as lm-eval renders them (zero-shot)."""
+        """description + doc_to_text, rendered as lm-eval renders them; with shots, each shot's doc_to_text,
+        " " and its answer, then a blank line, before the doc's (lm-eval's fewshot layout)."""
         prompt = PROMPTS[self.style]
-        return _template(prompt["description"]).render(**doc) + _template(prompt["doc_to_text"]).render(**doc)
+        shots = "".join(self.fact(shot) + "\n\n" for shot in self.shots)
+        return (_template(prompt["description"]).render(**doc) + shots
+                + _template(prompt["doc_to_text"]).render(**doc))
+
+    def fact(self, doc: dict) -> str:
+        """The doc's prompt with its right answer: "<title> is <description>", "Q ... Answer: B"."""
+        return _template(PROMPTS[self.style]["doc_to_text"]).render(**doc) + " " + self.choices(doc)[doc["answer"]]
+
+    def with_shots(self, shots: list[dict]) -> "Task":
+        return dataclasses.replace(self, shots=tuple(shots))
 
     def choices(self, doc: dict) -> list[str]:
         choice = PROMPTS[self.style]["doc_to_choice"]

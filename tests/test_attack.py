@@ -222,3 +222,44 @@ def test_principal_directions_recover_planted_directions():
                                 full_matrices=False)
     for mine, theirs in zip(found, vt[:2].numpy()):
         assert abs(float(mine @ theirs)) > 1 - 1e-6
+
+
+@pytest.mark.slow
+def test_rtt_and_kshot_attacks(unlearned_run, tmp_path):
+    """relearn_rtt relearns on facts of the forget task's validation items and is scored on its test items (no
+    title shared); kshot asks each test question after --kshot answered validation questions, on the unlearned
+    model and (the control) on the original; both report recovered fractions as the other attacks."""
+    from armu_jax.attack import attack_texts, validation_items
+    from armu_jax.evaluate import scorer_for
+    from armu_jax.tasks import load_tasks
+    out, _, _ = unlearned_run
+    report_dir = tmp_path / "attack"
+    cfg = config_with(mode="attack", run_dir=str(out), output_dir=str(report_dir), eval_tasks=["demo_bio", "demo_retain"],
+                      eval_limit=6, relearn_steps=2, relearn_lr=1e-3, relearn_max_len=32,
+                      attacks=["relearn_rtt", "kshot"], kshot=3)
+    facts = attack_texts(cfg, AttackedRun(str(out)))["rtt"]
+    validation = {d["title"] for d in validation_items(cfg)[0].docs}
+    test = {d["title"] for d in load_tasks(["demo_bio"])[0].docs}
+    assert len(facts) == 64 and not validation & test
+    assert all(f.split(" is ")[0] in validation for f in facts)  # "<title> is <its own description>"
+    one = validation_items(cfg)[0]
+    assert one.fact(one.docs[0]) == f"{one.docs[0]['title']} is {one.docs[0]['choices'][one.docs[0]['answer']]}"
+    shot = load_tasks(["demo_bio"], 1)[0].with_shots(one.docs[:2])
+    context = shot.context(shot.docs[0])
+    assert context == f"{one.fact(one.docs[0])}\n\n{one.fact(one.docs[1])}\n\n{shot.docs[0]['title']} is"
+    scorer = scorer_for(out / "hf")  # what a 2-shot question asks: the shots' tokens before the title
+    assert len(scorer._encode_pair(context, " x")[0]) > len(scorer._encode_pair(f"{shot.docs[0]['title']} is", " x")[0]) + 8
+
+    attack_cli(cfg)
+    report = json.loads((report_dir / "attack.json").read_text())
+    results = report["results"]
+    assert set(results) == {"original", "unlearned", "relearn_rtt", "kshot", "control: relearn_rtt on original",
+                            "control: kshot on original"}
+    assert results["kshot"]["demo_retain"] == results["unlearned"]["demo_retain"]  # retain asked as before
+    samples = read_samples(report_dir / "samples.jsonl")
+    lls = lambda model, task: [r["loglikelihoods"] for r in samples if r["model"] == model and r["task"] == task
+                               and r.get("type") != "nll"]
+    assert len(lls("kshot", "demo_bio")) == 6 and lls("kshot", "demo_bio") != lls("unlearned", "demo_bio")
+    assert lls("kshot", "demo_retain") == lls("unlearned", "demo_retain")
+    assert set(report["recovery"]) == {"relearn_rtt", "kshot"}
+    assert report["relearn_texts"]["rtt"] == facts
