@@ -79,30 +79,37 @@ class AttackedRun:
                                             self.model_cfg.hidden_size, what=f"--run_dir {self.dir}:")
 
     def texts_used(self, topic: int) -> int:
-        """How many texts of each topic's corpora the run trained on (the reference's schedule)."""
-        steps = self.cfg.max_num_batches
-        return -(-max(steps - topic, 0) // self.cfg.n_topics) * self.cfg.batch_size
+        return texts_used(self.cfg, topic)
 
     def unused_texts(self, corpus: str, seed: int, count: int) -> list[str]:
-        """`count` texts (seeded draw) that the run did not train on: per forget topic, the texts after
-        those its steps consumed (the reference reads corpora in order; a --data_seed run in its order); for
-        retain, the same past the retain chunks used."""
-        specs = self.cfg.forget_corpora if corpus == "forget" else self.cfg.retain_corpora[:1]
-        pools = [shuffled(read_corpus(spec, self.cfg.min_len), self.cfg.data_seed, corpus, k)[self.texts_used(k):]
-                 for k, spec in enumerate(specs)]
-        available = sum(len(p) for p in pools)
-        if count > available:
-            raise UserError(f"--relearn_texts={count} is larger than the {available} {corpus} texts the run did "
-                            f"not train on ({', '.join(specs)}); lower --relearn_texts")
-        rng = np.random.default_rng(seed)
-        per_pool = [count // len(pools) + (k < count % len(pools)) for k in range(len(pools))]
-        chosen = []
-        for pool, n in zip(pools, per_pool):
-            if n > len(pool):
-                raise UserError(f"--relearn_texts={count}: a {corpus} corpus has only {len(pool)} unused texts; "
-                                "lower --relearn_texts")
-            chosen += [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
-        return chosen
+        return unused_texts(self.cfg, corpus, seed, count)
+
+
+def texts_used(cfg: RunConfig, topic: int) -> int:
+    """How many texts of each topic's corpora a run trained on (the reference's schedule)."""
+    return -(-max(cfg.max_num_batches - topic, 0) // cfg.n_topics) * cfg.batch_size
+
+
+def unused_texts(cfg: RunConfig, corpus: str, seed: int, count: int) -> list[str]:
+    """`count` texts (seeded draw) that the run of `cfg` did not train on: per forget topic, the texts after
+    those its steps consumed (the reference reads corpora in order; a --data_seed run in its order); for
+    retain, the same past the retain chunks used."""
+    specs = cfg.forget_corpora if corpus == "forget" else cfg.retain_corpora[:1]
+    pools = [shuffled(read_corpus(spec, cfg.min_len), cfg.data_seed, corpus, k)[texts_used(cfg, k):]
+             for k, spec in enumerate(specs)]
+    available = sum(len(p) for p in pools)
+    if count > available:
+        raise UserError(f"--relearn_texts={count} is larger than the {available} {corpus} texts the run did "
+                        f"not train on ({', '.join(specs)}); lower --relearn_texts")
+    rng = np.random.default_rng(seed)
+    per_pool = [count // len(pools) + (k < count % len(pools)) for k in range(len(pools))]
+    chosen = []
+    for pool, n in zip(pools, per_pool):
+        if n > len(pool):
+            raise UserError(f"--relearn_texts={count}: a {corpus} corpus has only {len(pool)} unused texts; "
+                            "lower --relearn_texts")
+        chosen += [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
+    return chosen
 
 
 # ----------------------------------------------------------------------------- direction ablation

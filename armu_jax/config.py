@@ -189,6 +189,10 @@ class RunConfig:
                                     "from half of the run on and stop trials in the worst quarter (0: no pruning).", bound=">=0")
     tune_startup_trials: int = setting("tune", "int", 5, "--mode=tune: random trials before TPE (and before pruning).",
                                        bound=">=0")
+    tune_attack: str = setting("tune", "enum", "none", "--mode=tune: score each trial's model also after this "
+                               "attack (--relearn_* settings, texts the run did not use) and count the worse of "
+                               "the two in the objective, so the chosen setting is one that holds.",
+                               ["none", "relearn_retain", "relearn_forget"])
     tune_seed: int = setting("tune", "int", 0, "--mode=tune: the study's seed: trial k's random draws are seeded "
                              "from it and k, so workers started together never draw alike and the study is "
                              "reproducible from it.", bound=">=0")

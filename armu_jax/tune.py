@@ -238,6 +238,7 @@ def identity(cfg: RunConfig, dims: list[Dimension]) -> dict:
                           "max_trial_seconds": cfg.tune_max_trial_seconds, "eval_tasks": list(cfg.eval_tasks),
                           "eval_limit": cfg.eval_limit, "eval_nll_tokens": cfg.eval_nll_tokens,
                           "prune_every": cfg.tune_prune_every, "trials_split": "validation",
+                          **({"attack": cfg.tune_attack} if cfg.tune_attack != "none" else {}),
                           **({"seeds": cfg.seeds} if cfg.seeds > 1 else {})},
             "fixed": fixed}
 
@@ -341,9 +342,27 @@ def summary(results: dict, original: dict) -> dict:
 
 
 def objective(s: dict) -> float:
-    """Minimised: distance of forget accuracy from chance (points) less the forget NLL rise (capped)."""
+    """Minimised: distance of forget accuracy from chance (points) less the forget NLL rise (capped); with
+    --tune_attack the worse of the unlearned model's and the attacked model's (s["attacked"])."""
     rise = s["forget_nll_rise"] or 0.0
-    return s["forget_gap"] - min(rise, NLL_CAP)
+    value = s["forget_gap"] - min(rise, NLL_CAP)
+    return max(value, objective(s["attacked"])) if s.get("attacked") else value
+
+
+def attacked_results(cfg: RunConfig, run_cfg: RunConfig, runner, trained: dict) -> dict:
+    """--tune_attack on a trial's model: --relearn_steps AdamW steps on --relearn_texts texts of the corpus
+    (forget or retain) that the run did not train on, then the validation tasks (what --mode=attack does to an
+    export, here to the trained leaves in memory)."""
+    from armu_jax.attack import RELEARN, relearn, relearn_names, text_batch, unused_texts
+    from armu_jax.evaluate import evaluate_tasks
+    from armu_jax.params import merge
+    texts = unused_texts(run_cfg, RELEARN[cfg.tune_attack], cfg.attack_seed, cfg.relearn_texts)
+    batch = text_batch(runner.scorer.tokenizer, texts, cfg.relearn_max_len)
+    params = merge(runner.full, trained)
+    names = relearn_names(params, cfg.relearn_params, cfg.relearn_layers or run_cfg.update_layer_ids)
+    tuned, _ = relearn(runner.scorer.model, params, names, batch, cfg.relearn_steps, cfg.relearn_lr,
+                       cfg.relearn_weight_decay, runner.run_context.mesh, runner.cache)
+    return evaluate_tasks(runner.scorer, tuned, runner.tasks, nll_tokens=runner.nll_tokens)
 
 
 def constraints(cfg: RunConfig, s: dict, run_seconds: float) -> list[float]:
@@ -434,9 +453,16 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
         for k, seeded in enumerate(runs):  # pruned on the first seed: the others run only for a trial that survives it
             if len(runs) > 1:
                 bar.write(f"trial {trial.number}: seed {seeded.seed} ({k + 1} of {len(runs)})")
-            measured.append(runner.run(seeded, prune if k == 0 else None)[0])
+            m, trained = runner.run(seeded, prune if k == 0 else None)
+            if cfg.tune_attack != "none":
+                m["attacked"] = attacked_results(cfg, seeded, runner, trained)
+            measured.append(m)
+            del trained
         results = mean_results([m["results"] for m in measured], [m["samples"] for m in measured])
         s = summary(results, original)
+        if cfg.tune_attack != "none":  # the attacked model's forget scores, beside the unlearned one's
+            attacked = mean_results([m["attacked"] for m in measured], [[] for _ in measured])
+            s["attacked"] = {k: v for k, v in summary(attacked, original).items() if k.startswith("forget")}
         run_seconds = float(np.mean([_run_seconds(storage.path(seeded.output_dir)) for seeded in runs]))  # one run's time
         cons = constraints(cfg, s, run_seconds)
         total = lambda key: round(sum(m[key] for m in measured), 1)
@@ -451,7 +477,8 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
         heartbeat.close()
         study.tell(trial, objective(s))
         ok = all(c <= FEASIBLE_BELOW for c in cons)
-        bar.write(f"trial {trial.number}: {_describe(trial.params)}: forget acc {100 * s['forget_acc']:.1f}, NLL "
+        after = f" (after {cfg.tune_attack}: {100 * s['attacked']['forget_acc']:.1f})" if s.get("attacked") else ""
+        bar.write(f"trial {trial.number}: {_describe(trial.params)}: forget acc {100 * s['forget_acc']:.1f}{after}, NLL "
                   f"{s['forget_nll_rise']:+.2f}; retain acc lost {s['retain_acc_lost'] or 0:.1f} pt"
                   f"{'' if ok else ' (breaks the budget)'}{f' (mean of {len(runs)} seeds)' if len(runs) > 1 else ''} "
                   f"({total('seconds'):.0f} s)")

@@ -274,3 +274,26 @@ def test_a_list_setting_is_searched_by_choices():
     assert cfg.update_params == ("mlp.down_proj", "post_feedforward_layernorm")
     with pytest.raises(UserError, match="give the choices as update_params:a"):
         parse_space("update_params:1:2", 2, 18)
+
+
+@pytest.mark.slow
+def test_tuning_under_attack_counts_the_worse_model(tmp_path, tiny_llama):
+    """--tune_attack=relearn_retain: every trial's model is also relearned on retain texts the run did not use
+    and scored again; the attacked forget scores are kept with the trial and its value is the worse (larger)
+    objective of the unlearned and the attacked model."""
+    from armu_jax.tune import NLL_CAP
+    flags, out = _flagfile(tmp_path, tiny_llama), tmp_path / "tune"
+    worker = _worker(flags, out, tmp_path / "w.log", "--tune_trials=2", "--tune_prune_every=0",
+                     "--tune_attack=relearn_retain", "--relearn_texts=4", "--relearn_steps=2", "--relearn_lr=1e-2",
+                     "--relearn_max_len=32")
+    assert worker.wait(timeout=400) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    assert "after relearn_retain:" in (tmp_path / "w.log").read_text()
+    study = _study(f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["identity"]["objective"]["attack"] == "relearn_retain"
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2
+    value = lambda s: s["forget_gap"] - min(s["forget_nll_rise"] or 0.0, NLL_CAP)
+    for t in done:
+        a, att = t.user_attrs, t.user_attrs["attacked"]
+        assert att["forget_acc"] is not None and att["forget_nll"] != a["forget_nll"]  # relearning moved it
+        assert t.value == pytest.approx(max(value(a), value(att)))
