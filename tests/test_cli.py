@@ -12,7 +12,7 @@ from armu_jax.config import from_flagfile
 def test_shipped_flagfiles_parse(flagfile):
     cfg = from_flagfile(flagfile)
     # the demo's layers were searched by --mode=tune (docs/experiments.md): SmolLM2's by hand and by the tool, Gemma's
-    layer = {"demo.flags": 5, "demo_tuned.flags": 9, "demo_gemma3-270m.flags": 6}.get(flagfile.name, 7)
+    layer = {"demo.flags": 5, "demo_tuned.flags": 9, "demo_gemma3-270m.flags": 7}.get(flagfile.name, 7)
     assert cfg.n_topics == 2 and len(cfg.alpha) == 2 and cfg.update_layer_ids == (layer - 2, layer - 1, layer)
     assert cfg.layer_id == layer and cfg.batch_size == 4
     assert from_flagfile(flagfile, layer_id=9).layer_id == 9  # overrides win over the file
