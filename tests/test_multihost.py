@@ -84,7 +84,8 @@ def one_process(tmp_path_factory):
         run(config_with(**{**SETTINGS, "model": model}, mesh="fsdp:4", output_dir=str(out)))
         results.append((read_metrics(out), _weights(out)))
     (metrics, weights), (nudged_metrics, nudged_weights) = results
-    tolerance = [{k: drift_bound(a[k], b[k], 1e-5, what=f"step {a['step']} {k}") for k in logged(a, b, COMPARED)}
+    tolerance = [{k: drift_bound(a[k], b[k], 1e-5, what=f"step {a['step']} {k}", key=k)
+                  for k in logged(a, b, COMPARED)}
                  for a, b in zip(metrics, nudged_metrics)]
     weight_tolerance = {k: drift_bound(weights[k], nudged_weights[k], 1e-6, what=k) for k in TRAINED}
     return metrics, weights, tolerance, weight_tolerance

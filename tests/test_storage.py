@@ -152,7 +152,8 @@ def test_two_processes_on_a_bucket_give_the_run_of_one_and_read_only_their_shard
     ref, drift = _metrics(local), _metrics(nudged)
     for a, b, c in zip(_metrics(out), ref, drift):
         for key in logged(a, b, COMPARED):
-            assert abs(a[key] - b[key]) <= drift_bound(b[key], c[key], 1e-6, what=f"step {a['step']} {key}"), (a["step"], key)
+            assert abs(a[key] - b[key]) <= drift_bound(b[key], c[key], 1e-6, what=f"step {a['step']} {key}",
+                                                   key=key), (a["step"], key)
     two, one = StoredTensors(storage.path(out) / "hf" / "model.safetensors"), StoredTensors(local / "hf" / "model.safetensors")
     other = StoredTensors(nudged / "hf" / "model.safetensors")
     for key in one.keys():
