@@ -197,12 +197,12 @@ def original_scores(model_dir: Path, tasks: list, evaluate) -> tuple[dict, list,
     return results, records, f"evaluated now, kept in {path}"
 
 
-def prompts(tasks: list, words: int = 8) -> list[tuple[str, str]]:
-    """(topic, prompt) of the held-out test articles: the first words of biology's, technology's and the
-    retain topics' first extract (the report's side-by-side continuations)."""
+def prompts(tasks: list) -> list[tuple[str, str]]:
+    """(topic, prompt) of the held-out test articles: fluency.prompts_of's first prompt of biology, technology
+    and the retain topics (the report's side-by-side continuations)."""
+    from armu_jax.fluency import prompts_of
     by_name = {t.name: t for t in tasks}
-    return [(topic, " ".join(by_name[f"demo_{topic}"].nll_texts[0].split()[:words]))
-            for topic in ("bio", "cyber", "retain")]
+    return [(topic, prompts_of(by_name[f"demo_{topic}"], 1)[0]) for topic in ("bio", "cyber", "retain")]
 
 
 def continuations_table(texts: dict, chosen: list[tuple[str, str]]) -> str:
