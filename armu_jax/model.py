@@ -425,12 +425,22 @@ class CausalLM(nn.Module):
         the prefix or in its own branch; positions restart for every branch after the prefix, so each
         branch is computed exactly as if it followed the prefix alone.
         """
+        return self._head(self.hidden_packed(input_ids, positions, segment, branch, at))
+
+    def hidden_packed(self, input_ids, positions, segment, branch, at):
+        """The last layer's normed hidden states [B, C, D] at positions at of packed rows (logits_packed
+        without the head: the evaluator runs the head over them in chunks, see head)."""
         index = jnp.arange(input_ids.shape[1])
         allowed = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
                    & (index[None, None, :] <= index[None, :, None])
                    & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
         h = self.model(input_ids, None, positions, allowed=allowed)
-        return self._head(jnp.take_along_axis(h, at[..., None], axis=1))
+        return jnp.take_along_axis(h, at[..., None], axis=1)
+
+    def head(self, h):
+        """Logits [..., V] in float32 of the last layer's normed hidden states h (the LM head, tied or not,
+        and the family's final soft-capping)."""
+        return self._head(h)
 
     def decode(self, input_ids, positions, key_positions, key_valid, caches, at):
         """Logits [B, V] of the last of input_ids' tokens, with every layer's key/value cache (DecoderStack.decode)
