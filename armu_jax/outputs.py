@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -131,6 +132,9 @@ def figure(*args, **kwargs):
     if matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # A machine without the TeX-like math fonts gets a screenful of "findfont: ... not found" warnings
+    # once per process (matplotlib falls back to DejaVu Sans, which is what the figures use anyway).
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     return plt.subplots(*args, **kwargs)
 
 
