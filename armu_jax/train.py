@@ -341,85 +341,122 @@ def _restore(checkpointer: Checkpointer, out: Path, state_like, shardings, is_ma
     return state
 
 
+def resume_lanes(cfg, lanes: list[Lane], compiled: CompiledStep, frozen, is_main: bool):
+    """(state, start step): the lanes' last checkpoint restored (side by side, each run's own, all at one
+    step), or a fresh state at step 0."""
+    state = compiled.init(frozen)
+    if not (cfg.resume and lanes[0].checkpointer.latest_step() is not None):
+        return state, 0
+    try:
+        if compiled.cells > 1:  # each run's checkpoint is one run's state, as a run alone writes it
+            runs = [_restore(lane.checkpointer, lane.out, compiled.run_abstract_state, compiled.run_state_shardings,
+                             is_main) for lane in lanes]
+            if len({lane.checkpointer.saved for lane in lanes}) > 1:
+                raise UserError("--resume: runs side by side restored different steps ("
+                                + ", ".join(f"{lane.out}: {lane.checkpointer.saved}" for lane in lanes)
+                                + "); resume them one at a time")
+            state = jax.device_put(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *runs), compiled.state_shardings)
+        else:
+            state = _restore(lanes[0].checkpointer, lanes[0].out, state, compiled.state_shardings, is_main)
+    except BaseException:
+        for lane in lanes:  # orbax's threads, closed before the error reaches the exit (no tracebacks there)
+            lane.checkpointer.manager.close()
+        raise
+    start = int(np.max(jax.device_get(state["step"])))
+    hosts.LAST_CHECKPOINT.update(step=start, directory=str(lanes[0].checkpointer.directory))
+    return state, start
+
+
+class StepMetrics:
+    """The loop's metrics, read one step late: the host waits for step n's numbers while step n + 1 is queued
+    (MaxText's order). settle() reads the pending step, stops on a non-finite one (naming its step; no
+    checkpoint is written past it: every save settles first) and writes a row per live lane."""
+
+    def __init__(self, cfg, lanes: list[Lane], several: bool, since, bar, is_main: bool):
+        self.cfg, self.lanes, self.several, self.since, self.bar, self.is_main = cfg, lanes, several, since, bar, is_main
+        self.began = time.time()
+        self.pending: list = []  # the last dispatched step's (step, metrics)
+
+    def live(self) -> list[int]:
+        return [k for k, lane in enumerate(self.lanes) if lane.failure is None]
+
+    def dispatched(self, step: int, metrics) -> None:
+        self.pending.append((step, metrics))
+
+    def _record(self, step: int, values: dict, k: int) -> dict:
+        compiles = compile_delta(self.since)
+        return {"step": step, **{key: (v[k] if self.several else v).item() for key, v in values.items()},
+                "seconds": round(time.time() - self.began, 3), "programs": compiles["programs"],
+                "compile_seconds": round(compiles["trace_seconds"] + compiles["lower_seconds"]
+                                         + compiles["compile_seconds"], 2)}
+
+    def settle(self, extra=None) -> None:
+        """The pending step's rows, with extra()'s entries (an in-run evaluation's) when given."""
+        if not self.pending:
+            return
+        step, metrics = self.pending.pop()
+        values = jax.device_get(metrics)
+        for k in self.live():
+            lane = self.lanes[k]
+            record = self._record(step, values, k)
+            try:
+                check_finite(record, step, lane.checkpointer.saved, lane.out)
+            except RunFailure as err:
+                if not self.several:
+                    raise
+                lane.failure = err  # this run stops here; its log ends at the step before
+                self.bar.write(f"{lane.out}: {err}")
+                continue
+            if extra:
+                record.update(extra())
+                self.bar.write(f"step {step + 1}: "
+                               + " ".join(f"{key}={v:.3f}" for key, v in record.items() if key.startswith("eval/")))
+            lane.log.write(record)
+            if self.is_main and step % self.cfg.log_every == 0 and k == self.live()[0]:
+                self.bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
+                                     retain=f"{record['retain_loss']:.4g}")
+
+
+def save_lanes(metrics: StepMetrics, done: int, run_state) -> None:
+    """A checkpoint of every live lane at step done: the pending step settled first (a non-finite step stops
+    the run before a checkpoint past it), then each log flushed (the log in a bucket holds every step its
+    checkpoint has)."""
+    metrics.settle()
+    for k in metrics.live():
+        metrics.lanes[k].log.flush()
+        metrics.lanes[k].checkpointer.save(done, run_state(k))
+    hosts.LAST_CHECKPOINT.update(step=done, directory=str(metrics.lanes[0].checkpointer.directory))
+
+
+def close_lanes(lanes: list[Lane]) -> None:
+    for lane in lanes:
+        if lane.log:
+            lane.log.close()
+        lane.checkpointer.close()
+
+
 def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, is_main: bool, hook=None) -> list:
     """The loop of one run, or of compiled.cells runs side by side (train_cells: the same batches, each its
     own numbers, state, metrics.jsonl and checkpoints), from their last checkpoint (or step 0) to the end.
+    Its concerns are pieces: resume_lanes, StepMetrics (read a step late, checked, logged), the in-run
+    evaluator and a tune's pruning hook, ProfileWindow, hosts.StopRequest (SIGTERM), save_lanes.
     Returns each run's trained leaves; side by side, a run stopped by a non-finite step gives its RunFailure
     instead (one run alone raises it)."""
     cfg, num_steps, data, several = preps[0].cfg, preps[0].num_steps, preps[0].data, compiled.cells > 1
     stop = hosts.StopRequest()
     lanes = [Lane(p.out, None, Checkpointer(p.out / "checkpoints", cfg.keep_checkpoints)) for p in preps]
-    state = compiled.init(frozen)
-    start = 0
-    if cfg.resume and lanes[0].checkpointer.latest_step() is not None:
-        try:
-            if several:  # each run's checkpoint is one run's state, as a run alone writes it
-                runs = [_restore(lane.checkpointer, lane.out, compiled.run_abstract_state, compiled.run_state_shardings,
-                                 is_main) for lane in lanes]
-                if len({lane.checkpointer.saved for lane in lanes}) > 1:
-                    raise UserError("--resume: runs side by side restored different steps ("
-                                    + ", ".join(f"{lane.out}: {lane.checkpointer.saved}" for lane in lanes)
-                                    + "); resume them one at a time")
-                state = jax.device_put(jax.tree.map(lambda *xs: jax.numpy.stack(xs), *runs), compiled.state_shardings)
-            else:
-                state = _restore(lanes[0].checkpointer, lanes[0].out, state, compiled.state_shardings, is_main)
-        except BaseException:
-            for lane in lanes:  # orbax's threads, closed before the error reaches the exit (no tracebacks there)
-                lane.checkpointer.manager.close()
-            raise
-        start = int(np.max(jax.device_get(state["step"])))
-        hosts.LAST_CHECKPOINT.update(step=start, directory=str(lanes[0].checkpointer.directory))
+    state, start = resume_lanes(cfg, lanes, compiled, frozen, is_main)
     for lane in lanes:
         lane.log = MetricsLog(lane.out, start, is_main)
     plan, since = preps[0].plan, preps[0].since or compile_counts()
     if preps[0].compiling:  # the planned programs: compiled before step 0
         preps[0].compiling.wait()
-    began = time.time()
     bar = tqdm(range(start, num_steps), initial=start, total=num_steps,
                desc=f"{cfg.method} l={cfg.layer_id}" + (f" x{len(lanes)} runs" if several else ""), disable=not is_main)
+    metrics_of = StepMetrics(cfg, lanes, several, since, bar, is_main)
     profile = ProfileWindow(cfg, lanes[0].out, start, is_main)
-    pending: list = []  # the last dispatched step's (step, metrics), read once the next one is dispatched
     carried = None  # (the step before's retain batch, its frozen retain activations on the devices)
     run_state = (lambda k: jax.tree.map(lambda x: x[k], state)) if several else (lambda k: state)
-    live = lambda: [k for k, lane in enumerate(lanes) if lane.failure is None]
-
-    def settle(extra=None):
-        """Read the pending step's metrics (waiting for it), stop on a non-finite one (naming its step;
-        no checkpoint is written past it: every save settles first), log it, with extra()'s entries."""
-        if not pending:
-            return
-        step, metrics = pending.pop()
-        values = jax.device_get(metrics)
-        for k in live():
-            lane = lanes[k]
-            compiles = compile_delta(since)
-            record = {"step": step, **{key: (v[k] if several else v).item() for key, v in values.items()},
-                      "seconds": round(time.time() - began, 3), "programs": compiles["programs"],
-                      "compile_seconds": round(compiles["trace_seconds"] + compiles["lower_seconds"]
-                                               + compiles["compile_seconds"], 2)}
-            try:
-                check_finite(record, step, lane.checkpointer.saved, lane.out)
-            except RunFailure as err:
-                if not several:
-                    raise
-                lane.failure = err  # this run stops here; its log ends at the step before
-                bar.write(f"{lane.out}: {err}")
-                continue
-            if extra:
-                record.update(extra())
-                bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith("eval/")))
-            lane.log.write(record)
-            if is_main and step % cfg.log_every == 0 and k == live()[0]:
-                bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['forget_loss']:.4g}",
-                                retain=f"{record['retain_loss']:.4g}")
-
-    def save(done):
-        settle()  # first: a non-finite step stops the run before a checkpoint past it
-        for k in live():
-            lanes[k].log.flush()  # then: the log in a bucket holds every step the checkpoint has
-            lanes[k].checkpointer.save(done, run_state(k))
-        hosts.LAST_CHECKPOINT.update(step=done, directory=str(lanes[0].checkpointer.directory))
-
     try:
         with jax.set_mesh(compiled.mesh):
             for step in bar:
@@ -434,30 +471,27 @@ def run_lanes(preps: list[Prepared], compiled: CompiledStep, frozen, evaluator, 
                                                          shape, carried[1] if reuse else None, logged)
                 carried = (batch.retain, carry)
                 profile.after(step, state)
-                settle()  # the step before's metrics: the host waits for it while this one is queued (MaxText's order)
-                pending.append((step, metrics))
-                if not live():  # side by side: every run has stopped
+                metrics_of.settle()  # the step before's
+                metrics_of.dispatched(step, metrics)
+                if not metrics_of.live():  # side by side: every run has stopped
                     break
                 done = step + 1
                 if evaluator and (done % cfg.eval_every == 0 or done == num_steps):
-                    settle(lambda: evaluator(state["trainable"]))
+                    metrics_of.settle(lambda: evaluator(state["trainable"]))
                 if hook:  # a tune's pruning: it sees only steps checked finite, and a pruned trial's log ends at its step
-                    settle()
+                    metrics_of.settle()
                     hook(done, state["trainable"])
                 stopping = stop.at(done)
                 if stopping or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == num_steps:
-                    save(done)
+                    save_lanes(metrics_of, done, run_state)
                 if stopping:
                     raise SystemExit(f"SIGTERM: checkpoint written at step {done} in "
                                      f"{', '.join(str(lane.out) for lane in lanes)}; continue with --resume")
-            settle()
+            metrics_of.settle()
     finally:
         profile.close(state)
         bar.close()
-        for lane in lanes:
-            if lane.log:
-                lane.log.close()
-            lane.checkpointer.close()
+        close_lanes(lanes)
     return [lane.failure or run_state(k)["trainable"] for k, lane in enumerate(lanes)]
 
 
