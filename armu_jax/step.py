@@ -180,71 +180,93 @@ def make_step(spec: StepSpec, optimizer, share_lowest: bool = False):
 
     A side with "pack" (spec.pack_multiple, armu_jax.packing's layout) runs layers 0..l on its real tokens and
     one pad token ([S, N, D], the carry too); the loss and the metrics read them unpacked to [rows, T, D]."""
-    model = spec.model
-    lo, hi = spec.lowest_update_layer, spec.layer_id
+    parts = StepParts(spec, share_lowest)
+    train = trainer_step(parts.loss_fn, lambda batch: optimizer(batch["settings"]["lr"]), parts.finish)
+    if spec.cells > 1:  # each run its state and numbers; the batch and the frozen activations shared
+        shared = lambda batch: {k: (0 if k == "settings" else None) for k in batch}
+        train_runs = lambda state, params, batch: jax.vmap(train, in_axes=(0, None, shared(batch)))(state, params, batch)
+    else:
+        train_runs = train
 
-    def prefix(params, b):
-        h = model.apply(params, b["input_ids"], b["attention_mask"], b["positions"], layer=lo - 1,
-                        packing=b.get("pack"), method=CausalLM.hidden_upto)
+    def unlearning_step(state, params, batch):
+        acts = parts.frozen_side(params, batch)
+        return train_runs(state, params, {**{k: v for k, v in batch.items() if k != CARRY}, ACTS: acts})
+    return parts.retain_side, unlearning_step
+
+
+class StepParts:
+    """The pieces make_step assembles: the two models' sides (layers 0..lo-1 frozen, lo..l frozen or
+    updated), the RMU loss with its coefficient, and the metrics. Pure functions of their arguments (the
+    spec is static): each traces into the step's programs."""
+
+    def __init__(self, spec: StepSpec, share_lowest: bool):
+        self.spec, self.model, self.share_lowest = spec, spec.model, share_lowest
+        self.lo, self.hi = spec.lowest_update_layer, spec.layer_id
+
+    def prefix(self, params, b):
+        h = self.model.apply(params, b["input_ids"], b["attention_mask"], b["positions"], layer=self.lo - 1,
+                             packing=b.get("pack"), method=CausalLM.hidden_upto)
         return jax.lax.stop_gradient(h)
 
-    def upper(params, h, b, mid=None, keep_mid=False):
-        return model.apply(params, h, b["attention_mask"], b["positions"], start=lo, end=hi, mid=mid,
-                           keep_mid=keep_mid, packing=b.get("pack"), method=CausalLM.run_layers)
+    def upper(self, params, h, b, mid=None, keep_mid=False):
+        return self.model.apply(params, h, b["attention_mask"], b["positions"], start=self.lo, end=self.hi, mid=mid,
+                                keep_mid=keep_mid, packing=b.get("pack"), method=CausalLM.run_layers)
 
+    @staticmethod
     def padded(h, b):
         """An activation as the loss and the metrics read it: [rows, T, D] (unpacked when the side is packed)."""
         if h is None or "pack" not in b:
             return h
         return packing.unpack(h, b["pack"], b["attention_mask"].shape[0])
 
-    def frozen_upper(params, h, b):
+    def frozen_upper(self, params, h, b):
         """Layers lo..l of the frozen model: (output, layer lo's mid when share_lowest, else None)."""
-        if share_lowest:
-            out, mid = upper(params, h, b, keep_mid=True)
+        if self.share_lowest:
+            out, mid = self.upper(params, h, b, keep_mid=True)
             return jax.lax.stop_gradient(out), jax.lax.stop_gradient(mid)
-        return jax.lax.stop_gradient(upper(params, h, b)), None
+        return jax.lax.stop_gradient(self.upper(params, h, b)), None
 
-    def norm_weight(w, mask):
+    def norm_weight(self, w, mask):
         """The weight of the adaptive norm: with norm_skip_first, without each row's first real token."""
-        return without_first_token(w, mask) if spec.norm_skip_first else w
+        return without_first_token(w, mask) if self.spec.norm_skip_first else w
 
-    def retain_side(frozen_params, r):
-        acts = {"prefix": prefix(frozen_params, r)}
-        acts["frozen"], mid = frozen_upper(frozen_params, acts["prefix"], r)
-        return acts | ({"mid": mid} if share_lowest else {})
+    def retain_side(self, frozen_params, r):
+        acts = {"prefix": self.prefix(frozen_params, r)}
+        acts["frozen"], mid = self.frozen_upper(frozen_params, acts["prefix"], r)
+        return acts | ({"mid": mid} if self.share_lowest else {})
 
-    def frozen_side(frozen_params, batch):
+    def frozen_side(self, frozen_params, batch):
         """The frozen model's activations the loss and the metrics read (no gradient flows into them)."""
         f, carry = batch["forget"], batch[CARRY]
-        acts = {"prefix_f": prefix(frozen_params, f), "mid_f": None}
-        if spec.adaptive_coeff == "per_batch":
-            acts["frozen_f"], acts["mid_f"] = frozen_upper(frozen_params, acts["prefix_f"], f)
+        acts = {"prefix_f": self.prefix(frozen_params, f), "mid_f": None}
+        if self.spec.adaptive_coeff == "per_batch":
+            acts["frozen_f"], acts["mid_f"] = self.frozen_upper(frozen_params, acts["prefix_f"], f)
         else:  # only the diagnostic metrics read it
             acts["frozen_f"] = jax.lax.cond(batch["diagnostics"],
-                                            lambda h: frozen_upper(frozen_params, h, f)[0], jnp.zeros_like,
+                                            lambda h: self.frozen_upper(frozen_params, h, f)[0], jnp.zeros_like,
                                             acts["prefix_f"])
         acts["prefix_r"], acts["frozen_r"], acts["mid_r"] = carry["prefix"], carry["frozen"], carry.get("mid")
         return acts
 
-    def loss_fn(trainable, state, frozen_params, batch):
+    def loss_fn(self, trainable, state, frozen_params, batch):
         topic, run, acts = batch["topic"], batch["settings"], batch[ACTS]
         f, r = batch["forget"], batch["retain"]
-        frozen_f, frozen_r = padded(acts["frozen_f"], f), padded(acts["frozen_r"], r)
+        frozen_f, frozen_r = self.padded(acts["frozen_f"], f), self.padded(acts["frozen_r"], r)
         updated = merge(frozen_params, trainable)
-        h_f = padded(upper(updated, acts["prefix_f"], f, mid=acts["mid_f"]), f)
-        h_r = padded(upper(updated, acts["prefix_r"], r, mid=acts["mid_r"]), r)
-        if spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
-            adaptive = run["beta"] * mean_token_norm(frozen_f, norm_weight(f["weight"], f["attention_mask"]))
+        h_f = self.padded(self.upper(updated, acts["prefix_f"], f, mid=acts["mid_f"]), f)
+        h_r = self.padded(self.upper(updated, acts["prefix_r"], r, mid=acts["mid_r"]), r)
+        if self.spec.adaptive_coeff == "per_batch":  # paper: beta * ||h_l^frozen(x_forget)||
+            adaptive = run["beta"] * mean_token_norm(frozen_f, self.norm_weight(f["weight"], f["attention_mask"]))
         else:  # public code: from the updated model on the topic's first batch, then fixed
             fresh = run["beta"] * mean_token_norm(jax.lax.stop_gradient(h_f),
-                                                  norm_weight(f["weight"], f["attention_mask"]))
+                                                  self.norm_weight(f["weight"], f["attention_mask"]))
             adaptive = jnp.where(state["coeff_ready"][topic], state["coeffs"][topic], fresh)
         coeff = jnp.where(run["adaptive"], adaptive, run["steering"][topic])  # RMU: the fixed c
         loss, (forget, retain) = rmu_loss(h_f, h_r, frozen_r, run["control_vectors"][topic], coeff,
                                           run["alpha"][topic], f["weight"], r["weight"])
         return loss, (topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, f["weight"], r["weight"])
 
+    @staticmethod
     def finish(state, loss, aux, grads):
         topic, forget, retain, coeff, h_f, h_r, frozen_f, frozen_r, w_f, w_r = aux
         extra = {"coeffs": state["coeffs"].at[topic].set(coeff),
@@ -260,18 +282,6 @@ def make_step(spec: StepSpec, optimizer, share_lowest: bool = False):
             "retain_norm_frozen": mean_token_norm(frozen_r, w_r),
         }
         return extra, metrics
-
-    train = trainer_step(loss_fn, lambda batch: optimizer(batch["settings"]["lr"]), finish)
-    if spec.cells > 1:  # each run its state and numbers; the batch and the frozen activations shared
-        shared = lambda batch: {k: (0 if k == "settings" else None) for k in batch}
-        train_runs = lambda state, params, batch: jax.vmap(train, in_axes=(0, None, shared(batch)))(state, params, batch)
-    else:
-        train_runs = train
-
-    def unlearning_step(state, params, batch):
-        acts = frozen_side(params, batch)
-        return train_runs(state, params, {**{k: v for k, v in batch.items() if k != CARRY}, ACTS: acts})
-    return retain_side, unlearning_step
 
 
 def stacked_settings(settings: list[dict]) -> dict:
