@@ -505,7 +505,7 @@ def sweep_alpha(spec: str, n_topics: int) -> tuple[float, ...]:
 # Each group's checks beyond the bounds (which stand beside each setting); run on every RunConfig.
 CHECKS = {"training": check_training, "hosts": check_hosts, "output": check_output, "evaluation": check_evaluation,
           "attack": check_attack,
-          "sweep": check_sweep}  # the tune's grammar is checked by the tune (tune.check), where it lives
+          "sweep": check_sweep}  # the tune's grammar is checked by the tune (search.check), where it lives
 
 
 def validate(cfg: RunConfig, model_cfg=None) -> None:

@@ -233,7 +233,7 @@ def targets(results: dict, records: dict, name: str) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="armu_jax demo: RMU and Adaptive RMU on an embedded model")
     parser.add_argument("--model", default=GEMMA_MODEL, choices=sorted(MODELS), help="the embedded model (default %(default)s)")
     parser.add_argument("--limit", type=int, default=0, help="test-split questions per topic (0: all; demo_retain: "
@@ -247,10 +247,76 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.limit < 0 or args.retain_limit < 0:
         raise SystemExit("error: --limit and --retain_limit must be >= 0 (0: all)")
-    attacked = [a for a in args.attack.split(",") if a]
-    if set(attacked) - {"rmu", "adaptive_rmu"}:
+    args.attacked = [a for a in args.attack.split(",") if a]
+    if set(args.attacked) - {"rmu", "adaptive_rmu"}:
         raise SystemExit(f"error: --attack={args.attack}: name rmu and/or adaptive_rmu")
-    began = time.time()
+    return args
+
+
+class Phases:
+    """The demo's phases, printed as they start, each timed (the report's per-phase seconds)."""
+
+    def __init__(self):
+        self.began = self.mark = time.time()
+        self.done: list[tuple[str, float]] = []
+
+    def __call__(self, text: str) -> None:
+        now = time.time()
+        if self.done:
+            self.done[-1] = (self.done[-1][0], now - self.mark)
+        self.mark = now
+        self.done.append((text.split(" ", 1)[1].split(" (")[0], 0.0))
+        print(f"{text}   [{now - self.began:.0f} s]")
+
+    def end(self) -> list[tuple[str, float]]:
+        self("[done] the report")
+        return self.done[:-1]
+
+
+def first_coeff(run_dir: Path) -> float:
+    """Adaptive RMU's first-batch coefficient of a run, the mean over its topics."""
+    first = {}
+    for m in read_metrics(run_dir):
+        first.setdefault(m["topic"], m["coeff"])
+    return sum(first.values()) / len(first)
+
+
+def report_text(label, tasks, coeff, results, records, said, chosen, attacks, lm_eval_scores, how, seconds,
+                phases) -> list[str]:
+    chance = 100 * mean_chance(tasks)
+    counts = ", ".join(f"{t.name[5:]} {len(t.docs)}" for t in tasks)
+    text = ["# armu_jax demo\n", f"{label}; forget: Wikipedia biology and technology (cyber proxy); retain: other topics. "
+            f"Held-out 4-way description questions from the test split ({counts}; chance {chance:.0f}%) and held-out "
+            f"NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}. [95% CI]: Wilson "
+            "for accuracy, the bootstrap over texts for NLL.\n", report_table(results), "",
+            "## Targets (Adaptive RMU against the original, paired on the same questions)\n",
+            *targets(results, records, "adaptive_rmu"), "",
+            "## Paired: the same questions under two models (McNemar's exact test; NLL: sign-flip test over texts)\n",
+            paired_table(records), "",
+            f"## What the models now say (greedy, {CONTINUATION_TOKENS} tokens)\n", continuations_table(said, chosen), ""]
+    if attacks:
+        text += [f"## Does it come back? ({ATTACK_NOTE})\n", format_attacks(attacks), ""]
+    if lm_eval_scores:
+        text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
+        text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
+                 for m, rows in lm_eval_scores.items() for t, r in rows.items()]
+    text.append(f"\nOriginal model's scores: {how}. Total time: {seconds / 60:.1f} min ("
+                + ", ".join(f"{name} {sec:.0f} s" for name, sec in phases) + ").")
+    return text
+
+
+def lm_eval_exports(model_dir: Path, runs: dict, out: Path, limit: int) -> dict:
+    from armu_jax.lm_eval_mode import run_lm_eval, summary
+    scores = {}
+    for name, directory in (("original", model_dir), *((n, d / "hf") for n, d in runs.items())):
+        print(f"lm-eval (hf backend) on {name}")
+        scores[name] = summary(run_lm_eval(directory, ["demo"], out / "lm_eval" / name, limit=limit))
+    return scores
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    phase = Phases()
     go_offline()
     enable_compilation_cache()
     release_memory_after_compiles()
@@ -272,18 +338,6 @@ def main(argv=None) -> int:
         records[name] = []
         return evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS, samples=records[name])
 
-    phases: list[tuple[str, float]] = []
-    mark = [time.time()]
-
-    def phase(text: str) -> None:
-        """Print the next phase; the one before it is timed (the report's per-phase seconds)."""
-        now = time.time()
-        if phases:
-            phases[-1] = (phases[-1][0], now - mark[0])
-        mark[0] = now
-        phases.append((text.split(" ", 1)[1].split(" (")[0], 0.0))
-        print(f"{text}   [{now - began:.0f} s]")
-
     phase("[1/6] the original model")
     original, records["original"], how = original_scores(
         model_dir, tasks, lambda recs: evaluate_tasks(scorer, cache.params(model_dir, "float32", mesh), tasks,
@@ -293,19 +347,16 @@ def main(argv=None) -> int:
 
     phase(f"[2/6] Adaptive RMU ({flags})")
     adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
-    curves = {"adaptive_rmu": read_metrics(adaptive)}
-    first = {}
-    for m in curves["adaptive_rmu"]:
-        first.setdefault(m["topic"], m["coeff"])
-    coeff = sum(first.values()) / len(first)
+    coeff = first_coeff(adaptive)
     phase(f"[3/6] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
     rmu = train(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")),
                 cache)[0]
-    curves["rmu"] = read_metrics(rmu)
+    runs = {"rmu": rmu, "adaptive_rmu": adaptive}
+    curves = {name: read_metrics(runs[name]) for name in ("adaptive_rmu", "rmu")}
 
     phase("[4/6] evaluating the unlearned models")
     params = {"original": cache.params(model_dir, "float32", mesh)}
-    for name, run_dir in (("rmu", rmu), ("adaptive_rmu", adaptive)):
+    for name, run_dir in runs.items():
         params[name] = cache.params(run_dir / "hf", "float32", mesh)
         results[name] = evaluate(name, params[name])
 
@@ -315,41 +366,14 @@ def main(argv=None) -> int:
     said = {name: greedy(scorer.model, p, scorer.tokenizer, [c for _, c in chosen], CONTINUATION_TOKENS)
             for name, p in params.items()}
 
-    runs = {"rmu": rmu, "adaptive_rmu": adaptive}
-    phase(f"[6/6] attacks on the forgotten biology ({', '.join(attacked) or 'none'}): {ATTACK_NOTE}")
-    attacks = {name: attack_results(runs[name], cache, results, name, args.limit, records) for name in attacked}
+    phase(f"[6/6] attacks on the forgotten biology ({', '.join(args.attacked) or 'none'}): {ATTACK_NOTE}")
+    attacks = {name: attack_results(runs[name], cache, results, name, args.limit, records) for name in args.attacked}
+    lm_eval_scores = lm_eval_exports(model_dir, runs, out, args.limit) if args.lm_eval else {}
 
-    lm_eval_scores = {}
-    if args.lm_eval:
-        from armu_jax.lm_eval_mode import run_lm_eval, summary
-        for name, directory in (("original", model_dir), ("rmu", rmu / "hf"), ("adaptive_rmu", adaptive / "hf")):
-            print(f"lm-eval (hf backend) on {name}")
-            lm_eval_scores[name] = summary(run_lm_eval(directory, ["demo"], out / "lm_eval" / name,
-                                                       limit=args.limit))
-
-    phase("[done] the report")
-    phases.pop()
-    table = report_table(results)
-    seconds = time.time() - began
-    chance = 100 * mean_chance(tasks)
-    counts = ", ".join(f"{t.name[5:]} {len(t.docs)}" for t in tasks)
-    text = ["# armu_jax demo\n", f"{label}; forget: Wikipedia biology and technology (cyber proxy); retain: other topics. "
-            f"Held-out 4-way description questions from the test split ({counts}; chance {chance:.0f}%) and held-out "
-            f"NLL per token (first {NLL_TOKENS} tokens of as many extracts). RMU c = {coeff:.1f}. [95% CI]: Wilson "
-            "for accuracy, the bootstrap over texts for NLL.\n", table, "",
-            "## Targets (Adaptive RMU against the original, paired on the same questions)\n",
-            *targets(results, records, "adaptive_rmu"), "",
-            "## Paired: the same questions under two models (McNemar's exact test; NLL: sign-flip test over texts)\n",
-            paired_table(records), "",
-            f"## What the models now say (greedy, {CONTINUATION_TOKENS} tokens)\n", continuations_table(said, chosen), ""]
-    if attacks:
-        text += [f"## Does it come back? ({ATTACK_NOTE})\n", format_attacks(attacks), ""]
-    if lm_eval_scores:
-        text += ["## lm-eval (hf backend) on the exports\n", "| model | task | acc | acc_norm |", "|---|---|---|---|"]
-        text += [f"| {m} | {t} | {100 * r['acc']:.1f} | {100 * r.get('acc_norm', float('nan')):.1f} |"
-                 for m, rows in lm_eval_scores.items() for t, r in rows.items()]
-    text.append(f"\nOriginal model's scores: {how}. Total time: {seconds / 60:.1f} min ("
-                + ", ".join(f"{name} {sec:.0f} s" for name, sec in phases) + ").")
+    phases = phase.end()
+    seconds = time.time() - phase.began
+    text = report_text(label, tasks, coeff, results, records, said, chosen, attacks, lm_eval_scores, how, seconds,
+                       phases)
     outputs.write_text(out / "report.md", "\n".join(text) + "\n")
     for name, recs in records.items():
         write_samples(out / f"samples_{name}.jsonl", recs)

@@ -16,7 +16,8 @@ from armu_jax.config import config_with
 from armu_jax.errors import UserError
 from armu_jax.evaluate import read_samples
 from armu_jax.stats import mcnemar_exact
-from armu_jax.sweep import claim, parse_layers, plan, plot_sweep, point, points, roles
+from armu_jax.sweep import parse_layers, plan
+from armu_jax.sweep_report import claim, plot_sweep, point, points, roles
 from armu_jax.train import run
 
 

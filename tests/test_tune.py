@@ -16,18 +16,10 @@ from helpers import ROOT, cli_command, read_metrics, run_cli
 
 from armu_jax.config import config_with, from_flagfile
 from armu_jax.errors import UserError
+from armu_jax.search import Dimension, check, parse_budget, parse_space
+from armu_jax.study import storage_spec
 from armu_jax.train import run
-from armu_jax.tune import (
-    Dimension,
-    best_flags,
-    best_trial,
-    check,
-    markdown,
-    parse_budget,
-    parse_space,
-    rows_of,
-    storage_spec,
-)
+from armu_jax.tune_report import best_flags, best_trial, markdown, rows_of
 
 SPACE = "beta:1:10:log,lr:1e-4:1e-2:log,alpha.1:10:100"
 ENV = {"PYTHONPATH": str(ROOT)}
@@ -267,7 +259,7 @@ def test_seeds_make_a_trial_the_mean_of_its_runs(tmp_path, tiny_llama):
 
 def test_a_list_setting_is_searched_by_choices():
     """--tune_space=update_params:a|b+c: which parameters train is a searched choice; + joins several."""
-    from armu_jax.tune import trial_config
+    from armu_jax.search import trial_config
     dims = parse_space("update_params:mlp.down_proj|mlp.down_proj+post_feedforward_layernorm|default", 2, 18)
     assert dims[0].choices == ("mlp.down_proj", "mlp.down_proj+post_feedforward_layernorm", "default")
     cfg = trial_config(config_with(), dims, {"update_params": "mlp.down_proj+post_feedforward_layernorm"}, "/tmp/t")
@@ -281,7 +273,7 @@ def test_tuning_under_attack_counts_the_worse_model(tmp_path, tiny_llama):
     """--tune_attack=relearn_retain: every trial's model is also relearned on retain texts the run did not use
     and scored again; the attacked forget scores are kept with the trial and its value is the worse (larger)
     objective of the unlearned and the attacked model."""
-    from armu_jax.tune import NLL_CAP
+    from armu_jax.search import NLL_CAP
     flags, out = _flagfile(tmp_path, tiny_llama), tmp_path / "tune"
     worker = _worker(flags, out, tmp_path / "w.log", "--tune_trials=2", "--tune_prune_every=0",
                      "--tune_attack=relearn_retain", "--relearn_texts=4", "--relearn_steps=2", "--relearn_lr=1e-2",
