@@ -270,6 +270,64 @@ def _result(out: Path, cell: Cell) -> dict | None:
     return _read_json(path) if path.is_file() else None
 
 
+def open_cell_study(cfg: RunConfig, names: list[str]):
+    """The sweep's Optuna study in --tune_storage (a GridSampler over the cell names): (study, the cell's
+    distribution)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune_study.quiet_optuna()
+    study_storage = tune_study.open_storage(cfg)
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values):  # its study.stop() is for study.optimize; the loop
+            pass                                              # of run_cells_shared ends when every cell is settled
+
+    try:
+        study = optuna.create_study(storage=study_storage, study_name=cfg.tune_study or "sweep",
+                                    sampler=Grid({"cell": names}), load_if_exists=True)
+    except Exception as err:
+        raise UserError(f"--tune_storage: cannot open study {cfg.tune_study or 'sweep'!r} ({first_line(err)})") from None
+    return study, {"cell": optuna.distributions.CategoricalDistribution(names)}
+
+
+def claim_cell(study, distribution, names: dict, free: list[Cell]):
+    """A trial on a free cell, or None: a trial the grid gave a cell another worker runs (or one done) is
+    marked surplus and failed (a free cell is queued in its place)."""
+    import optuna
+    trial = study.ask(distribution)
+    name = trial.params["cell"]
+    claimed = any(t.number < trial.number and t.params.get("cell") == name and t.state.name == "RUNNING"
+                  and not t.user_attrs.get("surplus") for t in study.get_trials(deepcopy=False))
+    if claimed or names[name] not in free:
+        trial.set_user_attr("surplus", True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if not claimed:
+            study.enqueue_trial({"cell": free[0].name}, skip_if_exists=False)
+        return None
+    return trial
+
+
+def run_claimed(cfg: RunConfig, study, trial, cell: Cell, out: Path, runner: CellRunner, bar) -> None:
+    """A claimed cell run under its trial's heartbeat; its result.json written, the trial told."""
+    import optuna
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    heartbeat = tune_study.Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
+    try:
+        row = run_cell(cfg, cell, out / "cells" / cell.name, runner, bar)
+    except BaseException:
+        heartbeat.close()
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    heartbeat.close()
+    outputs.write_json(out / "cells" / cell.name / "result.json", row)
+    if row["status"] == "ok":
+        study.tell(trial, row["forget_acc"])
+        bar.write(_progress_line(row, cell.name))
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
 def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellRunner, task_names: list[str]) -> list[dict]:
     """--tune_storage given: the cells spread over every worker started with the same command, through an
     Optuna study (GridSampler over the cell names) in that storage. A cell is claimed before it runs: of the
@@ -277,23 +335,8 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
     a cell with result.json "ok" never runs again. A failed cell is tried once per run of the command; a
     worker that dies leaves its cell to the others after 2 x --tune_heartbeat_seconds. Every worker
     returns when every cell is done (or failed in this round) and writes the same tables."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tune_study.quiet_optuna()
     names = {c.name: c for c in cells}
-    study_storage = tune_study.open_storage(cfg)
-    class Grid(optuna.samplers.GridSampler):
-        def after_trial(self, study, trial, state, values):  # its study.stop() is for study.optimize; the loop
-            pass                                              # below ends when every cell is settled
-
-    sampler = Grid({"cell": list(names)})
-    try:
-        study = optuna.create_study(storage=study_storage, study_name=cfg.tune_study or "sweep", sampler=sampler,
-                                    load_if_exists=True)
-    except Exception as err:
-        raise UserError(f"--tune_storage: cannot open study {cfg.tune_study or 'sweep'!r} ({first_line(err)})") from None
-    distribution = {"cell": optuna.distributions.CategoricalDistribution(list(names))}
+    study, distribution = open_cell_study(cfg, list(names))
     began = time.time()
     bar = tqdm(total=len(cells), desc="sweep", unit="cell")
 
@@ -314,32 +357,9 @@ def run_cells_shared(cfg: RunConfig, cells: list[Cell], out: Path, runner: CellR
         if not free:
             time.sleep(min(cfg.tune_heartbeat_seconds, 5))  # the rest run on other workers
             continue
-        trial = study.ask(distribution)
-        name = trial.params["cell"]
-        claimed = any(t.number < trial.number and t.params.get("cell") == name and t.state.name == "RUNNING"
-                      and not t.user_attrs.get("surplus") for t in study.get_trials(deepcopy=False))
-        if claimed or names[name] not in free:  # another worker's, or done: hand the grid a free cell instead
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            if not claimed:
-                study.enqueue_trial({"cell": free[0].name}, skip_if_exists=False)
-            continue
-        cell = names[name]
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        heartbeat = tune_study.Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
-        try:
-            row = run_cell(cfg, cell, out / "cells" / cell.name, runner, bar)
-        except BaseException:
-            heartbeat.close()
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        heartbeat.close()
-        outputs.write_json(out / "cells" / cell.name / "result.json", row)
-        if row["status"] == "ok":
-            study.tell(trial, row["forget_acc"])
-            bar.write(_progress_line(row, cell.name))
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial = claim_cell(study, distribution, names, free)
+        if trial is not None:
+            run_claimed(cfg, study, trial, names[trial.params["cell"]], out, runner, bar)
     bar.close()
     rows = [r for r in (_result(out, c) for c in cells) if r is not None]
     outputs.write_text(out / "sweep.csv", csv_text(rows, task_names))

@@ -150,6 +150,62 @@ def _run_seconds(run_dir) -> float:
     return float(np.median(times[1:] if len(times) > 1 else times) * len(times))
 
 
+class PruneHook:
+    """A trial's pruning (train's hook): every --tune_prune_every steps, before the last, the forget tasks'
+    held-out NLL (PRUNE_TEXTS texts each) reported to the study; raises Pruned when the pruner says so."""
+
+    def __init__(self, cfg, trial_cfg, trial, runner):
+        self.cfg, self.trial_cfg, self.trial, self.runner = cfg, trial_cfg, trial, runner
+        self.texts = [text for task in runner.tasks if task.role == "forget" for text in task.nll_texts[:PRUNE_TEXTS]]
+        self.seconds = 0.0
+
+    def __call__(self, done, trainable):
+        every = self.cfg.tune_prune_every
+        if not (every and self.texts and done % every == 0 and done < self.trial_cfg.max_num_batches):
+            return
+        began = time.time()
+        value = -self.runner.nll(trainable, self.texts)
+        self.seconds += time.time() - began
+        self.trial.set_user_attr("prune_seconds", round(self.seconds, 2))
+        self.trial.set_user_attr("steps", done)
+        self.trial.report(value, done)
+        if self.trial.should_prune():
+            raise Pruned(f"forget NLL {-value:.3f} at step {done}")
+
+
+def measure_trial(cfg, trial, trial_cfg, runner, original, bar) -> tuple[dict, list[float], int, float]:
+    """A trial's runs (each seed; pruned on the first: the others run only for a trial that survives it), the
+    validation evaluator (and --tune_attack), set as the trial's attributes: (scores, constraint values,
+    seeds, seconds)."""
+    runs = seed_runs(trial_cfg)
+    measured = []
+    for k, seeded in enumerate(runs):
+        if len(runs) > 1:
+            bar.write(f"trial {trial.number}: seed {seeded.seed} ({k + 1} of {len(runs)})")
+        m, trained = runner.run(seeded, PruneHook(cfg, trial_cfg, trial, runner) if k == 0 else None)
+        if cfg.tune_attack != "none":
+            m["attacked"] = attacked_results(cfg, seeded, runner, trained)
+        measured.append(m)
+        del trained
+    results = mean_results([m["results"] for m in measured], [m["samples"] for m in measured])
+    s = summary(results, original)
+    if cfg.tune_attack != "none":  # the attacked model's forget scores, beside the unlearned one's
+        attacked = mean_results([m["attacked"] for m in measured], [[] for _ in measured])
+        s["attacked"] = {k: v for k, v in summary(attacked, original).items() if k.startswith("forget")}
+    run_seconds = float(np.mean([_run_seconds(storage.path(seeded.output_dir)) for seeded in runs]))  # one run's time
+    cons = constraints(cfg, s, run_seconds)
+    total = lambda key: round(sum(m[key] for m in measured), 1)
+    per_seed = {"seed_results": [m["results"] for m in measured], "seeds": [seeded.seed for seeded in runs]} \
+        if len(runs) > 1 else {}
+    for key, value in {**s, "results": results, **per_seed, "run_seconds": round(run_seconds, 2),
+                       "seconds": total("seconds"), "train_seconds": total("train_seconds"),
+                       "eval_seconds": total("eval_seconds"), "constraints": cons}.items():
+        trial.set_user_attr(key, value)
+    for key, value in zip(constraint_keys(cfg), cons):  # Optuna 5's constraints: TPE reads them
+        trial.set_constraint(key, value)
+    return s, cons, len(runs), total("seconds")
+
+
 def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
     """One trial, start to tell: the run (pruned on the forget NLL), the validation evaluator, the objective
     and constraints; a failure is the trial's state FAIL with its error as an attribute."""
@@ -159,58 +215,19 @@ def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
     trial_cfg = trial_config(cfg, dims, trial.params, directory)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("run_dir", str(directory))
-    forget_texts = [text for task in runner.tasks if task.role == "forget" for text in task.nll_texts[:PRUNE_TEXTS]]
-    pruning = {"seconds": 0.0}
-
-    def prune(done, trainable):
-        if cfg.tune_prune_every and forget_texts and done % cfg.tune_prune_every == 0 and done < trial_cfg.max_num_batches:
-            began_nll = time.time()
-            value = -runner.nll(trainable, forget_texts)
-            pruning["seconds"] += time.time() - began_nll
-            trial.set_user_attr("prune_seconds", round(pruning["seconds"], 2))
-            trial.set_user_attr("steps", done)
-            trial.report(value, done)
-            if trial.should_prune():
-                raise Pruned(f"forget NLL {-value:.3f} at step {done}")
-
     trial.set_user_attr("planned_steps", trial_cfg.max_num_batches)
     began = time.time()
     try:
         validate(trial_cfg, runner.run_context.model_cfg)
-        runs = seed_runs(trial_cfg)
-        measured = []
-        for k, seeded in enumerate(runs):  # pruned on the first seed: the others run only for a trial that survives it
-            if len(runs) > 1:
-                bar.write(f"trial {trial.number}: seed {seeded.seed} ({k + 1} of {len(runs)})")
-            m, trained = runner.run(seeded, prune if k == 0 else None)
-            if cfg.tune_attack != "none":
-                m["attacked"] = attacked_results(cfg, seeded, runner, trained)
-            measured.append(m)
-            del trained
-        results = mean_results([m["results"] for m in measured], [m["samples"] for m in measured])
-        s = summary(results, original)
-        if cfg.tune_attack != "none":  # the attacked model's forget scores, beside the unlearned one's
-            attacked = mean_results([m["attacked"] for m in measured], [[] for _ in measured])
-            s["attacked"] = {k: v for k, v in summary(attacked, original).items() if k.startswith("forget")}
-        run_seconds = float(np.mean([_run_seconds(storage.path(seeded.output_dir)) for seeded in runs]))  # one run's time
-        cons = constraints(cfg, s, run_seconds)
-        total = lambda key: round(sum(m[key] for m in measured), 1)
-        per_seed = {"seed_results": [m["results"] for m in measured], "seeds": [seeded.seed for seeded in runs]} \
-            if len(runs) > 1 else {}
-        for key, value in {**s, "results": results, **per_seed, "run_seconds": round(run_seconds, 2),
-                           "seconds": total("seconds"), "train_seconds": total("train_seconds"),
-                           "eval_seconds": total("eval_seconds"), "constraints": cons}.items():
-            trial.set_user_attr(key, value)
-        for key, value in zip(constraint_keys(cfg), cons):  # Optuna 5's constraints: TPE reads them
-            trial.set_constraint(key, value)
+        s, cons, seeds, seconds = measure_trial(cfg, trial, trial_cfg, runner, original, bar)
         heartbeat.close()
         study.tell(trial, objective(s))
         ok = all(c <= FEASIBLE_BELOW for c in cons)
         after = f" (after {cfg.tune_attack}: {100 * s['attacked']['forget_acc']:.1f})" if s.get("attacked") else ""
         bar.write(f"trial {trial.number}: {describe_params(trial.params)}: forget acc {100 * s['forget_acc']:.1f}{after}, NLL "
                   f"{s['forget_nll_rise']:+.2f}; retain acc lost {s['retain_acc_lost'] or 0:.1f} pt"
-                  f"{'' if ok else ' (breaks the budget)'}{f' (mean of {len(runs)} seeds)' if len(runs) > 1 else ''} "
-                  f"({total('seconds'):.0f} s)")
+                  f"{'' if ok else ' (breaks the budget)'}{f' (mean of {seeds} seeds)' if seeds > 1 else ''} "
+                  f"({seconds:.0f} s)")
     except Pruned as why:
         heartbeat.close()
         trial.set_user_attr("seconds", round(time.time() - began, 1))
