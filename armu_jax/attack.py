@@ -264,7 +264,6 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
     mesh = sharding.make_mesh(cfg.mesh)
     model = CausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
     tokenizer = cache.tokenizer(target.original)
-    layer = target.cfg.layer_id
     original = cache.params(target.original, cfg.dtype, mesh)
     unlearned = cache.params(target.unlearned, cfg.dtype, mesh)
     scorer = cache.scorer(EvalSpec(str(target.original), cfg.dtype, cfg.eval_batch_size, mesh))
@@ -281,38 +280,80 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
     for name, variables in (("original", original), ("unlearned", unlearned)):
         if name not in results:
             results[name] = evaluate(name, variables)
-    losses, arrays = {}, {}
+    ctx = _Attacking(cfg, target, tasks, texts, model, tokenizer, original, unlearned, mesh, cache, evaluate,
+                     results, {}, {})
     for attack in cfg.attacks:
-        if attack == "ablate_u":
-            results[attack] = evaluate(attack, ablation_variables(unlearned, target.vectors, layer,
-                                                                  model_cfg.num_hidden_layers))
-        elif attack == "kshot":
-            examples = {t.name: t.docs for t in validation_items(cfg)}
-            rng = np.random.default_rng(cfg.attack_seed)
-            shot = lambda t: t.with_shots([examples[t.name][i] for i in sorted(
-                rng.choice(len(examples[t.name]), min(cfg.kshot, len(examples[t.name])), replace=False))])
-            asked = [shot(t) if t.name in examples else t for t in tasks]
-            results[attack] = evaluate(attack, unlearned, asked)
-            if cfg.attack_controls:
-                results[f"control: {attack} on original"] = evaluate(f"control: {attack} on original", original, asked)
-        elif attack == "ablate_pca":
-            acts = [layer_activations(model, p, tokenizer, texts["forget"], layer, cfg.relearn_max_len)
-                    for p in (unlearned, original)]
-            directions = arrays["pca_directions"] = principal_directions(*acts, cfg.ablate_k)
-            results[attack] = evaluate(attack, ablation_variables(unlearned, directions, layer,
-                                                                  model_cfg.num_hidden_layers))
-        else:
-            batch = text_batch(tokenizer, texts[RELEARN[attack]], cfg.relearn_max_len)
-            names = relearn_names(unlearned, cfg.relearn_params, cfg.relearn_layers or target.cfg.update_layer_ids)
-            bases = [(attack, unlearned)] + ([(f"control: {attack} on original", original)] if cfg.attack_controls
-                                             else [])
-            for key, base in bases:
-                tuned, curve = relearn(model, base, names, batch, cfg.relearn_steps, cfg.relearn_lr,
-                                       cfg.relearn_weight_decay, mesh, cache)
-                losses[key] = curve
-                results[key] = evaluate(key, tuned)
-                del tuned
-    return results, losses, arrays
+        ATTACKS.get(attack, _relearn_attack)(ctx, attack)
+    return results, ctx.losses, ctx.arrays
+
+
+@dataclass
+class _Attacking:
+    """What run_attacks' attacks share: the settings, both models, one scorer (evaluate) and what they find."""
+    cfg: RunConfig
+    target: AttackedRun
+    tasks: list
+    texts: dict
+    model: CausalLM
+    tokenizer: object
+    original: dict
+    unlearned: dict
+    mesh: object
+    cache: ProcessCache
+    evaluate: object  # (name, variables, tasks=None) -> flat results, records kept
+    results: dict
+    losses: dict
+    arrays: dict
+
+    @property
+    def layer(self) -> int:
+        return self.target.cfg.layer_id
+
+    def ablated(self, directions) -> dict:
+        return ablation_variables(self.unlearned, directions, self.layer, self.target.model_cfg.num_hidden_layers)
+
+
+def _ablate_u(ctx: _Attacking, attack: str) -> None:
+    ctx.results[attack] = ctx.evaluate(attack, ctx.ablated(ctx.target.vectors))
+
+
+def _ablate_pca(ctx: _Attacking, attack: str) -> None:
+    acts = [layer_activations(ctx.model, p, ctx.tokenizer, ctx.texts["forget"], ctx.layer, ctx.cfg.relearn_max_len)
+            for p in (ctx.unlearned, ctx.original)]
+    directions = ctx.arrays["pca_directions"] = principal_directions(*acts, ctx.cfg.ablate_k)
+    ctx.results[attack] = ctx.evaluate(attack, ctx.ablated(directions))
+
+
+def _kshot(ctx: _Attacking, attack: str) -> None:
+    cfg = ctx.cfg
+    examples = {t.name: t.docs for t in validation_items(cfg)}
+    rng = np.random.default_rng(cfg.attack_seed)
+    shot = lambda t: t.with_shots([examples[t.name][i] for i in sorted(
+        rng.choice(len(examples[t.name]), min(cfg.kshot, len(examples[t.name])), replace=False))])
+    asked = [shot(t) if t.name in examples else t for t in ctx.tasks]
+    ctx.results[attack] = ctx.evaluate(attack, ctx.unlearned, asked)
+    if cfg.attack_controls:
+        ctx.results[f"control: {attack} on original"] = ctx.evaluate(f"control: {attack} on original", ctx.original,
+                                                                     asked)
+
+
+def _relearn_attack(ctx: _Attacking, attack: str) -> None:
+    """relearn_forget, relearn_retain, relearn_rtt: AdamW steps on their texts, of the unlearned model (and of the
+    original, the control)."""
+    cfg = ctx.cfg
+    batch = text_batch(ctx.tokenizer, ctx.texts[RELEARN[attack]], cfg.relearn_max_len)
+    names = relearn_names(ctx.unlearned, cfg.relearn_params, cfg.relearn_layers or ctx.target.cfg.update_layer_ids)
+    bases = [(attack, ctx.unlearned)] + ([(f"control: {attack} on original", ctx.original)] if cfg.attack_controls
+                                         else [])
+    for key, base in bases:
+        tuned, curve = relearn(ctx.model, base, names, batch, cfg.relearn_steps, cfg.relearn_lr,
+                               cfg.relearn_weight_decay, ctx.mesh, ctx.cache)
+        ctx.losses[key] = curve
+        ctx.results[key] = ctx.evaluate(key, tuned)
+        del tuned
+
+
+ATTACKS = {"ablate_u": _ablate_u, "ablate_pca": _ablate_pca, "kshot": _kshot}  # any other: a relearning attack
 
 
 def attack_cli(cfg: RunConfig) -> None:
