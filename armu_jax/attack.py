@@ -36,16 +36,20 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from armu_jax import outputs, sharding, stats
+from armu_jax import compare, outputs, sharding, stats, storage
 from armu_jax.cache import ProcessCache
 from armu_jax.config import RunConfig, from_flagfile
 from armu_jax.data import read_corpus, shuffled, tokenize
 from armu_jax.errors import UserError
+from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.families import read_model_config
-from armu_jax.model import CausalLM, abstract_params
+from armu_jax.model import CausalLM, abstract_params, parse_dtype
 from armu_jax.optimizer import torch_adamw
 from armu_jax.params import merge, trainable_names
+from armu_jax.shipped import resolve_model
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
+from armu_jax.tasks import load_tasks
+from armu_jax.train import load_control_vectors
 
 RELEARN = {"relearn_forget": "forget", "relearn_retain": "retain", "relearn_rtt": "rtt"}
 RTT_TEXTS = 64  # relearn_rtt: at most this many validation facts (one batch), drawn with --attack_seed
@@ -57,11 +61,9 @@ class AttackedRun:
     """What --run_dir holds, checked before anything is computed or written."""
 
     def __init__(self, run_dir: str):
-        from armu_jax.shipped import resolve_model
         if not run_dir:
             raise UserError("--mode=attack needs --run_dir: the directory of an unlearning run (flags.txt, "
                             "control_vectors.npy, hf/)")
-        from armu_jax import storage
         self.dir = storage.path(run_dir, "--run_dir")
         storage.check_bucket(self.dir, "--run_dir")
         if not (self.dir / "flags.txt").is_file() or not (self.dir / "hf" / "config.json").is_file():
@@ -70,7 +72,6 @@ class AttackedRun:
         if not (self.dir / "control_vectors.npy").is_file():
             raise UserError(f"--run_dir {self.dir} has no control_vectors.npy; the ablation attacks need the run's "
                             "control vectors (a run written by armu_jax keeps them)")
-        from armu_jax.train import load_control_vectors
         self.cfg: RunConfig = from_flagfile(self.dir / "flags.txt")
         self.original = resolve_model(self.cfg.model)
         self.unlearned = self.dir / "hf"
@@ -229,7 +230,6 @@ def _flat(results: dict) -> dict:
 
 def validation_items(cfg: RunConfig) -> list:
     """The forget tasks of --eval_tasks on the validation split (relearn_rtt's facts, kshot's examples)."""
-    from armu_jax.tasks import load_tasks
     tasks = [t for t in load_tasks(cfg.eval_tasks, 0, "validation") if t.role == "forget"]
     if not tasks:
         raise UserError(f"relearn_rtt and kshot need a forget task in --eval_tasks ({','.join(cfg.eval_tasks)} has "
@@ -256,8 +256,6 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
     control, with one scorer (the cache's, for the original's shapes). Returns (results, relearning
     losses, arrays); `records`, when given, gets {model: its per-question records} of every model it
     evaluates (the known models' records may be in it already)."""
-    from armu_jax.evaluate import EvalSpec, evaluate_tasks
-    from armu_jax.model import parse_dtype
     cache = cache or ProcessCache()
     model_cfg = target.model_cfg
     dtype = parse_dtype(cfg.dtype)
@@ -359,7 +357,6 @@ ATTACKS = {"ablate_u": _ablate_u, "ablate_pca": _ablate_pca, "kshot": _kshot}  #
 def attack_cli(cfg: RunConfig) -> None:
     """--mode=attack: every requested attack on the run's export (and the controls on the original
     model), each evaluated; attack.json, attack.md, attack.png and the texts used in --output_dir."""
-    from armu_jax.tasks import load_tasks
     target = AttackedRun(cfg.run_dir)
     if any(a in RELEARN for a in cfg.attacks):  # bad --relearn_params / --relearn_layers fail before any work
         relearn_names(abstract_params(CausalLM(target.model_cfg)), cfg.relearn_params,
@@ -372,7 +369,6 @@ def attack_cli(cfg: RunConfig) -> None:
     results, losses, arrays = run_attacks(cfg, target, tasks, texts, cfg.eval_nll_tokens, records=records)
     report = make_report(cfg, target, results, losses, texts, time.time() - began, records)
     outputs.write_json(out / "attack.json", report)
-    from armu_jax.evaluate import write_samples
     write_samples(out / "samples.jsonl", [{"model": name, **r} for name, recs in records.items() for r in recs])
     for name, array in arrays.items():
         outputs.write_npy(out / f"{name}.npy", array)
@@ -388,7 +384,6 @@ def recovery(results: dict, records: dict | None = None) -> dict:
     nll_ci, the 95% bootstrap interval of the fraction (questions resampled together across the three
     models), and acc_vs_unlearned / nll_vs_unlearned, the paired test of attacked against unlearned
     (compare.paired: McNemar's exact test for accuracy)."""
-    from armu_jax import compare
     have = records is not None and {"original", "unlearned"} <= set(records)
     out = {}
     for name, res in results.items():

@@ -13,6 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from armu_jax import storage
+from armu_jax.data import UnlearningData, load_tokenizer, read_corpus
+from armu_jax.evaluate import build_scorer
+from armu_jax.hf_io import load_hf
+from armu_jax.model import parse_dtype
+from armu_jax.shapes import plan_steps
+from armu_jax.step import build_step
 
 
 class ProcessCache:
@@ -34,40 +40,32 @@ class ProcessCache:
     def params(self, model_dir: Path, dtype: str, mesh, upto_layer: int | None = None):
         """load_hf's params of layers 0..upto_layer (all: None, or keep_full), each tensor on its shards;
         only whole models are kept."""
-        from armu_jax.hf_io import load_hf
-        from armu_jax.model import parse_dtype
         if self.keep_full or upto_layer is None:
             return self.get("params", (str(model_dir), dtype, mesh),
                             lambda: load_hf(model_dir, parse_dtype(dtype), mesh=mesh)[1])
         return load_hf(model_dir, parse_dtype(dtype), upto_layer=upto_layer, mesh=mesh)[1]
 
     def tokenizer(self, model_dir: Path):
-        from armu_jax.data import load_tokenizer
         return self.get("tokenizer", str(model_dir), lambda: load_tokenizer(model_dir))
 
     def corpus(self, spec: str, min_len: int) -> list[str]:
-        from armu_jax.data import read_corpus
         return self.get("corpus", (spec, min_len), lambda: read_corpus(spec, min_len))
 
     def data(self, spec):
         """UnlearningData of a data.DataSpec (its batches tokenized once, on first use)."""
-        from armu_jax.data import UnlearningData
         return self.get("data", spec, lambda: UnlearningData.from_spec(spec, self.tokenizer(storage.path(spec.model_dir)),
                                                                         self.corpus))
 
     def step(self, spec, frozen):
         """The compiled unlearning step of a step.StepSpec (without a run's settings)."""
-        from armu_jax.step import build_step
         return self.get("step", spec, lambda: build_step(spec, frozen))
 
     def plan(self, data, num_steps: int, compiled, model_cfg, budget: int):
         """shapes.plan_steps of a run's batches (data: the cached UnlearningData of its DataSpec), planned once
         for every run on the same batches and step layout."""
-        from armu_jax.shapes import plan_steps
         key = (id(data), num_steps, compiled.rows, compiled.shards, compiled.pack_multiple, model_cfg, budget)
         return self.get("plan", key, lambda: plan_steps(data, num_steps, compiled, model_cfg, budget))
 
     def scorer(self, spec):
         """The Scorer of an evaluate.EvalSpec."""
-        from armu_jax.evaluate import build_scorer
         return self.get("scorer", spec, lambda: build_scorer(spec, self.tokenizer(storage.path(spec.model_dir))))

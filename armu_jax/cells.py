@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from armu_jax import rundir
+from armu_jax.cache import ProcessCache
 from armu_jax.config import RunConfig
 from armu_jax.errors import RunFailure
+from armu_jax.evaluate import EvalSpec, evaluate_tasks
+from armu_jax.params import merge
+from armu_jax.train import train, train_cells
 
 
 def _metrics_of(run_dir: Path, n_topics: int) -> dict:
@@ -34,8 +38,6 @@ class CellRunner:
     compiled steps per layer and shape, the scorer) and the evaluation tasks."""
 
     def __init__(self, cfg: RunConfig, run, tasks: list):
-        from armu_jax.cache import ProcessCache
-        from armu_jax.evaluate import EvalSpec
         self.cache = ProcessCache(keep_full=True)
         self.run_context = run
         self.full = self.cache.params(run.model_dir, cfg.dtype, run.mesh)
@@ -45,14 +47,11 @@ class CellRunner:
     def evaluate(self, trained: dict | None = None, tasks: list | None = None, samples: list | None = None) -> dict:
         """The native evaluator on the original model or with the trained leaves swapped in (each
         question's record appended to `samples` when given)."""
-        from armu_jax.evaluate import evaluate_tasks
-        from armu_jax.params import merge
         return evaluate_tasks(self.scorer, merge(self.full, trained) if trained else self.full,
                               self.tasks if tasks is None else tasks, nll_tokens=self.nll_tokens, samples=samples)
 
     def nll(self, trained: dict, texts: list[str]) -> float:
         """Held-out NLL per token of texts with the trained leaves (the tune's pruning signal)."""
-        from armu_jax.params import merge
         return self.scorer.nll_per_token(self.scorer.place(merge(self.full, trained)), texts, self.nll_tokens,
                                          desc="pruning nll")
 
@@ -60,7 +59,6 @@ class CellRunner:
         """One cell: its run (resumed if run_cfg says so), then the evaluator on the trained weights:
         ({results, samples (a record per question), forget_loss, retain_loss, coeff_used, first_step_seconds,
         *_seconds}, trained leaves). Raises what the run raises."""
-        from armu_jax.train import train
         began = time.time()
         run_dir, trained = train(run_cfg, self.cache, hook)
         trained_at = time.time()
@@ -76,7 +74,6 @@ class CellRunner:
         """Cells of one layer trained side by side (train.train_cells), then each evaluated: per cell what
         run() returns without the trained leaves, or the RunFailure that stopped it. train_seconds is the
         shared training's time."""
-        from armu_jax.train import train_cells
         began = time.time()
         outcomes = train_cells(run_cfgs, self.cache)
         trained_at = time.time()

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from armu_jax import outputs, sharding
+from armu_jax import outputs, sharding, storage
 from armu_jax.config import RunConfig, validate
 from armu_jax.data import DataSpec, UnlearningData, load_tokenizer
 from armu_jax.errors import UserError
@@ -78,7 +78,6 @@ def compile_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None, dump_dir:
     step, frozen = abstract_step(cfg, model_cfg, devices)
     padded = lambda length: -(-length // cfg.pad_multiple) * cfg.pad_multiple
     shape = step.full_shape(padded(max(cfg.forget_max_len)), padded(cfg.retain_max_len))
-    from armu_jax import storage
     if dump_dir and storage.is_url(dump_dir):
         raise UserError(f"--xla_dump_dir={dump_dir}: XLA dumps to a local directory; pass a local path")
     options = {"xla_dump_to": str(Path(dump_dir).absolute())} if dump_dir else None

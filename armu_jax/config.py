@@ -15,6 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
+from armu_jax import storage
 from armu_jax.errors import UserError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -324,7 +325,6 @@ def config_with(**overrides) -> RunConfig:
 def check_flagfile(path: str | Path) -> None:
     """A flagfile is UTF-8 text whose lines are --flags, comments (#, //) or blank; absl would skip any
     other line without a word."""
-    from armu_jax import storage
     path = storage.path(path, "--flagfile")
     if not path.is_file():
         raise UserError(f"flagfile {path} does not exist")
@@ -341,7 +341,6 @@ def check_flagfile(path: str | Path) -> None:
 def local_flagfile(path) -> str:
     """A flagfile absl can open: a local path as it is, a gs:// one copied to a temporary file
     (removed at exit)."""
-    from armu_jax import storage
     if not storage.is_url(path):
         return str(path)
     import atexit
@@ -356,7 +355,6 @@ def local_flagfile(path) -> str:
 def from_flagfile(path: str | Path, **overrides) -> RunConfig:
     """A flagfile's settings (over the defaults) with overrides, parsed without the global FLAGS
     (a flagfile in a bucket is read through a local copy: absl opens local files only)."""
-    from armu_jax import storage
     path = storage.path(path, "--flagfile")
     check_flagfile(path)
     flag_values = flags.FlagValues()
@@ -457,7 +455,6 @@ def check_output(cfg: RunConfig) -> None:
                         "scores one model)")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    from armu_jax import storage
     if cfg.profile_start_step >= 0 and cfg.output_dir and storage.is_url(cfg.output_dir):
         raise UserError(f"--profile_start_step with --output_dir={cfg.output_dir}: the profiler writes its trace to a "
                         "local directory; profile a run with a local --output_dir")

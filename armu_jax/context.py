@@ -7,6 +7,10 @@ from pathlib import Path
 
 import jax
 
+from armu_jax import sharding
+from armu_jax.families import read_model_config
+from armu_jax.shipped import resolve_model
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -18,8 +22,5 @@ class RunContext:
     @classmethod
     def of(cls, cfg, model: str | None = None) -> "RunContext":
         """cfg's context; model: another --model spelling (an export, the attacked run's original)."""
-        from armu_jax import sharding
-        from armu_jax.families import read_model_config
-        from armu_jax.shipped import resolve_model
         model_dir = resolve_model(model or cfg.model)
         return cls(model_dir, read_model_config(model_dir), sharding.make_mesh(cfg.mesh), cfg.dtype)

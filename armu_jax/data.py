@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from armu_jax import storage
 from armu_jax.errors import UserError, first_line
 from armu_jax.runtime import load_cached_dataset
+from armu_jax.shipped import wiki_summaries_path
+from armu_jax.tokenizer import TokenizersTokenizer, native_reason
 
 DEMO_TOPICS = {"bio": "Biology and health sciences", "cyber": "Technology"}
 EXCLUDED_FROM_RETAIN = ("Uncategorized",)
@@ -34,7 +37,6 @@ def is_held_out(title: str) -> bool:
 
 def wiki_articles() -> tuple[dict, ...]:
     """The embedded Wikipedia summaries, parsed once per process (per cache path)."""
-    from armu_jax.shipped import wiki_summaries_path
     return _parse_articles(str(wiki_summaries_path()))
 
 
@@ -265,10 +267,8 @@ def load_tokenizer(model_dir: Path, backend: str = "auto"):
     """The model's tokenizer set up as the reference: pad = eos, left padding. backend "auto": tokenizer.json
     through the `tokenizers` library where that gives transformers' ids (armu_jax.tokenizer: no torch
     imported, ~300 MB less), else transformers' AutoTokenizer; "transformers": always the latter."""
-    from armu_jax import storage
     local = storage.local_copy(model_dir)
     if backend == "auto":
-        from armu_jax.tokenizer import TokenizersTokenizer, native_reason
         try:
             native = native_reason(Path(local)) is None
         except Exception:  # a damaged tokenizer.json: transformers' loader words the error

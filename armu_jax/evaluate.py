@@ -26,10 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs, sharding, stats
+from armu_jax import outputs, sharding, stats, storage
+from armu_jax.context import RunContext
+from armu_jax.data import load_tokenizer
 from armu_jax.errors import UserError
-from armu_jax.model import CausalLM
+from armu_jax.families import read_model_config
+from armu_jax.fluency import format_generation, generate_report
+from armu_jax.hf_io import load_hf
+from armu_jax.model import CausalLM, parse_dtype
 from armu_jax.params import merge
+from armu_jax.shipped import resolve_model
 from armu_jax.tasks import Task, load_tasks
 
 
@@ -353,13 +359,11 @@ def write_samples(path, samples: list[dict]) -> None:
 
 
 def read_samples(path) -> list[dict]:
-    from armu_jax import storage
     return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
 def max_length_of(model_dir: Path) -> int:
     """lm-eval HFLM's max_length: the config's max_position_embeddings (else 2048)."""
-    from armu_jax import storage
     config = json.loads((storage.path(model_dir) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or 2048)
 
@@ -381,10 +385,6 @@ class EvalSpec:
 def build_scorer(spec: EvalSpec, tokenizer=None) -> Scorer:
     """A Scorer for models of spec.model_dir's shapes, in spec.dtype; with a mesh, each batch's rows
     are split over data x fsdp and params are placed by the sharding table."""
-    from armu_jax import storage
-    from armu_jax.data import load_tokenizer
-    from armu_jax.families import read_model_config
-    from armu_jax.model import parse_dtype
     model_dir = storage.path(spec.model_dir)
     dtype = parse_dtype(spec.dtype)
     model = CausalLM(read_model_config(model_dir), dtype=dtype, param_dtype=dtype)
@@ -399,8 +399,6 @@ def scorer_for(model_dir: Path, dtype: str = "float32", batch_size: int = 16, me
 
 def load_params(model_dir: Path, dtype: str = "float32", mesh=None):
     """The HF checkpoint in model_dir as Flax params (on mesh's shards when given)."""
-    from armu_jax.hf_io import load_hf
-    from armu_jax.model import parse_dtype
     return load_hf(model_dir, parse_dtype(dtype), mesh=mesh)[1]
 
 
@@ -458,7 +456,6 @@ INTERVALS = ("acc and acc_norm: Wilson 95% score intervals over questions; NLL p
 def evaluate_cli(cfg) -> None:
     """--mode=eval: the native evaluator on --model over --eval_tasks; JSON to --output_dir/eval.json and a
     record per question to --output_dir/samples.jsonl."""
-    from armu_jax.context import RunContext
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)  # bad task files fail here, before the model is loaded
     # eval.json, written last, marks a finished evaluation: a directory without it (a run stopped or a disk
     # full while writing) is taken again, and its samples.jsonl replaced
@@ -472,8 +469,6 @@ def evaluate_cli(cfg) -> None:
     print(format_table(results))
     generation, generated = None, []
     if cfg.eval_generate:
-        from armu_jax.fluency import format_generation, generate_report
-        from armu_jax.shipped import resolve_model
         reference = resolve_model(cfg.eval_fluency_model) if cfg.eval_fluency_model else run.model_dir
         same = str(reference) == str(run.model_dir)
         ref_scorer = scorer if same else build_scorer(EvalSpec.of(cfg, reference, run.mesh))

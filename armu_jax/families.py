@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from armu_jax import storage
 from armu_jax.errors import UserError
 from armu_jax.model_config import ModelConfig, Rope
 
@@ -240,7 +241,6 @@ def model_config_of(hf: dict) -> ModelConfig:
 
 def read_model_config(path) -> ModelConfig:
     """The ModelConfig of a Hugging Face model directory (local or gs://); one line for a missing or bad file."""
-    from armu_jax import storage
     config_file = storage.path(path) / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from armu_jax import stats
+from armu_jax import outputs, stats
+from armu_jax.generate import greedy_ids
 
 PROMPT_WORDS = 8
 
@@ -36,7 +37,6 @@ def generate_report(model, params, tokenizer, tasks: list, n: int, new_tokens: i
                     ) -> tuple[dict, list[dict]]:
     """({task: {n, repetition, repetition_ci, nll, nll_ci}}, a record per continuation). reference: the Scorer
     whose model measures the NLL (its params: reference_params)."""
-    from armu_jax.generate import greedy_ids
     summary, records = {}, []
     for task in tasks:
         prompts = prompts_of(task, n)
@@ -65,7 +65,6 @@ def generate_report(model, params, tokenizer, tasks: list, n: int, new_tokens: i
 
 def format_generation(summary: dict, records: list[dict], shown: int = 2) -> str:
     """A table per task (repetition, reference NLL per token, with intervals) and a few continuations."""
-    from armu_jax import outputs
     table = outputs.markdown_table(
         ["task", "n", "repetition [95% CI]", "reference NLL/token [95% CI]"],
         [[t, r["n"], f"{r['repetition']:.2f} [{stats.fmt_ci(r['repetition_ci'], 1, 2)}]",

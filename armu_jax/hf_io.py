@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from armu_jax import outputs, storage, tensor_files
 from armu_jax.errors import RunFailure, UserError
 from armu_jax.families import read_model_config
-from armu_jax.model import parse_dtype
+from armu_jax.model import CausalLM, abstract_params, parse_dtype
 from armu_jax.model_config import ModelConfig
 from armu_jax.params import flatten, hf_key_to_path, name_of, needed_upto, path_to_hf_key, unflatten
 from armu_jax.sharding import param_spec
@@ -103,7 +103,6 @@ def report_reads(model_dir, before: tuple[int, int]) -> dict:
 def expected_paths(cfg: ModelConfig) -> dict:
     """{path: shape} of every parameter of the decoder for this config (the model's own tree, not a
     hand-kept list): one layer's parameters are traced abstractly and repeated for each layer."""
-    from armu_jax.model import CausalLM, abstract_params
     one = dataclasses.replace(cfg, num_hidden_layers=1, layer_types=cfg.layer_types[:1])
     paths = {}
     for path, leaf in flatten(abstract_params(CausalLM(one))).items():

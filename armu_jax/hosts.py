@@ -17,7 +17,9 @@ import sys
 import jax
 import numpy as np
 
-from armu_jax import errors
+from armu_jax import errors, storage
+from armu_jax.config import check_host_arguments
+from armu_jax.errors import UserError, first_line
 
 
 # Environment variables that say this process is one of several, with how to read the count: srun
@@ -52,7 +54,6 @@ def _cluster_processes() -> tuple[str, int] | None:
 def start(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
           multihost: bool) -> None:
     """Join the job's processes (before any jax computation), or do nothing for a single process."""
-    from armu_jax.config import check_host_arguments
     check_host_arguments(coordinator_address, num_processes, process_id)
     if coordinator_address is not None:
         if num_processes == 1:
@@ -153,7 +154,6 @@ class Watchdog:
                 reached = now
             except Exception as err:  # the coordination service (in process 0) is gone
                 if now - reached > LOST_AFTER_SECONDS:
-                    from armu_jax.errors import first_line
                     self._lost("process 0", f"its coordination service is unreachable for {now - reached:.0f} s: "
                                             f"{first_line(err, 120)}")
                 time.sleep(BEAT_SECONDS)
@@ -198,8 +198,6 @@ def check_shared(directory, flag: str) -> None:
         return
     from jax.experimental.multihost_utils import broadcast_one_to_all, process_allgather
 
-    from armu_jax import storage
-    from armu_jax.errors import UserError
     name = int(broadcast_one_to_all(np.array(np.random.default_rng().integers(1, 2**31 - 1), np.int64)))
     token = directory / f".armu_jax-shared-{name}"
     created = False

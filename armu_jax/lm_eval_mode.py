@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from armu_jax import outputs
+from armu_jax import outputs, storage
 from armu_jax.errors import UserError
+from armu_jax.evaluate import write_samples
 from armu_jax.runtime import go_offline
-from armu_jax.tasks import TASK_GRAMMAR, resolve_tasks, write_lm_eval_tasks
+from armu_jax.shipped import resolve_model
+from armu_jax.tasks import TASK_GRAMMAR, lm_eval_task_name, resolve_tasks, write_lm_eval_tasks
 
 
 def _check_builtin(names: list[str], task_manager) -> None:
@@ -46,7 +48,6 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
                    batch_size: int = 16, dtype: str = "float32", log_samples: bool = False) -> dict:
     """run_lm_eval on our Task objects (e.g. each cut to its own length) and lm-eval's built-in tasks."""
     go_offline()
-    from armu_jax import storage
     if storage.is_url(model_dir):
         raise UserError(f"--mode=lm_eval reads a local model directory (lm-eval's HF model loads local files); copy "
                         f"it down first: python -m armu_jax.storage cp {model_dir} <local dir>")
@@ -75,7 +76,6 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
     saved = {k: v for k, v in results.items() if k != "samples"}  # the samples go to samples.jsonl
     outputs.write_json(target, saved, default=handle_non_serializable)
     if results.get("samples"):
-        from armu_jax.evaluate import write_samples
         write_samples(output_dir / "samples.jsonl", lm_eval_records(results, tasks, builtin))
     return results
 
@@ -84,7 +84,6 @@ def lm_eval_records(results: dict, tasks: list, builtin: list[str]) -> list[dict
     """lm-eval's logged samples as the native evaluator's records (armu_jax.evaluate.Scorer.multiple_choice):
     task (ours; lm-eval's name in lm_eval_task), doc_id, target, loglikelihoods, pred, pred_norm (argmax of
     log-likelihood per character of the choice, as acc_norm), and lm-eval's own acc / acc_norm as 0/1."""
-    from armu_jax.tasks import lm_eval_task_name
     ours = {lm_eval_task_name(t): t for t in tasks}
     records = []
     for name in [*ours, *builtin]:
@@ -128,8 +127,6 @@ def per_doc_predictions(results: dict, task: str) -> list[dict]:
 def lm_eval_cli(cfg) -> None:
     """--mode=lm_eval: lm-eval's hf backend on --model over --eval_tasks, results in --output_dir."""
     # --mesh is checked with the evaluation group (config.check_evaluation)
-    from armu_jax import storage
-    from armu_jax.shipped import resolve_model
     if cfg.output_dir and storage.is_url(cfg.output_dir):
         raise UserError(f"--mode=lm_eval writes lm-eval's task files and results to a local --output_dir (not "
                         f"{cfg.output_dir}); copy them up after: python -m armu_jax.storage cp <dir> {cfg.output_dir}")

@@ -30,6 +30,7 @@ def dispatch():
     cfg = from_flag_values(flags.FLAGS)
     import importlib
 
+    # jax and the run's modules load only once the flags are good: a bad flag is one line in 0.1 s
     import jax
 
     from armu_jax import hosts

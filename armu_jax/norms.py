@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from armu_jax import outputs, stats
 from armu_jax.config import RunConfig
+from armu_jax.context import RunContext
 from armu_jax.data import load_tokenizer, read_corpus, tokenize
+from armu_jax.evaluate import load_params
 from armu_jax.model import CausalLM, DecoderLayer, parse_dtype
 from armu_jax.objective import without_first_token
 
@@ -73,8 +75,6 @@ def corpus_profile(model: CausalLM, params, tokenizer, texts: list[str], max_len
 
 def norms_cli(cfg: RunConfig) -> None:
     """--mode=norms over --model's layers; norms.json, norms.md, norms.png in --output_dir."""
-    from armu_jax.context import RunContext
-    from armu_jax.evaluate import load_params
     products = ("norms.json", "norms.md", "norms.png")
     out = outputs.claim(cfg.output_dir, products, purpose="the directory for norms.json, norms.md and norms.png")
     run = RunContext.of(cfg)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from armu_jax import outputs
+from armu_jax.data import load_tokenizer
 from armu_jax.errors import RunFailure, UserError
+from armu_jax.families import read_model_config
+from armu_jax.hf_io import load_hf
+from armu_jax.model import CausalLM, DecoderLayer, parse_dtype
+from armu_jax.shipped import resolve_model
 
 BUILTIN_TEXTS = (
     "The mitochondrion is the powerhouse of the cell, producing most of its ATP.",
@@ -80,8 +86,6 @@ def _flax_side(model_dir: Path, ids, mask, dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from armu_jax.hf_io import load_hf
-    from armu_jax.model import CausalLM, DecoderLayer, parse_dtype
     jdtype = parse_dtype(dtype)
     cfg, params = load_hf(model_dir, jdtype)
     model = CausalLM(cfg, dtype=jdtype, param_dtype=jdtype)
@@ -121,10 +125,6 @@ def compare(want_logits, got_logits, want_hidden, got_hidden, mask, dtype: str) 
 
 def parity_cli(cfg) -> int:
     """--mode=parity on --model: prints the comparison, writes the files, returns 1 above the tolerance."""
-    from armu_jax import outputs
-    from armu_jax.data import load_tokenizer
-    from armu_jax.families import read_model_config
-    from armu_jax.shipped import resolve_model
     out = outputs.claim(cfg.output_dir, purpose="--mode=parity writes parity.json, tokens.npy, mask.npy and "
                         "logits.npy there")
     model_dir = resolve_model(cfg.model)

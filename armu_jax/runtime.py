@@ -4,6 +4,9 @@ from __future__ import annotations
 import glob
 import os
 
+from armu_jax.errors import UserError
+from armu_jax.shipped import cache_dir
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -57,7 +60,6 @@ def load_cached_dataset(name: str, config: str | None, split: str, what: str, fi
         import datasets
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # datasets raises many types when offline and uncached
-        from armu_jax.errors import UserError
         raise UserError(f"{what}: {name} is not in the local Hugging Face datasets cache and nothing is "
                         f"downloaded ({type(err).__name__}); {fix}") from None
 
@@ -67,7 +69,6 @@ def enable_compilation_cache() -> None:
     shapes (it still traces them and loads the programs)."""
     import jax
 
-    from armu_jax.shipped import cache_dir
     jax.config.update("jax_compilation_cache_dir", os.environ.get("ARMU_XLA_CACHE") or str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

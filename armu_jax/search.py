@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from armu_jax import compare
 from armu_jax.config import SETTINGS, RunConfig, bound_error, flagfile_text
 from armu_jax.errors import UserError
 from armu_jax.study import storage_spec
+from armu_jax.train import seed_run_configs
 
 SEARCHABLE_KINDS = ("int", "float", "enum", "bool", "topic_floats", "topic_ints", "list")  # a list: by choices
 
@@ -214,7 +216,6 @@ def trial_config(cfg: RunConfig, dims: list[Dimension], params: dict, directory)
 def seed_runs(trial_cfg: RunConfig) -> list[RunConfig]:
     """A trial's runs: itself (--seeds=1), or its --seeds runs in <trial dir>/seed_<s>/, the directories
     --mode=train --seeds=K writes (train.seed_run_configs), so best.flags reproduces every one."""
-    from armu_jax.train import seed_run_configs
     return [trial_cfg] if trial_cfg.seeds == 1 else seed_run_configs(trial_cfg)
 
 
@@ -224,7 +225,6 @@ def mean_results(per_seed: list[dict], samples: list[list[dict]]) -> dict:
     records. One seed: its results as they are."""
     if len(per_seed) == 1:
         return per_seed[0]
-    from armu_jax import compare
     out = {}
     for task, first in per_seed[0].items():
         merged = {k: first[k] for k in ("n", "role", "chance", "nll_n") if k in first}

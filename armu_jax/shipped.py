@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from armu_jax import outputs, storage
-from armu_jax.errors import UserError
+from armu_jax.errors import UserError, run_cli
 
 DEFAULT_MODEL = "smollm2-135m"
 GEMMA_MODEL = "gemma3-270m"
@@ -234,5 +234,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from armu_jax.errors import run_cli
     run_cli(lambda: main(sys.argv))

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 # fallback): plain JSON-API buckets, emulators included, need none of it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-from armu_jax.errors import UserError, first_line  # noqa: E402
+from armu_jax.errors import UserError, first_line, run_cli  # noqa: E402
 
 SCHEMES = ("gs",)
 LOCK_LEASE_S = 300.0  # a lock not refreshed for this long belongs to a run that is gone
@@ -484,6 +484,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from armu_jax.errors import run_cli
     run_cli(lambda: main(sys.argv))
 

@@ -36,13 +36,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from armu_jax import outputs, rundir, storage
+from armu_jax import hosts, outputs, rundir, storage
 from armu_jax import study as tune_study
 from armu_jax.cells import CellRunner
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile, sweep_alpha, validate
+from armu_jax.context import RunContext
 from armu_jax.errors import RunFailure, UserError, first_line
 from armu_jax.evaluate import read_samples, write_samples
 from armu_jax.sweep_report import csv_text, report, summary
+from armu_jax.tasks import load_tasks, mean_chance
+from armu_jax.train import latest_checkpoint
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,6 @@ def side_by_side(cfg: RunConfig, cells: list[Cell], out: Path) -> list[list[Cell
     """The cells to run, in groups of up to --cells_per_step that can share one compiled step: the same
     layer, the same batches (--data_seed) and the same progress (the step of their last checkpoint), in the
     plan's order."""
-    from armu_jax.train import latest_checkpoint
     groups: dict[tuple, list[list[Cell]]] = {}
     for cell in cells:
         run_cfg = cell_config(cfg, cell, out / "cells" / cell.name)
@@ -385,9 +387,6 @@ def evaluate_original(out: Path, runner: CellRunner, tasks: list) -> tuple[dict,
 
 def sweep_cli(cfg: RunConfig) -> list[dict]:
     """--mode=sweep: run (or continue) the sweep in --output_dir; returns the rows."""
-    from armu_jax import hosts
-    from armu_jax.context import RunContext
-    from armu_jax.tasks import load_tasks, mean_chance
 
     if cfg.tune_storage:
         tune_study.storage_spec(cfg)  # one line for a storage the workers cannot share, before anything loads

@@ -51,8 +51,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from armu_jax.data import demo_topic_articles
 from armu_jax.errors import UserError
 from armu_jax.runtime import load_cached_dataset
+from armu_jax.shipped import mmlu_dir
 
 DEMO_EVAL_TOPICS = ("bio", "cyber", "retain", "physical")
 # The retain topics nearest the forget topics, also tasks of their own (as the WMDP paper reports MMLU's
@@ -163,7 +165,6 @@ def split_indices(keys: list[str], task: str, split: str) -> list[int]:
 def demo_task(topic: str, seed: int = 0, split: str = "all") -> Task:
     """The 4-way description question for every held-out article of a demo topic (deterministic); the
     distractors are drawn from the whole held-out set, then the articles of `split` kept."""
-    from armu_jax.data import demo_topic_articles
     held_out = demo_topic_articles(NEIGHBOUR_TOPICS.get(topic, topic), held_out=True)
     # A neighbour's articles are split as demo_retain's: its test articles are demo_retain's test articles of its topic
     pool = demo_topic_articles("retain", held_out=True) if topic in NEIGHBOUR_TOPICS else held_out
@@ -242,7 +243,6 @@ def wmdp_from_hf_cache(name: str) -> Task:
 def mmlu_task(directory: str | Path | None = None, name: str = "mmlu") -> Task:
     """MMLU test CSVs (question, A, B, C, D, answer letter; no header), interleaved across subjects."""
     if directory is None:
-        from armu_jax.shipped import mmlu_dir
         directory = mmlu_dir()
     directory = Path(directory).expanduser()
     if (directory / "test").is_dir():

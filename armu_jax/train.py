@@ -30,12 +30,14 @@ from armu_jax.config import RunConfig, seed_configs, validate
 from armu_jax.context import RunContext
 from armu_jax.data import DataSpec, UnlearningData
 from armu_jax.errors import RunFailure, UserError, first_line
+from armu_jax.evaluate import EvalSpec, InRunEvaluator
 from armu_jax.hf_io import export_trained
 from armu_jax.model import abstract_params
 from armu_jax.params import truncate
 from armu_jax.runtime import compile_counts, compile_delta, count_compiles, describe_compiles
 from armu_jax.shapes import ShapePlan
 from armu_jax.step import AheadOfTime, CompiledStep, StepSpec
+from armu_jax.tasks import load_tasks
 
 WATCHED = ("forget_loss", "retain_loss", "grad_norm")  # a non-finite one stops the run
 
@@ -200,7 +202,6 @@ def prepare(cfg: RunConfig, cache: ProcessCache, ahead: bool = True) -> Prepared
     vectors = control_vectors(cfg, out, run.model_cfg.hidden_size)
     eval_tasks = None
     if cfg.eval_every:  # bad evaluation files fail here, before the run directory is written
-        from armu_jax.tasks import load_tasks
         eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_limit, cfg.eval_split)
     spec = StepSpec.of(cfg, run.model_cfg, run.mesh)
     compiled = cache.step(spec, truncate(abstract_params(spec.model), cfg.layer_id)).with_settings(cfg, vectors)
@@ -284,7 +285,6 @@ def train(cfg: RunConfig, cache: ProcessCache | None = None, hook=None) -> tuple
         evaluator = None
         frozen = truncate(p.params, cfg.layer_id)
         if cfg.eval_every:  # keeps the whole model; the step's layers 0..l are the same arrays
-            from armu_jax.evaluate import EvalSpec, InRunEvaluator
             scorer = cache.scorer(EvalSpec.of(cfg, p.run.model_dir, p.run.mesh))
             evaluator = InRunEvaluator(scorer, p.params, p.eval_tasks, cfg.eval_nll_tokens)
             frozen = truncate(evaluator.full, cfg.layer_id)

@@ -51,9 +51,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from armu_jax import outputs, storage
+from armu_jax import hosts, outputs, storage
+from armu_jax.attack import RELEARN, relearn, relearn_names, text_batch, unused_texts
+from armu_jax.cells import CellRunner
 from armu_jax.config import RunConfig, flagfile_text, validate
+from armu_jax.context import RunContext
 from armu_jax.errors import UserError, first_line
+from armu_jax.evaluate import evaluate_tasks
+from armu_jax.params import merge
+from armu_jax.rundir import read_metrics
 from armu_jax.search import (
     FEASIBLE_BELOW,
     check,
@@ -77,6 +83,7 @@ from armu_jax.study import (
     quiet_optuna,
     trial_seeded_sampler,
 )
+from armu_jax.tasks import load_tasks
 from armu_jax.tune_report import report
 
 PRUNE_PERCENTILE = 75.0  # a trial worse than 75% of the others at a step is stopped (the worst quarter)
@@ -116,9 +123,6 @@ def attacked_results(cfg: RunConfig, run_cfg: RunConfig, runner, trained: dict) 
     """--tune_attack on a trial's model: --relearn_steps AdamW steps on --relearn_texts texts of the corpus
     (forget or retain) that the run did not train on, then the validation tasks (what --mode=attack does to an
     export, here to the trained leaves in memory)."""
-    from armu_jax.attack import RELEARN, relearn, relearn_names, text_batch, unused_texts
-    from armu_jax.evaluate import evaluate_tasks
-    from armu_jax.params import merge
     texts = unused_texts(run_cfg, RELEARN[cfg.tune_attack], cfg.attack_seed, cfg.relearn_texts)
     batch = text_batch(runner.scorer.tokenizer, texts, cfg.relearn_max_len)
     params = merge(runner.full, trained)
@@ -145,7 +149,6 @@ class Pruned(Exception):
 
 def _run_seconds(run_dir) -> float:
     """steps x the median step time: the run without its compilation (the time constraint)."""
-    from armu_jax.rundir import read_metrics
     times = np.diff([0.0] + [r["seconds"] for r in read_metrics(run_dir)])
     return float(np.median(times[1:] if len(times) > 1 else times) * len(times))
 
@@ -286,10 +289,6 @@ def tune_cli(cfg: RunConfig) -> dict:
     """--mode=tune: one worker of the study; the reports once the study has --tune_trials finished trials."""
     import optuna
 
-    from armu_jax import hosts
-    from armu_jax.cells import CellRunner
-    from armu_jax.context import RunContext
-    from armu_jax.tasks import load_tasks
 
     check(cfg)
     if hosts.several():

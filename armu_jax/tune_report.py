@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from armu_jax import outputs, storage
+from armu_jax.checkpoints import Checkpointer
 from armu_jax.config import RunConfig, flagfile_text
+from armu_jax.params import truncate
 from armu_jax.search import (
     Dimension,
     constraint_names,
@@ -21,6 +23,9 @@ from armu_jax.search import (
     seed_runs,
     trial_config,
 )
+from armu_jax.stats import fmt_ci
+from armu_jax.step import StepSpec
+from armu_jax.tasks import load_tasks, mean_chance
 
 
 def rows_of(study, dims: list[Dimension]) -> list[dict]:
@@ -95,7 +100,6 @@ def markdown(cfg, rows, dims, best, test: dict | None, original_test: dict | Non
     else:
         lines.append(f"Chosen: trial {best.number} ({describe_params(best.params)}), best.flags.")
         if test:
-            from armu_jax.stats import fmt_ci
             ci = lambda r, k, scale, f: "-" if r.get(k) is None else \
                 f"{f.format(scale * r[k])} [{fmt_ci(r.get(k + '_ci'), scale, 1 if scale == 100 else 3)}]"
             head = ["task", "n", "original acc %", "chosen acc %", "original NLL", "chosen NLL"]
@@ -155,10 +159,6 @@ def best_flags(cfg: RunConfig, dims, best) -> str:
 def test_scores(cfg, dims, best, runner, out: Path) -> tuple[dict, dict]:
     """The chosen trial (its final checkpoint) and the original model on the test split, computed once
     (best_test.json)."""
-    from armu_jax.checkpoints import Checkpointer
-    from armu_jax.params import truncate
-    from armu_jax.step import StepSpec
-    from armu_jax.tasks import load_tasks
     cached = out / "best_test.json"
     if cached.is_file():
         saved = json.loads(cached.read_text())
@@ -185,7 +185,6 @@ def test_scores(cfg, dims, best, runner, out: Path) -> tuple[dict, dict]:
 
 
 def report(cfg, study, dims, runner, out: Path, original: dict) -> dict:
-    from armu_jax.tasks import mean_chance
     rows = rows_of(study, dims)
     outputs.write_text(out / "tune.csv", csv_text(rows, dims))
     best = best_trial(study)

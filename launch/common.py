@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+from armu_jax import storage
 from armu_jax.errors import UserError
 
 
@@ -27,7 +28,6 @@ def run_command(flagfile: str, flags: list[str], multihost: bool, python: str = 
                 model: str | None = None) -> list[str]:
     """The armu_jax command each process runs (--multihost: jax.distributed finds its peers);
     --output_dir and --model URLs go in unchanged (a URL without a bucket is refused here)."""
-    from armu_jax import storage
     bad = [f for f in flags if not f.startswith("--")]
     if bad:
         raise UserError(f"extra arguments must be armu_jax flags (--name=value), got {' '.join(bad)}")

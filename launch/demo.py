@@ -22,10 +22,17 @@ import json
 import time
 from pathlib import Path
 
+import armu_jax.evaluate as ev
 from armu_jax import compare, outputs, stats
+from armu_jax.attack import AttackedRun, attack_texts, recovery, run_attacks
+from armu_jax.attack import fraction_text as pct
 from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
+from armu_jax.errors import run_cli
 from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
+from armu_jax.fluency import prompts_of
+from armu_jax.generate import greedy
+from armu_jax.lm_eval_mode import run_lm_eval, summary
 from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline, release_memory_after_compiles
 from armu_jax.sharding import make_mesh
@@ -135,7 +142,6 @@ ATTACK_NOTE = "u ablated after layer l; relearning: 10 unused forget-topic texts
 def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str, limit: int, records: dict) -> dict:
     """The demo's attacks on one run, scored on demo_bio (original and unlearned scores and records reused):
     the recovered fractions with their bootstrap intervals, and attacked vs unlearned paired."""
-    from armu_jax.attack import AttackedRun, attack_texts, recovery, run_attacks
     cfg = config_with(**ATTACK_SETTINGS)
     target = AttackedRun(str(run_dir))
     tasks = load_tasks(["demo_bio"], limit)
@@ -153,7 +159,6 @@ def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str,
 
 
 def format_attacks(attacks: dict) -> str:
-    from armu_jax.attack import fraction_text as pct
     rows = [[model, attack, f"{100 * r['acc']:.1f} / {r['nll']:.3f}",
              f"{pct(r['recovered_acc'], r.get('recovered_acc_ci'))} / {pct(r['recovered_nll'], r.get('recovered_nll_ci'))}",
              compare.fmt_paired(r.get("vs_unlearned"))]
@@ -176,7 +181,6 @@ def original_key(model_dir: Path, tasks: list, nll_tokens: int) -> str:
     h.update(json.dumps([[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]).encode())
     h.update(json.dumps([[t.name, t.requests(), t.nll_texts] for t in tasks], sort_keys=True).encode())
     h.update(str(nll_tokens).encode())
-    import armu_jax.evaluate as ev
     h.update(Path(ev.__file__).read_bytes())
     return h.hexdigest()[:24]
 
@@ -200,7 +204,6 @@ def original_scores(model_dir: Path, tasks: list, evaluate) -> tuple[dict, list,
 def prompts(tasks: list) -> list[tuple[str, str]]:
     """(topic, prompt) of the held-out test articles: fluency.prompts_of's first prompt of biology, technology
     and the retain topics (the report's side-by-side continuations)."""
-    from armu_jax.fluency import prompts_of
     by_name = {t.name: t for t in tasks}
     return [(topic, prompts_of(by_name[f"demo_{topic}"], 1)[0]) for topic in ("bio", "cyber", "retain")]
 
@@ -306,7 +309,6 @@ def report_text(label, tasks, coeff, results, records, said, chosen, attacks, lm
 
 
 def lm_eval_exports(model_dir: Path, runs: dict, out: Path, limit: int) -> dict:
-    from armu_jax.lm_eval_mode import run_lm_eval, summary
     scores = {}
     for name, directory in (("original", model_dir), *((n, d / "hf") for n, d in runs.items())):
         print(f"lm-eval (hf backend) on {name}")
@@ -361,7 +363,6 @@ def main(argv=None) -> int:
         results[name] = evaluate(name, params[name])
 
     phase("[5/6] what each model now says (greedy continuations of held-out prompts)")
-    from armu_jax.generate import greedy
     chosen = prompts(tasks)
     said = {name: greedy(scorer.model, p, scorer.tokenizer, [c for _, c in chosen], CONTINUATION_TOKENS)
             for name, p in params.items()}
@@ -387,5 +388,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from armu_jax.errors import run_cli
     run_cli(main)

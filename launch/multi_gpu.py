@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 
+from armu_jax.errors import run_cli
 from launch.common import base_parser, execute, run_command
 
 ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
@@ -31,5 +32,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from armu_jax.errors import run_cli
     run_cli(lambda: main(sys.argv[1:]))

@@ -23,12 +23,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from armu_jax.errors import UserError, run_cli
 from launch.common import base_parser, execute, run_command
 
 
 def worker_script(args) -> str:
     """--tune_workers=N: a job array of N one-node tasks, each a worker of the study."""
-    from armu_jax.errors import UserError
     text = " ".join(args.flags) + "\n" + (Path(args.flagfile).read_text() if Path(args.flagfile).is_file() else "")
     if "--mode=tune" not in text and "--mode=sweep" not in text:
         raise UserError("--tune_workers starts workers of a study: give -- --mode=tune (or --mode=sweep with --tune_storage)")
@@ -83,5 +83,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from armu_jax.errors import run_cli
     run_cli(lambda: main(sys.argv[1:]))

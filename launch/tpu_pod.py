@@ -18,6 +18,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from armu_jax.errors import run_cli
 from launch.common import base_parser, execute, run_command
 
 REMOTE_DIR = "~/armu_jax"
@@ -56,5 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from armu_jax.errors import run_cli
     run_cli(lambda: main(sys.argv[1:]))
