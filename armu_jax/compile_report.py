@@ -25,7 +25,7 @@ from armu_jax.model_config import ModelConfig
 from armu_jax.params import truncate
 from armu_jax.shapes import plan_steps
 from armu_jax.shipped import resolve_model
-from armu_jax.step import StepSpec, build_step
+from armu_jax.step import StepSpec, build_step, executable_flops
 
 GIB = 1024 ** 3
 
@@ -53,14 +53,6 @@ def topology_devices(topology: str):
     except Exception as err:  # no libtpu, or a shape the generation does not have
         raise UserError(f"--topology={topology}: could not describe it ({str(err).splitlines()[0][:200]}); "
                         "install libtpu with pip install 'jax[tpu]==0.10.2' and use a valid slice shape") from None
-
-
-def executable_flops(compiled) -> float:
-    """XLA's FLOP count of a compiled executable (for a partitioned program: one device's share)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0))
 
 
 def abstract_step(cfg: RunConfig, model_cfg: ModelConfig, devices=None):

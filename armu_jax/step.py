@@ -284,6 +284,14 @@ class StepParts:
         return extra, metrics
 
 
+def executable_flops(compiled) -> float:
+    """XLA's FLOP count of a compiled executable (for a partitioned program: one device's share)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
 def stacked_settings(settings: list[dict]) -> dict:
     """K runs' run_settings as one tree, each leaf stacked on a leading axis (a step of spec.cells = K)."""
     return jax.tree.map(lambda *leaves: np.stack(leaves), *settings)
@@ -433,8 +441,7 @@ class CompiledStep:
         fixed = jax.jit(lambda state, params, batch: self.step(state, params, {**batch, "diagnostics": flag}))
         batch = {k: v for k, v in self.abstract_batch(shape).items() if k != "diagnostics"}
         with jax.set_mesh(self.mesh):
-            analysis = fixed.lower(self._abstract_state(), self._abstract_params(), batch).compile().cost_analysis()
-        return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis).get("flops", 0.0))
+            return executable_flops(fixed.lower(self._abstract_state(), self._abstract_params(), batch).compile())
 
     def programs(self, shapes) -> list[tuple[str, object]]:
         """The (kind, shape) programs that steps of these StepShapes run, retain sides first."""

@@ -102,8 +102,8 @@ def build(model_cfg, dtype: str, device, max_len: int, seed: int = 0, lr_scale: 
 def speed(model_dir: Path, device, steps: int, max_len: int) -> dict:
     import jax
 
-    from armu_jax.compile_report import executable_flops
     from armu_jax.families import read_model_config
+    from armu_jax.step import executable_flops
     model_cfg = read_model_config(model_dir)
     compiled, frozen, batches = build(model_cfg, "bfloat16", device, max_len)
     state = compiled.init(frozen)

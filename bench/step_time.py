@@ -47,14 +47,13 @@ def make_jax_side(max_len: int, log_every: int, reuse_retain: bool = True, pack_
     lean step between --log_every's steps, the diagnostic one on them. Imports only what a run does."""
     import jax
 
-    from armu_jax.compile_report import executable_flops
     from armu_jax.config import config_with
     from armu_jax.data import UnlearningData, load_tokenizer
     from armu_jax.hf_io import load_hf
     from armu_jax.runtime import release_memory_after_compiles
     from armu_jax.sharding import make_mesh
     from armu_jax.shipped import smollm2_dir
-    from armu_jax.step import StepSpec, build_step
+    from armu_jax.step import StepSpec, build_step, executable_flops
     from armu_jax.train import same_side
 
     model_dir = smollm2_dir()
