@@ -37,6 +37,8 @@ def test_big_flagfile_compiles_and_fits(name):
     print(f"{name}: mesh {dict(mesh.shape)}, layers 0..{cfg.layer_id} = {n_params / 1e9:.2f}B params; per device: "
           f"arguments {mem.argument_size_in_bytes / GIB:.2f} GiB, temporaries {mem.temp_size_in_bytes / GIB:.2f} GiB, "
           f"total {per_device / GIB:.2f} GiB (documented {documented_gib} GiB)")
-    # The frozen params are sharded (fsdp), not replicated, and the total is the documented figure.
+    # The frozen params are sharded (fsdp), not replicated; the total holds at least the params and stays within the
+    # documented figure: one-sided, so another jax or XLA that plans smaller temporaries passes (then update
+    # docs/scale.md), while a step that grows by more than the few percent XLA versions move it fails.
     assert mem.argument_size_in_bytes <= 1.5 * expected_args + 2 * GIB
-    assert abs(per_device / GIB - documented_gib) <= 0.1 * documented_gib
+    assert expected_args <= per_device <= 1.1 * documented_gib * GIB
