@@ -6,6 +6,11 @@ newer ones aside (restore_newest).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -21,6 +26,39 @@ class CheckpointsDamaged(Exception):
     def __init__(self, directory, skipped: list[tuple[int, str]]):
         self.directory, self.skipped = directory, skipped
         super().__init__("; ".join(f"step {step}: {why}" for step, why in skipped))
+
+
+@contextlib.contextmanager
+def _writer_errors_quiet():
+    """A failed save's error is raised here as one line (save); orbax's writer threads would also log it with
+    their tracebacks, and tensorstore's callbacks print one more per thread once the save's event loop has
+    closed: those are dropped while the save runs."""
+    def drop(record):
+        return "orbax" not in record.pathname
+
+    logger = logging.getLogger("absl")
+    hooks = sys.unraisablehook, sys.excepthook, threading.excepthook
+    logger.addFilter(drop)
+    sys.unraisablehook = sys.excepthook = threading.excepthook = lambda *args: None
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+        sys.unraisablehook, sys.excepthook, threading.excepthook = hooks
+
+
+def _os_reason(err: Exception) -> str:
+    """The operating system's reason in an orbax/tensorstore error ("File too large", "No space left on
+    device"), else the error's first line."""
+    found = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code='(\d+)'\]", str(err))
+    if found:
+        return found.group(1)
+    cause = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return first_line(err, 300)
 
 
 class Checkpointer:
@@ -40,12 +78,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-        except Exception as err:  # orbax wraps the OSError of a full or unwritable disk in several types
-            kept = f"the checkpoint of step {self.saved} is intact" if self.saved is not None else "no earlier checkpoint"
-            raise RunFailure(f"checkpoint of step {step} could not be written to {self.directory}: "
-                             f"{first_line(err, 300)}; {kept}") from None
+        failure = None
+        with _writer_errors_quiet():
+            try:
+                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+            except Exception as err:  # orbax wraps the OSError of a full or unwritable disk in several types
+                self._close_quietly()  # its writer threads end while their errors are quiet (no tracebacks at exit)
+                kept = f"the checkpoint of step {self.saved} is intact" if self.saved is not None else "no earlier checkpoint"
+                failure = RunFailure(f"checkpoint of step {step} could not be written to {self.directory}: "
+                                     f"{_os_reason(err)}; {kept}: make room (or fix the permissions) and rerun with "
+                                     "--resume")
+        if failure is not None:
+            raise failure
         self.saved = step
 
     def restore(self, state_like, shardings):
@@ -92,7 +136,16 @@ class Checkpointer:
             multihost_utils.sync_global_devices("armu_jax: damaged checkpoints set aside")
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
+    def _close_quietly(self) -> None:
+        self.closed = True
+        try:
+            self.manager.close()
+        except Exception:  # a manager whose save failed may fail to close too; the save's error is the one said
+            pass
+
     def close(self) -> None:
+        if getattr(self, "closed", False):
+            return
         try:
             self.manager.wait_until_finished()
             self.manager.close()

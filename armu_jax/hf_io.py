@@ -252,11 +252,12 @@ def _fused_key(cfg: ModelConfig, key: str) -> tuple[str, int] | None:
 
 
 def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   dtype: str = "float32", overwrite: bool = True) -> Path:
+                   dtype: str = "float32", overwrite: bool = True, clean_stale: bool = False) -> Path:
     """The source checkpoint with the trained tensors (param name -> host array) swapped in, as a HF
     directory: streamed file by file, tensor by tensor, with the source's file layout, so the
     host holds one tensor at a time and no device holds anything. A fused tensor with a trained part
-    is read and that part's rows replaced."""
+    is read and that part's rows replaced. clean_stale (a caller holding the directory's lock, as a run
+    does): what a killed export left beside out_dir is removed first (outputs.build_directory)."""
     source_dir, out_dir = storage.path(source_dir, "--model"), storage.path(out_dir, "export target")
     _check_target(out_dir, overwrite)
     np_dtype = np.dtype(parse_dtype(dtype))
@@ -289,7 +290,7 @@ def export_trained(trained: dict, source_dir: str | os.PathLike, out_dir: str | 
         files.setdefault(stored.path.name, []).append((key, stored.shape(key), np_dtype, host))
     if unused:
         raise RunFailure(f"export: trained tensors {sorted(unused)} are not in {source_dir}")
-    _write_atomically(files, source_dir, out_dir, dtype)
+    _write_atomically(files, source_dir, out_dir, dtype, clean_stale)
     return out_dir
 
 
@@ -304,7 +305,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         outputs.claim(out_dir, flag="export target", hint="choose another path or pass overwrite")
 
 
-def _write_atomically(files: dict[str, list], source_dir, out_dir, dtype: str) -> None:
+def _write_atomically(files: dict[str, list], source_dir, out_dir, dtype: str, clean_stale: bool = False) -> None:
     """Build the directory beside the target, then swap it in; an earlier export is replaced only
     once the new one is complete, and restored if the swap fails. A write that fails (full disk,
     unwritable directory) leaves everything as it was and says so in one line. In a bucket the
@@ -329,7 +330,7 @@ def _write_atomically(files: dict[str, list], source_dir, out_dir, dtype: str) -
         outputs.write_text(tmp / "config.json", json.dumps(config, indent=2))
 
     try:
-        outputs.build_directory(out_dir, build, replace=True, marker="config.json")
+        outputs.build_directory(out_dir, build, replace=True, clean_stale=clean_stale, marker="config.json")
     except OSError as err:
         raise RunFailure(f"export to {out_dir} failed: {err.strerror or err} ({err.filename or 'writing a tensor'}); "
                          "nothing was replaced, an earlier export there is intact") from None

@@ -55,7 +55,8 @@ def build_directory(target, build, replace: bool = False, clean_stale: bool = Fa
     """build(tmp) into a fresh directory beside target, then renamed to target: a failure or a kill
     never leaves a half-built target. replace: an earlier target is swapped out only once the new one
     is complete, and put back if the swap fails (else an existing target is refused). clean_stale:
-    first remove what killed builds left beside it (only under a lock that excludes other builders).
+    first remove what killed builds left beside it, and put back a target that a swap cut short had moved
+    aside (only under a lock that excludes other builders).
 
     On GCS, where nothing renames a directory, build() writes into the target itself and `marker`
     (a file build() writes last, an export's config.json) says the directory is complete: an
@@ -72,7 +73,11 @@ def build_directory(target, build, replace: bool = False, clean_stale: bool = Fa
         return target
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if clean_stale:
+    if clean_stale:  # a killed build's half-built directory; a target moved aside by a swap cut short goes back
+        for kept in target.parent.glob(f".{target.name}.old-*"):
+            if not target.exists() and (kept / target.name).is_dir():
+                os.replace(kept / target.name, target)
+            shutil.rmtree(kept, ignore_errors=True)
         for stale in target.parent.glob(f".{target.name}.build-*"):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))

@@ -10,6 +10,7 @@ SIGTERM, ProfileWindow), export().
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -126,21 +127,34 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.handle.write(json_line(record))
+        with self._failing_as_one_line():
+            self.handle.write(json_line(record))
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(key, value, record["step"])
 
     def flush(self) -> None:
         if self.handle:
-            self.handle.flush()
+            with self._failing_as_one_line():
+                self.handle.flush()
             self.writer.flush()
 
     def close(self) -> None:
-        if self.handle:
-            self.handle.close()
-        if self.writer:
-            self.writer.close()
+        try:
+            if self.handle:
+                self.handle.close()
+            if self.writer:
+                self.writer.close()
+        except OSError:  # a log that could not be written has said so (write, flush); closing it adds nothing
+            pass
+
+    @contextlib.contextmanager
+    def _failing_as_one_line(self):
+        try:
+            yield
+        except OSError as err:
+            raise RunFailure(f"{self.file} could not be written ({err.strerror or first_line(err)}); the checkpoints "
+                             "are intact: make room (or choose another --output_dir) and rerun with --resume") from None
 
 
 def json_line(record: dict) -> str:
@@ -550,7 +564,7 @@ def export(model_dir: Path, target: Path, trainable: dict, dtype: str) -> Path:
     trained = hosts.gather(trainable)
     try:
         if hosts.is_main():
-            export_trained(trained, model_dir, target, dtype=dtype)
+            export_trained(trained, model_dir, target, dtype=dtype, clean_stale=True)  # the run holds the directory's lock
     finally:  # a failed export still releases the processes waiting for it
         hosts.barrier("exported")
     return target

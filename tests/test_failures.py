@@ -236,3 +236,103 @@ def test_resume_with_no_checkpoint_that_restores_is_one_line(finished_run):
     line = _one_error_line(_main(settings, "--resume"), 2, "no checkpoint in")
     assert "step 2:" in line and "nothing was removed" in line
     assert _snapshot(out) == before
+
+
+def _kill_when(proc, appears, timeout: float = 240) -> Path:
+    """SIGKILL proc the moment appears() returns a path (polled every 2 ms): a kill during that write."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = appears()
+        if found is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return found
+        time.sleep(0.002)
+    raise AssertionError(f"the write never began (exit {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def _first(directory: Path, pattern: str):
+    return next(iter(directory.glob(pattern)), None) if directory.exists() else None
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_export_leaves_nothing_taken_as_finished(finished_run, finished_once):
+    """SIGKILL while the export's files are being written (its build directory beside hf/): the earlier export
+    is intact or absent, never half-written; the same command with --resume then exports the run that was never
+    killed, bit for bit."""
+    from safetensors.numpy import load_file
+    settings, out = finished_run
+    shutil.rmtree(out / "hf")  # the run's own export is the one being written
+    shutil.rmtree(out / "checkpoints" / "4")  # so that the resumed process runs steps 2..3, then exports
+    proc = _main(settings, "--resume", wait=False)
+    _kill_when(proc, lambda: _first(out, ".hf.build-*/*"))
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "hf").exists()  # nothing half-written is in the export's place
+    again = _main(settings, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(out.glob(".hf.build-*"))  # what the killed export left is cleared
+    a, b = load_file(finished_once / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all((a[k] == b[k]).all() for k in a)
+
+
+def _killed_after_writing(name: str) -> list[str]:
+    """A command prefix: the command runs as usual until its write of a file called `name` returns, then the
+    process SIGKILLs itself (the next write, e.g. a finished mark, never happens)."""
+    code = ("import os, runpy, signal, sys\nfrom armu_jax import storage\nreal = storage.write_bytes\n"
+            "def write_bytes(path, data):\n    out = real(path, data)\n"
+            f"    if str(path).endswith({name!r}):\n        os.kill(os.getpid(), signal.SIGKILL)\n    return out\n"
+            "storage.write_bytes = write_bytes\nsys.argv = sys.argv[sys.argv.index('armu_jax.main'):]\n"
+            "runpy.run_module('armu_jax.main', run_name='__main__')")
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.slow
+def test_a_kill_between_an_evaluations_writes_is_not_taken_as_finished(tmp_path, tiny_llama):
+    """--mode=eval SIGKILLed after samples.jsonl is written and before eval.json (written last, the finished
+    mark): the directory is not a finished evaluation, and the same command writes every report."""
+    out = tmp_path / "eval"
+    args = [f"--model={tiny_llama}", "--mode=eval", "--eval_tasks=demo_bio", "--eval_limit=8", f"--output_dir={out}"]
+    result = run_cli(*args, prefix=_killed_after_writing("samples.jsonl"))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (out / "samples.jsonl").is_file() and not (out / "eval.json").exists()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert report["results"]["demo_bio"]["n"] == 8
+    assert len([r for r in samples if r.get("type") != "nll"]) == 8
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_keeps_the_one_before(finished_run):
+    """The disk fills while a checkpoint is written (a file-size limit below its size, not a mock): one line
+    naming the checkpoint, exit 1, the checkpoint of step 4 and the export intact, and --resume with room
+    continues from step 4."""
+    settings, out = finished_run
+    export_before = _snapshot(out / "hf")
+    size = max(p.stat().st_size for p in (out / "checkpoints" / "4").rglob("*") if p.is_file())
+    result = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes",
+                   prefix=_with_file_size_limit(size // 2))
+    line = _one_error_line(result, 1, "could not be written")
+    assert "checkpoint" in line and "step 4" in line, line
+    assert _snapshot(out / "hf") == export_before
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    again = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == list(range(6))
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_metrics_log_keeps_the_checkpoints(finished_run):
+    """metrics.jsonl cannot grow (a file-size limit just above it): one line naming it, exit 1, the checkpoints
+    and the export intact, and --resume with room logs every step once."""
+    settings, out = finished_run
+    checkpoints_before = _snapshot(out / "checkpoints")
+    limit = (out / "metrics.jsonl").stat().st_size + 64  # the resumed run rewrites steps 0..3, then step 4 fails
+    result = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes",
+                   prefix=_with_file_size_limit(limit))
+    _one_error_line(result, 1, "metrics.jsonl could not be written (File too large)")
+    assert _snapshot(out / "checkpoints") == checkpoints_before
+    again = _main(settings, "--resume", "--max_num_batches=6", "--allow_flag_changes")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == list(range(6))
