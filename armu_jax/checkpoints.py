@@ -32,19 +32,20 @@ class CheckpointsDamaged(Exception):
 def _writer_errors_quiet():
     """A failed save's error is raised here as one line (save); orbax's writer threads would also log it with
     their tracebacks, and tensorstore's callbacks print one more per thread once the save's event loop has
-    closed: those are dropped while the save runs."""
+    closed: those are dropped while the save runs, and after a save that failed."""
     def drop(record):
         return "orbax" not in record.pathname
 
-    logger = logging.getLogger("absl")
-    hooks = sys.unraisablehook, sys.excepthook, threading.excepthook
+    logger, tasks = logging.getLogger("absl"), logging.getLogger("asyncio")  # tasks: "exception never retrieved"
+    hooks, level = (sys.unraisablehook, sys.excepthook, threading.excepthook), tasks.level
     logger.addFilter(drop)
+    tasks.setLevel(logging.CRITICAL)
     sys.unraisablehook = sys.excepthook = threading.excepthook = lambda *args: None
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-        sys.unraisablehook, sys.excepthook, threading.excepthook = hooks
+    yield  # an exception here (a failed save) leaves them quiet: the process is on its way out with the save's
+    # one line, and tensorstore's writer threads may still print for a while (after the manager has closed)
+    logger.removeFilter(drop)
+    tasks.setLevel(level)
+    sys.unraisablehook, sys.excepthook, threading.excepthook = hooks
 
 
 def _os_reason(err: Exception) -> str:
@@ -78,18 +79,15 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        failure = None
         with _writer_errors_quiet():
             try:
                 self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
             except Exception as err:  # orbax wraps the OSError of a full or unwritable disk in several types
                 self._close_quietly()  # its writer threads end while their errors are quiet (no tracebacks at exit)
                 kept = f"the checkpoint of step {self.saved} is intact" if self.saved is not None else "no earlier checkpoint"
-                failure = RunFailure(f"checkpoint of step {step} could not be written to {self.directory}: "
-                                     f"{_os_reason(err)}; {kept}: make room (or fix the permissions) and rerun with "
-                                     "--resume")
-        if failure is not None:
-            raise failure
+                raise RunFailure(f"checkpoint of step {step} could not be written to {self.directory}: "
+                                 f"{_os_reason(err)}; {kept}: make room (or fix the permissions) and rerun with "
+                                 "--resume") from None
         self.saved = step
 
     def restore(self, state_like, shardings):
