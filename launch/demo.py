@@ -3,9 +3,11 @@ evaluate the original model, run Adaptive RMU (the model's shipped flagfile) and
 them, let each model continue a few held-out prompts, and write a report (markdown table + PNG).
 
 RMU's steering coefficient: c = 6.5 was tuned for Zephyr-7B, whose layer-7 activations are far
-smaller than these models'. We use the coefficient Adaptive RMU derives on the same data (beta times
-the mean token norm of the first forget batch, averaged over topics), so both methods steer with
-the same magnitude and differ only in how it is set: one constant vs one per topic.
+smaller than these models'. We use the coefficient Adaptive RMU starts from on the same data (beta times
+the original model's mean token norm at layer l over each forget corpus's first batch, averaged over
+topics; start_coeff), so both methods steer with the same magnitude and differ only in how it is set:
+one constant vs one per topic, fixed at each topic's first step. Known before training, it lets the two
+runs share one compiled step side by side (train.train_cells), each with its own numbers and run directory.
 
 The questions: every test-split question of the forget topics (biology 137, technology 68) and of the
 physical sciences neighbour (117), and 200 of demo_retain's 659 spread evenly through its topics (every
@@ -22,23 +24,29 @@ import json
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
 import armu_jax.evaluate as ev
 from armu_jax import compare, outputs, stats
 from armu_jax.attack import AttackedRun, attack_texts, recovery, run_attacks
 from armu_jax.attack import fraction_text as pct
 from armu_jax.cache import ProcessCache
 from armu_jax.config import config_with, from_flagfile
-from armu_jax.errors import run_cli
+from armu_jax.data import read_corpus, tokenize
+from armu_jax.errors import RunFailure, run_cli
 from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.fluency import prompts_of
 from armu_jax.generate import greedy
 from armu_jax.lm_eval_mode import run_lm_eval, summary
+from armu_jax.model import CausalLM
+from armu_jax.objective import mean_token_norm, without_first_token
 from armu_jax.rundir import read_metrics
 from armu_jax.runtime import enable_compilation_cache, go_offline, release_memory_after_compiles
 from armu_jax.sharding import make_mesh
 from armu_jax.shipped import GEMMA_MODEL, cache_dir, resolve_model
 from armu_jax.tasks import DEMO_EVAL_TOPICS, load_tasks, mean_chance
-from armu_jax.train import train
+from armu_jax.train import export, train_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each embedded model: its name in the report and its shipped Adaptive RMU settings (found by --mode=tune).
@@ -276,12 +284,34 @@ class Phases:
         return self.done[:-1]
 
 
-def first_coeff(run_dir: Path) -> float:
-    """Adaptive RMU's first-batch coefficient of a run, the mean over its topics."""
-    first = {}
-    for m in read_metrics(run_dir):
-        first.setdefault(m["topic"], m["coeff"])
-    return sum(first.values()) / len(first)
+def start_coeff(cfg, model, params, tokenizer) -> float:
+    """RMU's c for the demo: the coefficient Adaptive RMU starts from, beta x the original model's mean token norm
+    at layer l (without each text's first token with --norm_skip_first, as the step computes it) over each forget
+    corpus's first --batch_size texts, the mean over the topics. Known before training, so that both methods run
+    side by side in one compiled step (train.train_cells)."""
+    upto = jax.jit(lambda p, ids, mask, pos: model.apply(p, ids, mask, pos, layer=cfg.layer_id,
+                                                         method=CausalLM.hidden_upto))
+    norms = []
+    for spec, max_len in zip(cfg.forget_corpora, cfg.forget_max_len):
+        b = tokenize(tokenizer, read_corpus(spec, cfg.min_len)[:cfg.batch_size], max_len, cfg.batch_size,
+                     cfg.pad_multiple, cfg.loss_mask)
+        h = upto(params, b["input_ids"], b["attention_mask"], b["positions"])
+        weight = without_first_token(b["weight"], b["attention_mask"]) if cfg.norm_skip_first else b["weight"]
+        norms.append(float(mean_token_norm(h, weight)))
+    return cfg.beta * float(np.mean(norms))
+
+
+def train_side_by_side(model_dir: Path, cfgs: list, cache) -> dict:
+    """The runs in one compiled step (each its own numbers, state and run directory), then each exported to its
+    run directory's hf/ as a run alone exports: {method: run directory}."""
+    runs = {}
+    for cfg, done in zip(cfgs, train_cells(cfgs, cache)):
+        if isinstance(done, RunFailure):
+            raise done
+        run_dir, trained = done
+        export(model_dir, run_dir / "hf", trained, cfg.export_dtype)
+        runs[cfg.method] = run_dir
+    return runs
 
 
 def report_text(label, tasks, coeff, results, records, said, chosen, attacks, lm_eval_scores, how, seconds,
@@ -340,34 +370,34 @@ def main(argv=None) -> int:
         records[name] = []
         return evaluate_tasks(scorer, params, tasks, nll_tokens=NLL_TOKENS, samples=records[name])
 
-    phase("[1/6] the original model")
+    phase("[1/5] the original model")
     original, records["original"], how = original_scores(
         model_dir, tasks, lambda recs: evaluate_tasks(scorer, cache.params(model_dir, "float32", mesh), tasks,
                                                       nll_tokens=NLL_TOKENS, samples=recs))
     print(f"      {how}")
     results = {"original": original}
 
-    phase(f"[2/6] Adaptive RMU ({flags})")
-    adaptive = train(from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu")), cache)[0]
-    coeff = first_coeff(adaptive)
-    phase(f"[3/6] RMU with c = {coeff:.1f} (the Adaptive RMU first-batch coefficient, mean over topics)")
-    rmu = train(from_flagfile(flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu")),
-                cache)[0]
-    runs = {"rmu": rmu, "adaptive_rmu": adaptive}
+    adaptive_cfg = from_flagfile(flagfile, output_dir=str(out / "adaptive_rmu"), export=False)
+    coeff = start_coeff(adaptive_cfg, scorer.model, cache.params(model_dir, "float32", mesh), scorer.tokenizer)
+    phase(f"[2/5] Adaptive RMU and RMU side by side in one step ({flags}; RMU's c = {coeff:.1f}, the coefficient "
+          "Adaptive RMU starts from)")
+    runs = train_side_by_side(model_dir, [adaptive_cfg, from_flagfile(
+        flagfile, method="rmu", steering_coeffs=[f"{coeff:.4f}"], output_dir=str(out / "rmu"), export=False)], cache)
+    runs = {name: runs[name] for name in ("rmu", "adaptive_rmu")}  # the report's order
     curves = {name: read_metrics(runs[name]) for name in ("adaptive_rmu", "rmu")}
 
-    phase("[4/6] evaluating the unlearned models")
+    phase("[3/5] evaluating the unlearned models")
     params = {"original": cache.params(model_dir, "float32", mesh)}
     for name, run_dir in runs.items():
         params[name] = cache.params(run_dir / "hf", "float32", mesh)
         results[name] = evaluate(name, params[name])
 
-    phase("[5/6] what each model now says (greedy continuations of held-out prompts)")
+    phase("[4/5] what each model now says (greedy continuations of held-out prompts)")
     chosen = prompts(tasks)
     said = {name: greedy(scorer.model, p, scorer.tokenizer, [c for _, c in chosen], CONTINUATION_TOKENS)
             for name, p in params.items()}
 
-    phase(f"[6/6] attacks on the forgotten biology ({', '.join(args.attacked) or 'none'}): {ATTACK_NOTE}")
+    phase(f"[5/5] attacks on the forgotten biology ({', '.join(args.attacked) or 'none'}): {ATTACK_NOTE}")
     attacks = {name: attack_results(runs[name], cache, results, name, args.limit, records) for name in args.attacked}
     lm_eval_scores = lm_eval_exports(model_dir, runs, out, args.limit) if args.lm_eval else {}
 
