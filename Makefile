@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m launch.demo
 
-# ruff first (a second, and it fails the suite when it fails), then the tests.
+# ruff first (a second, and it fails the suite when it fails), then the tests in two worker processes
+# (pytest-xdist), a module at a time each (--dist loadscope: a module's shared fixture, a finished run or
+# a study, is built once; the two TPU-topology compiles, one module, never hold libtpu's lock at once).
+# TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) tests
 
 # The fast tier (under two minutes here): every test without a slow mark (pyproject.toml's markers).
 test-fast: $(STAMP)
