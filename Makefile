@@ -2,6 +2,8 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export ARMU_CACHE ?= $(HOME)/.cache/armu_jax
+# the test targets' pytest-xdist workers (0: the tests in one process)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint docs test-portable setup bench clean
 
@@ -23,7 +25,6 @@ demo: $(STAMP)
 # (pytest-xdist), a module at a time each (--dist loadscope: a module's shared fixture, a finished run or
 # a study, is built once; the two TPU-topology compiles, one module, never hold libtpu's lock at once).
 # TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
 	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) tests
@@ -31,7 +32,8 @@ test: $(STAMP)
 # The fast tier (under two minutes here): every test without a slow mark (pyproject.toml's markers).
 test-fast: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests
-	$(PY) -m pytest -q --durations=5 -m "not (cli or multiprocess or gcs or tpu or reference or slow)" tests
+	$(PY) -m pytest -q --durations=5 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) \
+	  -m "not (cli or multiprocess or gcs or tpu or reference or slow)" tests
 
 # The numerical tests again with XLA's CPU code limited to a baseline ISA and without fast math:
 # the float32 rounding of another CPU model, on this one.
