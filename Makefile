@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 # the float32 rounding of another CPU model, on this one.
 test-portable: $(STAMP)
 	XLA_FLAGS="--xla_cpu_max_isa=SSE4_2 --xla_cpu_enable_fast_math=false" \
-	  $(PY) -m pytest -q tests/test_model.py tests/test_unlearning.py tests/test_run.py tests/test_evaluate.py
+	  $(PY) -m pytest -q tests/test_model.py tests/test_unlearning.py tests/test_unlearning_smollm2.py tests/test_run.py tests/test_evaluate.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check armu_jax launch bench tests

@@ -38,3 +38,17 @@ def tiny_llama(tmp_path_factory, smollm2_dir):
     from helpers import tiny_hf_model, with_tokenizer
     return with_tokenizer(tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama", 2, layers=4, vocab=49152),
                           smollm2_dir)
+
+
+# The longest modules first (measured: `make test` prints the slowest tests). make test's two workers take
+# whole modules (--dist loadscope) in collection order; collected alphabetically, the longest (the SmolLM2
+# reference loops, ~6 min) started last and left the other worker idle at the end. Within a module, the
+# file's own order.
+LONGEST_FIRST = ("test_unlearning_smollm2.py", "test_multihost.py", "test_evaluate.py", "test_compile.py",
+                 "test_tune.py", "test_failures.py", "test_unlearning.py", "test_sweep.py", "test_gemma.py",
+                 "test_generate.py", "test_packing.py", "test_gpu_check.py", "test_shapes.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
