@@ -130,7 +130,9 @@ class Checkpointer:
                     target, k = aside / f"{step}.{k}", k + 1
                 (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+            from jax.experimental import (
+                multihost_utils,  # a private or experimental jax module, loaded where it is used
+            )
             multihost_utils.sync_global_devices("armu_jax: damaged checkpoints set aside")
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 

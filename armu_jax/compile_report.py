@@ -48,7 +48,7 @@ def topology_devices(topology: str):
         raise UserError(f"--topology={topology}: use GENERATION:SHAPE with a generation from "
                         f"{', '.join(CHIPS)}, e.g. v5e:2x4, v5e:4x4, v4:2x2x1, v5p:2x2x1")
     try:
-        from jax.experimental import topologies
+        from jax.experimental import topologies  # a private or experimental jax module, loaded where it is used
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as err:  # no libtpu, or a shape the generation does not have
         raise UserError(f"--topology={topology}: could not describe it ({str(err).splitlines()[0][:200]}); "

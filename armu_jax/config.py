@@ -7,9 +7,11 @@ flagfile with `from_flagfile(path, **overrides)` or start from the defaults with
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,8 +345,6 @@ def local_flagfile(path) -> str:
     (removed at exit)."""
     if not storage.is_url(path):
         return str(path)
-    import atexit
-    import tempfile
     handle, name = tempfile.mkstemp(prefix="armu_jax-flags-", suffix=".txt")
     os.close(handle)
     atexit.register(lambda: os.path.exists(name) and os.unlink(name))

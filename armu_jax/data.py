@@ -278,7 +278,7 @@ def load_tokenizer(model_dir: Path, backend: str = "auto"):
             if tokenizer.eos_token_id is None:
                 raise UserError(f"{model_dir}: the tokenizer has no eos token, which armu_jax pads with (as the reference)")
             return tokenizer
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only conversion and parity
     try:
         tokenizer = AutoTokenizer.from_pretrained(local)
     except Exception as err:  # transformers raises many types for a missing or damaged tokenizer

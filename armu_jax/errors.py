@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
@@ -48,7 +49,6 @@ def run_cli(fn) -> None:
         _failed(FAILURE_EXIT, first_line(err))
     except Exception as err:
         if ON_FAILURE:  # another process must not wait for this one: tell it, then show the traceback
-            import traceback
             traceback.print_exc()
             _failed(FAILURE_EXIT, f"{type(err).__name__}: {first_line(err)}")
         raise

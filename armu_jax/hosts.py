@@ -9,10 +9,13 @@ step (jax's preemption sync), so the collective checkpoint is taken at one step 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -95,16 +98,14 @@ class Watchdog:
     the same command with --resume continues from that checkpoint."""
 
     def __init__(self):
-        from jax._src import distributed
+        from jax._src import distributed  # a private or experimental jax module, loaded where it is used
         self.client = distributed.global_state.client
         self.me, self.count = jax.process_index(), jax.process_count()
         self.leaving = False
         errors.ON_FAILURE.append(self.failed)
-        import atexit
         atexit.register(self.done)  # runs before jax's own shutdown (registered earlier, run later)
 
     def start(self) -> None:
-        import threading
         threading.Thread(target=self._watch, name="armu_jax-watchdog", daemon=True).start()
 
     def done(self) -> None:
@@ -119,7 +120,6 @@ class Watchdog:
     def failed(self, code: int, reason: str) -> None:
         """This process failed: tell the others, give them a beat to read it, exit without jax's shutdown
         barrier (which would wait for processes that are stopping)."""
-        import time
         self.leaving = True
         try:
             self.client.key_value_set(f"armu_jax/failed/{self.me}", reason[:300], allow_overwrite=True)
@@ -140,7 +140,6 @@ class Watchdog:
         os._exit(1)
 
     def _watch(self) -> None:
-        import time
         seen = {peer: (None, time.monotonic()) for peer in range(self.count) if peer != self.me}
         reached = time.monotonic()
         noticed: dict = {}
@@ -185,7 +184,9 @@ def several() -> bool:
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (nothing to wait for in one process)."""
     if several():
-        from jax.experimental.multihost_utils import sync_global_devices
+        from jax.experimental.multihost_utils import (
+            sync_global_devices,  # a private or experimental jax module, loaded where it is used
+        )
         sync_global_devices(name)
 
 
@@ -196,7 +197,10 @@ def check_shared(directory, flag: str) -> None:
     removed, so nothing else has been written. One process: nothing to check."""
     if not several():
         return
-    from jax.experimental.multihost_utils import broadcast_one_to_all, process_allgather
+    from jax.experimental.multihost_utils import (  # a private or experimental jax module, loaded where it is used
+        broadcast_one_to_all,
+        process_allgather,
+    )
 
     name = int(broadcast_one_to_all(np.array(np.random.default_rng().integers(1, 2**31 - 1), np.int64)))
     token = directory / f".armu_jax-shared-{name}"
@@ -224,7 +228,9 @@ def check_shared(directory, flag: str) -> None:
 
 def gather(tree) -> dict:
     """Host numpy copies of (possibly sharded over several hosts) arrays, on every process."""
-    from jax.experimental.multihost_utils import process_allgather
+    from jax.experimental.multihost_utils import (
+        process_allgather,  # a private or experimental jax module, loaded where it is used
+    )
     return jax.tree.map(lambda x: np.asarray(process_allgather(x, tiled=True)), tree)
 
 
@@ -247,6 +253,8 @@ class StopRequest:
     def at(self, step: int) -> bool:
         """Whether to checkpoint and stop after `step` (steps done); asked once per step, in order."""
         if several():
-            from jax.experimental.multihost_utils import reached_preemption_sync_point
+            from jax.experimental.multihost_utils import (
+                reached_preemption_sync_point,  # a private or experimental jax module, loaded where it is used
+            )
             return reached_preemption_sync_point(step)
         return self.flag

@@ -23,7 +23,7 @@ from armu_jax.tasks import TASK_GRAMMAR, lm_eval_task_name, resolve_tasks, write
 
 
 def _check_builtin(names: list[str], task_manager) -> None:
-    from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks import get_task_dict  # heavy: only --mode=lm_eval and its tests
     for name in names:
         if name not in task_manager.all_tasks:
             raise UserError(f"lm-eval has no task {name!r}; ours are {TASK_GRAMMAR}")
@@ -56,14 +56,14 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
         raise UserError(f"{model_dir} is not a HF model directory (no config.json); pass a run's hf/ export")
     output_dir = outputs.claim(output_dir, ("lm_eval_results.json", "samples.jsonl"))
     target = output_dir / "lm_eval_results.json"
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # heavy: only --mode=lm_eval and its tests
+    from lm_eval.tasks import TaskManager  # heavy: only --mode=lm_eval and its tests
     if builtin:
         _check_builtin(builtin, TaskManager())
     task_dir = output_dir / "lm_eval_tasks"
     names = write_lm_eval_tasks(tasks, task_dir)
     task_manager = TaskManager(include_path=str(task_dir))
-    import torch
+    import torch  # heavy: only conversion, parity and lm-eval
     device = "cuda" if torch.cuda.is_available() else "cpu"
     began = time.time()
     results = lm_eval.simple_evaluate(
@@ -72,7 +72,7 @@ def run_lm_eval_on(model_dir: Path, tasks: list, builtin: list[str], output_dir:
         tasks=names + builtin, task_manager=task_manager, limit=limit or None, batch_size=batch_size,
         device=device, log_samples=log_samples)
     results["armu_jax"] = {"seconds": time.time() - began, "model": str(model_dir), "tasks": names + builtin}
-    from lm_eval.utils import handle_non_serializable
+    from lm_eval.utils import handle_non_serializable  # heavy: only --mode=lm_eval and its tests
     saved = {k: v for k, v in results.items() if k != "samples"}  # the samples go to samples.jsonl
     outputs.write_json(target, saved, default=handle_non_serializable)
     if results.get("samples"):

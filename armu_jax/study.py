@@ -5,8 +5,10 @@ Both modes use it; neither imports the other for it.
 """
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from armu_jax import storage
@@ -43,11 +45,14 @@ def storage_spec(cfg: RunConfig) -> tuple[str, str]:
 
 def open_storage(cfg: RunConfig):
     """The Optuna storage of the study (heartbeat on RDB storage); one line when it cannot be opened."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     kind, where = storage_spec(cfg)
     try:
         if kind == "journal":
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+            from optuna.storages.journal import (  # optional: only the tune and spread sweeps load Optuna
+                JournalFileBackend,
+                JournalStorage,
+            )
             Path(where).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(where))
         engine = {"connect_args": {"timeout": 120}} if where.startswith("sqlite") else {"pool_pre_ping": True}
@@ -57,7 +62,6 @@ def open_storage(cfg: RunConfig):
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
         if not where.startswith("sqlite:///"):
             return make()
-        import fcntl
         db = Path(where[len("sqlite:///"):])
         db.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{db}.lock", "a") as lock:  # workers started together would race to create the schema
@@ -74,9 +78,8 @@ def open_storage(cfg: RunConfig):
 def quiet_optuna() -> None:
     """Our loop drives the heartbeat and the ask/tell itself (Optuna warns that heartbeats are meant for
     study.optimize, and that experimental features are experimental)."""
-    import warnings
 
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -86,7 +89,7 @@ class Heartbeat:
     time, written every --tune_heartbeat_seconds, which fail_stale() of any worker reads."""
 
     def __init__(self, study, trial, interval: int):
-        import optuna
+        import optuna  # optional: only the tune and spread sweeps load Optuna
         self.stop = threading.Event()
         rdb = isinstance(study._storage, optuna.storages.RDBStorage)
         beat = (lambda: study._storage.record_heartbeat(trial._trial_id)) if rdb else \
@@ -109,7 +112,7 @@ class Heartbeat:
 
 def fail_stale(study, interval: int) -> None:
     """Fail the running trials whose worker stopped beating (2 x interval) and retry each once."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     if isinstance(study._storage, optuna.storages.RDBStorage):
         optuna.storages.fail_stale_trials(study)
         return
@@ -133,7 +136,7 @@ def trial_seeded_sampler(seed: int, startup_trials: int):
     each worker draws its trial's own numbers (the storage hands out each number once), and the study stays
     reproducible from its seed: trial k draws the same random setting whoever runs it, and TPE's choices
     follow from the trials finished before it."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
 
     class TrialSeededTPE(optuna.samplers.TPESampler):
         def before_trial(self, study, trial):

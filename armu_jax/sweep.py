@@ -275,7 +275,7 @@ def _result(out: Path, cell: Cell) -> dict | None:
 def open_cell_study(cfg: RunConfig, names: list[str]):
     """The sweep's Optuna study in --tune_storage (a GridSampler over the cell names): (study, the cell's
     distribution)."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune_study.quiet_optuna()
@@ -296,7 +296,7 @@ def open_cell_study(cfg: RunConfig, names: list[str]):
 def claim_cell(study, distribution, names: dict, free: list[Cell]):
     """A trial on a free cell, or None: a trial the grid gave a cell another worker runs (or one done) is
     marked surplus and failed (a free cell is queued in its place)."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     trial = study.ask(distribution)
     name = trial.params["cell"]
     claimed = any(t.number < trial.number and t.params.get("cell") == name and t.state.name == "RUNNING"
@@ -312,7 +312,7 @@ def claim_cell(study, distribution, names: dict, free: list[Cell]):
 
 def run_claimed(cfg: RunConfig, study, trial, cell: Cell, out: Path, runner: CellRunner, bar) -> None:
     """A claimed cell run under its trial's heartbeat; its result.json written, the trial told."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     heartbeat = tune_study.Heartbeat(study, trial, cfg.tune_heartbeat_seconds)
     try:

@@ -79,7 +79,7 @@ PROMPTS = {
 
 @functools.lru_cache(maxsize=None)
 def _template(source: str):
-    import jinja2
+    import jinja2  # only for chat templates
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(source)
 
@@ -389,7 +389,7 @@ def lm_eval_yaml(task: Task, data_file: Path) -> dict:
 def write_lm_eval_tasks(tasks: list[Task], target: Path) -> list[str]:
     """Write a YAML per task and its docs as jsonl under target; returns the lm-eval task names.
     The directory works with the lm_eval CLI too: `lm_eval --include_path target --tasks ...`."""
-    import yaml
+    import yaml  # only for lm-eval task files
     data = target / "data"
     data.mkdir(parents=True, exist_ok=True)
     names = []

@@ -48,7 +48,7 @@ def native_reason(model_dir: Path) -> str | None:
         return f"tokenizer_class {cls!r} is rebuilt by transformers from its class"
     if _read_json(model_dir / "config.json").get("model_type") in MISTRAL_TYPES:
         return "a Mistral model (transformers patches its pre-tokenizer)"
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # only when a tokenizer is built
     backend = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     vocab = backend.get_vocab(with_added_tokens=True)
     specials = _special_tokens(model_dir, config)
@@ -78,7 +78,7 @@ class TokenizersTokenizer:
     truncation_side = "right"
 
     def __init__(self, model_dir: Path):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # only when a tokenizer is built
         self.model_dir = Path(model_dir)
         self.backend = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         config = _read_json(self.model_dir / "tokenizer_config.json")

@@ -121,7 +121,7 @@ class MetricsLog:
         # checkpoint (flush()).
         self.handle = storage.AppendLog(self.file, "".join(json_line(r) for r in kept))
         storage.use_for_tensorboard()
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # only when a run logs
         self.writer = SummaryWriter(str(out / "tb"))
 
     def write(self, record: dict) -> None:

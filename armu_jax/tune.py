@@ -96,7 +96,7 @@ PRUNE_TEXTS = 16  # held-out texts per forget task in the pruning NLL (a full-mo
 
 def open_study(cfg: RunConfig, study_storage, name: str, ident: dict, sampler=None, pruner=None):
     """Create or load the study; refuse one with another identity (nothing of it changed)."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     try:
         try:  # loading writes nothing (creating an existing study would append to a journal file)
             study = optuna.load_study(study_name=name, storage=study_storage, sampler=sampler, pruner=pruner)
@@ -212,7 +212,7 @@ def measure_trial(cfg, trial, trial_cfg, runner, original, bar) -> tuple[dict, l
 def run_trial(cfg, dims, study, trial, runner, original, out, bar) -> None:
     """One trial, start to tell: the run (pruned on the forget NLL), the validation evaluator, the objective
     and constraints; a failure is the trial's state FAIL with its error as an attribute."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     heartbeat = Heartbeat(study, trial, cfg.tune_heartbeat_seconds)  # first: a worker killed from here on is seen
     directory = out / "trials" / f"{trial.number:04d}"
     trial_cfg = trial_config(cfg, dims, trial.params, directory)
@@ -255,7 +255,7 @@ def work(study, budget: int, interval: int, ask, take) -> None:
     """The tune's worker loop: until the study has `budget` finished trials, fail stale trials, ask() for
     one and take(trial) it, unless it is beyond the budget (then it is marked surplus and failed without
     running). Waits while the budget is held by running trials."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
     while True:
         fail_stale(study, interval)
         trials = study.get_trials(deepcopy=False)
@@ -287,7 +287,7 @@ def check_tune_dir(out: Path, cfg: RunConfig) -> None:
 
 def tune_cli(cfg: RunConfig) -> dict:
     """--mode=tune: one worker of the study; the reports once the study has --tune_trials finished trials."""
-    import optuna
+    import optuna  # optional: only the tune and spread sweeps load Optuna
 
 
     check(cfg)
