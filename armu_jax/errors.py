@@ -29,6 +29,9 @@ def first_line(err: Exception, limit: int = 200) -> str:
 # Called with (exit code, reason) before a failing command exits: hosts.start registers the one that tells
 # the job's other processes (a multi-process run), so they stop at once instead of waiting in a collective.
 ON_FAILURE: list = []
+# Called with a RunFailure's text before it is printed: in a multi-process run hosts' watchdog waits there when
+# a collective failed because another process vanished, and names that process instead (its line, its exit).
+BEFORE_FAILURE: list = []
 
 
 def _failed(code: int, reason: str) -> None:
@@ -45,6 +48,8 @@ def run_cli(fn) -> None:
         print(f"error: {err}", file=sys.stderr)
         _failed(USAGE_EXIT, first_line(err))
     except RunFailure as err:
+        for hook in BEFORE_FAILURE:
+            hook(str(err))
         print(f"error: {err}", file=sys.stderr)
         _failed(FAILURE_EXIT, first_line(err))
     except Exception as err:

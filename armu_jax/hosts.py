@@ -87,6 +87,10 @@ def _checkpoint_text() -> str:
     return f"the last committed checkpoint is step {LAST_CHECKPOINT['step']} in {LAST_CHECKPOINT['directory']}"
 
 
+# What a collective's failure says when its peer process vanished (gloo on CPU, the coordination service).
+PEER_GONE_SIGNS = ("Gloo", "gloo", "Connection reset by peer", "Connection closed by peer", "Socket closed")
+
+
 class Watchdog:
     """Every process's heartbeat in jax.distributed's key-value store, and a watch on the others'.
 
@@ -103,6 +107,7 @@ class Watchdog:
         self.me, self.count = jax.process_index(), jax.process_count()
         self.leaving = False
         errors.ON_FAILURE.append(self.failed)
+        errors.BEFORE_FAILURE.append(self.peer_gone)
         atexit.register(self.done)  # runs before jax's own shutdown (registered earlier, run later)
 
     def start(self) -> None:
@@ -116,6 +121,17 @@ class Watchdog:
             self.client.key_value_set(f"armu_jax/done/{self.me}", "1", allow_overwrite=True)
         except Exception:
             pass
+
+    def peer_gone(self, text: str) -> None:
+        """A failure whose cause is a peer that vanished (a collective's transport reset: the checkpoint's or a
+        step's, when another process was killed inside it) is that peer's loss: wait for the watch to conclude
+        (it prints the lost process's line and exits); any other failure, or none concluded, returns at once
+        or after the wait, and the failure's own line follows."""
+        if not any(sign in text for sign in PEER_GONE_SIGNS):
+            return
+        deadline = time.monotonic() + LOST_AFTER_SECONDS + 4 * BEAT_SECONDS
+        while time.monotonic() < deadline and not self.leaving:
+            time.sleep(BEAT_SECONDS / 2)
 
     def failed(self, code: int, reason: str) -> None:
         """This process failed: tell the others, give them a beat to read it, exit without jax's shutdown
