@@ -74,6 +74,7 @@ class Checkpointer:
         self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self.saved: int | None = None  # the step of the last good checkpoint (this run's or the resumed one)
+        self.closed = False  # closed after a failed save (_close_quietly): close() then has nothing to do
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -144,7 +145,7 @@ class Checkpointer:
             pass
 
     def close(self) -> None:
-        if getattr(self, "closed", False):
+        if self.closed:
             return
         try:
             self.manager.wait_until_finished()
