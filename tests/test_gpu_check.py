@@ -1,6 +1,6 @@
 """bench/gpu_check.py runs where there is no accelerator (on the CPU, a tiny model of Zephyr's family):
 its table has every row, the lean step costs fewer FLOPs than the diagnostic one (the frozen forget
-forward it skips), the float32 comparison of a device with itself passes its drift-derived bound and one 1% off fails it, and chips' peaks are found."""
+forward it skips), the float32 comparison's drift-derived bound is above zero and a device 1% off fails it, and chips' peaks are found."""
 import json
 import sys
 
@@ -28,7 +28,8 @@ def test_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     layer = 2 * 4 * 32 * (3 * 64 * 128 + 2 * 64 * 64 + 2 * 64 * 32)  # one layer's forward on a side, roughly
     assert speed["diagnostic"]["flops"] - speed["lean"]["flops"] > 0.5 * 3 * layer  # layers 5..7 of the forget side
     f32 = result["float32"]
-    assert f32["loss_rel"] == 0.0 and f32["update_rel"] == 0.0 and f32["passed"]  # the CPU against itself
+    # without an accelerator the device's run is the CPU's own (one program compiled once): nothing to tell apart
+    assert f32["loss_rel"] == 0.0 and f32["update_rel"] == 0.0 and f32["passed"]
     assert 0 < f32["update_drift"] < 1e-3 and all(v > 0 for v in f32["losses"])
     # the control: a device whose updates are 1% off (its lr 1% high) fails the bound
     wrong = gpu_check.float32_check(tmp_path, gpu_check_device(), device_lr_scale=1.01)
