@@ -103,9 +103,11 @@ def test_a_packed_run_matches_the_padded_run(tmp_path, tiny_llama, monkeypatch):
 
     def one(name, **settings):
         out = tmp_path / name
-        # texts of up to 128 tokens: 23% of the demo batches' positions are pads (none at run_settings' 32)
+        # texts of up to 128 tokens: 23% of the demo batches' positions are pads (none at run_settings' 32); one
+        # planned step shape per run (--step_programs=2: the step and the retain side), test_shapes covers the plan
         run(config_with(**run_settings(model, max_num_batches=6, log_every=2, forget_max_len=[128],
-                                       retain_max_len=128, output_dir=str(out), **settings)))
+                                       retain_max_len=128, step_programs=2, output_dir=str(out),
+                                       **settings)))
         return read_metrics(out), load_file(out / "hf" / "model.safetensors")
 
     padded = one("padded", pack_tokens=False)
