@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -81,10 +82,22 @@ BEAT_SECONDS = 3.0  # each process writes its heartbeat to the coordination serv
 LOST_AFTER_SECONDS = 20.0  # a process silent this long (or the coordinator unreachable) is lost: every other stops
 
 
+def _committed_on_disk(directory) -> int | None:
+    """The newest step a local checkpoint directory holds in place (a checkpoint is renamed into its step's
+    name when it commits, which can be just before its save returns, when another process is lost)."""
+    if directory is None or storage.is_url(directory):
+        return None
+    try:
+        return max((int(p.name) for p in Path(directory).iterdir() if p.name.isdigit()), default=None)
+    except OSError:
+        return None
+
+
 def _checkpoint_text() -> str:
-    if LAST_CHECKPOINT["step"] is None:
+    steps = [s for s in (LAST_CHECKPOINT["step"], _committed_on_disk(LAST_CHECKPOINT["directory"])) if s is not None]
+    if not steps:
         return "no checkpoint was committed yet"
-    return f"the last committed checkpoint is step {LAST_CHECKPOINT['step']} in {LAST_CHECKPOINT['directory']}"
+    return f"the last committed checkpoint is step {max(steps)} in {LAST_CHECKPOINT['directory']}"
 
 
 # What a collective's failure says when its peer process vanished (gloo on CPU, the coordination service).

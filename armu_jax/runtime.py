@@ -68,11 +68,13 @@ def load_cached_dataset(name: str, config: str | None, split: str, what: str, fi
 
 def enable_compilation_cache() -> None:
     """Persist XLA compilations under the cache dir (or $ARMU_XLA_CACHE): a rerun skips recompiling the same
-    shapes (it still traces them and loads the programs)."""
+    shapes (it still traces them and loads the programs). Programs that compiled in under a second are not kept
+    ($ARMU_XLA_CACHE_MIN_SECONDS: the test suite keeps every one, its tiny models' programs recur)."""
     import jax  # jax loads only once the flags are good (a bad flag fails in 0.1 s)
 
     jax.config.update("jax_compilation_cache_dir", os.environ.get("ARMU_XLA_CACHE") or str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("ARMU_XLA_CACHE_MIN_SECONDS", "1.0")))
 
 
 _TRIMMING = []

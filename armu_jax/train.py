@@ -359,6 +359,7 @@ def resume_lanes(cfg, lanes: list[Lane], compiled: CompiledStep, frozen, is_main
     """(state, start step): the lanes' last checkpoint restored (side by side, each run's own, all at one
     step), or a fresh state at step 0."""
     state = compiled.init(frozen)
+    hosts.LAST_CHECKPOINT.update(directory=str(lanes[0].checkpointer.directory))
     if not (cfg.resume and lanes[0].checkpointer.latest_step() is not None):
         return state, 0
     try:

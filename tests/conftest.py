@@ -5,6 +5,7 @@ Fixtures: smollm2_dir (the embedded SmolLM2-135M), gemma3_dir (the embedded Gemm
 (a tiny random Llama with SmolLM2's tokenizer). Plain helpers (settings of a short run, the command
 line, the metrics reader) are in helpers.py. Tests treat the shared directories as read-only."""
 import os
+from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -14,8 +15,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the suite's processes (both workers, every CLI subprocess), kept with the
+# checkout's pytest cache: the tiny models' programs recur across tests and compile once. Every program is kept
+# (the CLI's default keeps those over a second). A program is found by its HLO's hash, so a test that patches
+# the code it traces compiles its own.
+os.environ.setdefault("ARMU_XLA_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
+os.environ.setdefault("ARMU_XLA_CACHE_MIN_SECONDS", "0")
 
 import pytest  # noqa: E402
+
+from armu_jax.runtime import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
 
 
 @pytest.fixture(scope="session")

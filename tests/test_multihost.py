@@ -212,3 +212,16 @@ def test_a_process_killed_outright_stops_the_other_with_one_line(tmp_path, two_p
     assert [m["step"] for m in read_metrics(killed)] == list(range(6))
     a, b = _weights(killed), _weights(straight)
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_the_lost_line_names_a_checkpoint_committed_as_the_peer_died(tmp_path, monkeypatch):
+    """A checkpoint renamed into place (committed) before its save returned in this process, when a peer is lost
+    at that moment, is the one the line names; a temporary one not yet in place is not."""
+    from armu_jax import hosts
+    monkeypatch.setattr(hosts, "LAST_CHECKPOINT", {"step": None, "directory": str(tmp_path)})
+    (tmp_path / "4.orbax-checkpoint-tmp-17").mkdir()
+    assert hosts._checkpoint_text() == "no checkpoint was committed yet"
+    (tmp_path / "2").mkdir()
+    assert hosts._checkpoint_text() == f"the last committed checkpoint is step 2 in {tmp_path}"
+    hosts.LAST_CHECKPOINT["step"] = 6  # what this process saved last, when newer than the directory shows
+    assert hosts._checkpoint_text() == f"the last committed checkpoint is step 6 in {tmp_path}"
