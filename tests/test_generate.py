@@ -86,9 +86,9 @@ def test_the_cache_gives_what_the_whole_row_gives(gemma3_dir):
     cfg, params = load_hf(gemma3_dir)
     model = CausalLM(cfg)
     prompts = ["The heart pumps blood", "In computer networking, a firewall is a system that"]
-    cached = greedy_ids(model, params, tokenizer, prompts, 10)
-    whole = greedy_ids(model, params, tokenizer, prompts, 10, cached=False)
-    assert cached == whole and all(len(c) == 10 for c in cached), (cached, whole)
+    cached = greedy_ids(model, params, tokenizer, prompts, 6)
+    whole = greedy_ids(model, params, tokenizer, prompts, 6, cached=False)
+    assert cached == whole and all(len(c) == 6 for c in cached), (cached, whole)
 
 
 def test_repetition_and_prompts():
