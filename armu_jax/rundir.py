@@ -1,7 +1,8 @@
 """The run directory: checked before anything is written, locked while a run uses it.
 
 Layout: flags.txt (a flagfile of the run), control_vectors.npy, metrics.jsonl, tb/ (TensorBoard),
-checkpoints/ (orbax), hf/ (the final Hugging Face export), .lock (held by the running process).
+checkpoints/ (orbax), hf/ (the final Hugging Face export), .lock and .lock.holder (the lock of the
+running process and its holder record).
 A local directory or a gs:// URL (armu_jax.storage: what the lock and the atomic writes become there).
 """
 from __future__ import annotations
@@ -12,13 +13,11 @@ from armu_jax import outputs, storage
 from armu_jax.config import RunConfig, differences, flagfile_text, from_flagfile
 from armu_jax.errors import UserError
 
-LOCK_NAME = ".lock"
-
 
 def check(cfg: RunConfig):
     """The run directory of cfg, refused (before anything is written) when it cannot be used as asked."""
     # --resume and --overwrite take a directory that is not empty; a new run needs an empty one.
-    out = outputs.claim(cfg.output_dir, () if cfg.resume or cfg.overwrite else None, ignore=(LOCK_NAME,),
+    out = outputs.claim(cfg.output_dir, () if cfg.resume or cfg.overwrite else None, ignore=storage.LOCK_FILES,
                         purpose="the run directory for metrics, checkpoints and the export",
                         hint="pass --resume to continue it, --overwrite to start afresh, or choose a new directory")
     if cfg.resume:
@@ -65,7 +64,7 @@ def clear(out) -> None:
     """--overwrite: remove everything in the (locked) run directory except its lock."""
     storage.refresh(out)
     for item in out.iterdir():
-        if item.name != LOCK_NAME:
+        if item.name not in storage.LOCK_FILES:
             storage.remove_tree(item)
 
 

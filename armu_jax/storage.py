@@ -15,7 +15,8 @@ TensorFlow its gs:// backend is fsspec's gcsfs). Everything else asks this modul
   on GCS a resumable upload that becomes the object only at close.
 - copy() / remove_tree() / local_copy(): an object copied (server-side within GCS), a directory
   removed, the small files of a remote model directory fetched once for the tokenizer.
-- lock(): the run directory's lock: flock locally; on GCS an object created with the precondition
+- lock(): the run directory's lock: locally flock and a holder record created only if none exists (hosts
+  sharing a filesystem that carries no flock between them see the record), refreshed while the run lives; on GCS an object created with the precondition
   ifGenerationMatch=0 (only if no such object exists), refreshed while the run lives and taken
   over only when its holder is gone (same host, process dead) or silent past LOCK_LEASE_S.
 
@@ -282,9 +283,17 @@ def local_copy(model_dir) -> Path:
 
 
 class FileLock:
-    """flock on <dir>/.lock, released when the process ends."""
+    """The lock on a local or shared directory, in two parts. flock on <dir>/.lock: a second run on this host
+    stops at once. A holder record, <dir>/.lock.holder ({host, pid, token, time}), created only if none exists
+    (O_EXCL: atomic on a local filesystem and on NFS) and rewritten every LOCK_REFRESH_S: a filesystem shared
+    between hosts may not carry flock from one to another (NFS without its lock daemon, Lustre without
+    -o flock, FUSE mounts); the record does. A record is taken over only when its holder is gone: written on
+    this host (this process holds the flock, so its writer no longer runs: a run killed here and resumed), or
+    not refreshed for LOCK_LEASE_S (its host is gone)."""
 
-    def __init__(self, lock_path: Path, what: str):
+    def __init__(self, lock_path: Path, what: str, lease: float | None = None, refresh_s: float | None = None):
+        lease = LOCK_LEASE_S if lease is None else lease  # the module's, read now (a test sets a short one)
+        refresh_s = LOCK_REFRESH_S if refresh_s is None else refresh_s
         self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -295,8 +304,93 @@ class FileLock:
                             "directory") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        self.holder_path = lock_path.with_name(lock_path.name + ".holder")
+        self.what, self.lease, self.token = what, lease, uuid.uuid4().hex
+        try:
+            self._claim()
+        except BaseException:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, args=(refresh_s,), daemon=True)
+        self._thread.start()
+
+    def _record(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                           "time": time.time()}).encode()
+
+    def _holder(self, path: Path | None = None) -> dict | None:
+        """The record at path (the holder's by default); None: no record; {} one being written (or cut short)."""
+        try:
+            text = (path or self.holder_path).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return {}
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname():
+            return True
+        written = holder.get("time")
+        if written is None:  # cut short or being written: its file's age decides
+            try:
+                written = self.holder_path.stat().st_mtime
+            except FileNotFoundError:
+                return True
+        return time.time() - float(written) > self.lease
+
+    def _claim(self) -> None:
+        holder = self._holder()
+        if holder is not None:
+            if not self._stale(holder):
+                raise UserError(f"{self.what} is in use by another run ({_describe(holder)}); wait for it to finish "
+                                "or choose another directory")
+            self._set_aside(holder)
+        try:
+            fd = os.open(self.holder_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # another run created it between our check and ours
+            raise UserError(f"{self.what} is in use by another run (it took the lock just now); choose another "
+                            "directory") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._record())
+
+    def _set_aside(self, stale: dict) -> None:
+        """Remove a stale record, and only it: moved to a name of this run's own, then read again; a record
+        that is not the stale one (another run took the lock between our read and the move) is put back."""
+        aside = self.holder_path.with_name(f"{self.holder_path.name}.stale-{self.token}")
+        try:
+            os.rename(self.holder_path, aside)
+        except FileNotFoundError:  # another run removed it first: the exclusive create decides
+            return
+        moved = self._holder(aside)
+        if stale and moved != stale:
+            try:
+                os.link(aside, self.holder_path)
+            except FileExistsError:
+                pass
+            os.unlink(aside)
+            raise UserError(f"{self.what} is in use by another run (it took the lock just now); choose another "
+                            "directory")
+        os.unlink(aside)
+
+    def _refresh(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                if (self._holder() or {}).get("token") == self.token:
+                    write_bytes(self.holder_path, self._record())
+            except Exception:  # a refresh that fails is retried at the next one
+                pass
 
     def release(self) -> None:
+        self._stop.set()
+        try:
+            if (self._holder() or {}).get("token") == self.token:
+                self.holder_path.unlink()
+        except FileNotFoundError:
+            pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -372,6 +466,9 @@ def _describe(holder: dict) -> str:
         return "holder unknown"
     age = time.time() - float(holder.get("time", 0))
     return f"pid {holder.get('pid')} on {holder.get('host')}, refreshed {age:.0f} s ago"
+
+
+LOCK_FILES = (".lock", ".lock.holder")  # what a run directory's lock keeps in it (a new run's directory may hold them)
 
 
 def lock(directory, what: str):

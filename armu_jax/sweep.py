@@ -150,7 +150,7 @@ def check_sweep_dir(cfg: RunConfig, out: Path) -> Path:
     saved = out / "sweep_flags.txt"
     if not saved.is_file():  # a new sweep: the directory must be new or empty
         try:
-            outputs.claim(out, ignore=(".lock", "study.db", "study.db.lock"), hint="it holds no sweep; choose a new directory")
+            outputs.claim(out, ignore=(*storage.LOCK_FILES, "study.db", "study.db.lock"), hint="it holds no sweep; choose a new directory")
         except UserError:
             # --tune_storage: a worker started with the same command may be writing this sweep's flags now
             deadline = time.time() + (10 if cfg.tune_storage else 0)

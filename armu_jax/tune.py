@@ -281,7 +281,7 @@ def check_tune_dir(out: Path, cfg: RunConfig) -> None:
     """The output directory: new, or one holding this tune (tune_flags.txt)."""
     if (out / "tune_flags.txt").is_file():
         return  # the study's identity decides whether it is the same tune
-    outputs.claim(out, ignore=("study.db", "study.db-journal", "study.db.lock", ".lock"),
+    outputs.claim(out, ignore=("study.db", "study.db-journal", "study.db.lock", *storage.LOCK_FILES),
                   hint="it holds no tune; choose a new directory")
 
 

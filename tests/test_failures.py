@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -162,12 +163,81 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path, tiny_llama):
     second = _main(settings, "--overwrite")
     line = _one_error_line(second, 2, "is in use by another run")
     assert f"(pid {first.pid})" in line
+    # a run on another host of a shared filesystem that carries no flock between hosts: the holder record stops it
+    other = _on_another_host(settings, "--overwrite", host="host-b")
+    line = _one_error_line(other, 2, "is in use by another run")
+    assert f"(pid {first.pid} on {socket.gethostname()}, refreshed" in line
     first.send_signal(signal.SIGTERM)  # the first run checkpoints where it is and stops, untouched
     first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=120) == 1
     assert (out / "flags.txt").read_bytes() == flags_before
     steps = [m["step"] for m in read_metrics(out)]
     assert steps == list(range(len(steps))) and (out / "checkpoints" / str(len(steps))).is_dir()
+
+
+def _on_another_host(settings: dict, *extra, host: str, lease: float | None = None):
+    """The CLI as a process of another host sharing this filesystem (tests/other_host.py), run to its end."""
+    env = {**os.environ, "ARMU_TEST_HOST": host, **({"ARMU_TEST_LOCK_LEASE_S": str(lease)} if lease else {})}
+    command = [sys.executable, str(ROOT / "tests" / "other_host.py"), "armu_jax.main", *cli_args(settings), *extra]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+TAKE = """
+import sys, time
+from pathlib import Path
+from armu_jax import storage
+from armu_jax.errors import UserError
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+try:
+    lock = storage.lock(Path(sys.argv[1]), "--output_dir")
+except UserError:
+    print("refused")
+else:
+    print("got")
+    time.sleep(2)
+    lock.release()
+"""
+
+
+@pytest.mark.slow
+def test_the_lock_holds_across_hosts_on_a_shared_filesystem(tmp_path, tiny_llama):
+    """Hosts sharing the run directory's filesystem, which carries no flock between them (tests/other_host.py).
+    A run SIGKILLed on this host leaves its holder record: another host is refused while it is fresh, and takes
+    the directory over once it is older than the lease. Four hosts starting at one moment on a free directory,
+    and again on a stale record: exactly one gets it each time."""
+    out = tmp_path / "run"
+    settings = run_settings(tiny_llama, max_num_batches=300, checkpoint_every=0, output_dir=str(out))
+    first = _main(settings, wait=False)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    holder = json.loads((out / ".lock.holder").read_text())
+    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+    short = {**settings, "max_num_batches": 3}
+    refused = _on_another_host(short, "--overwrite", host="host-b")
+    assert f"(pid {first.pid} on {socket.gethostname()}, refreshed" in _one_error_line(refused, 2, "in use")
+    time.sleep(max(0.0, holder["time"] + 3 - time.time()))  # the record is now older than a 2 s lease
+    taken = _on_another_host(short, "--overwrite", host="host-b", lease=2)
+    assert taken.returncode == 0, taken.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2] and (out / "hf" / "config.json").is_file()
+    assert not (out / ".lock.holder").exists()  # released at the end
+
+    script = tmp_path / "take.py"
+    script.write_text(TAKE)
+    for stale in (False, True):
+        free = tmp_path / f"race-{stale}"
+        free.mkdir()
+        if stale:
+            (free / ".lock.holder").write_text(json.dumps({"host": "gone", "pid": 1, "token": "t", "time": 0}))
+        start = f"{time.time() + 3:.3f}"
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "other_host.py"), str(script), str(free), start],
+                                  cwd=ROOT, env={**os.environ, "ARMU_TEST_HOST": f"host-{k}"}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for k in range(4)]
+        said = [p.communicate(timeout=120) for p in procs]
+        assert sorted(o.strip() for o, _ in said) == ["got", "refused", "refused", "refused"], said
 
 
 @pytest.mark.slow
