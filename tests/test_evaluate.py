@@ -63,7 +63,7 @@ def test_native_answers_equal_lm_eval(tmp_path, smollm2_dir):
     docs = [d for d in mmlu_task().docs if d["subject"] == "college_biology"][:8]
     wmdp.write_text("".join(json.dumps({k: d[k] for k in ("question", "choices", "answer")}) + "\n" for d in docs))
     specs = ["demo", "mmlu", f"wmdp_bio:{wmdp}"]
-    limits = {"demo_bio": 10, "demo_cyber": 10, "demo_retain": 10, "demo_physical": 6, "mmlu": 8,
+    limits = {"demo_bio": 6, "demo_cyber": 6, "demo_retain": 6, "demo_physical": 6, "mmlu": 8,
               "wmdp_bio": 8}  # mmlu: 8 subjects (one batch)
     tasks = load_tasks(specs, limits, "all")  # every item of the 8-question file
     scorer, params = scorer_for(smollm2_dir, batch_size=8), load_params(smollm2_dir)
@@ -183,7 +183,7 @@ def test_shared_prefix_scores_as_one_request_per_row(smollm2_dir):
     alone = build_scorer(EvalSpec(str(smollm2_dir), batch_size=8, pack_tokens=0))
     params = load_params(smollm2_dir)
     nudged = jax.tree.map(lambda x: jnp.nextafter(x, jnp.inf), params)
-    for task in (demo_task("bio").limited(10), mmlu_task().limited(6)):
+    for task in (demo_task("bio").limited(10), mmlu_task().limited(4)):
         requests = task.requests()
         ours, reference = packed.loglikelihoods(params, requests), alone.loglikelihoods(params, requests)
         tokens_packed, tokens_alone = packed.tokens_run, alone.tokens_run
