@@ -282,7 +282,49 @@ def local_copy(model_dir) -> Path:
     return _LOCAL_COPIES[key]
 
 
-class FileLock:
+class _HeldRecord:
+    """What both locks share: a holder record {host, pid, token, time} that a thread rewrites every refresh while
+    it is this lock's (its token), removed on release; the two in-use lines. A subclass says where the record
+    lives: _holder() reads it, _write() and _remove() change it."""
+
+    def _record(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                           "time": time.time()}).encode()
+
+    def _ours(self) -> bool:
+        return (self._holder() or {}).get("token") == self.token
+
+    def _start_refreshing(self, every: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _refresh(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                if self._ours():
+                    self._write(self._record())
+            except Exception:  # a refresh that fails is retried at the next one
+                pass
+
+    def _release_record(self) -> None:
+        self._stop.set()
+        try:
+            if self._ours():
+                self._remove()
+        except FileNotFoundError:
+            pass
+
+    def _in_use(self, holder: dict) -> UserError:
+        return UserError(f"{self.what} is in use by another run ({_describe(holder)}); wait for it to finish or "
+                         "choose another directory")
+
+    def _taken_just_now(self) -> UserError:
+        return UserError(f"{self.what} is in use by another run (it took the lock just now); choose another "
+                         "directory")
+
+
+class FileLock(_HeldRecord):
     """The lock on a local or shared directory, in two parts. flock on <dir>/.lock: a second run on this host
     stops at once. A holder record, <dir>/.lock.holder ({host, pid, token, time}), created only if none exists
     (O_EXCL: atomic on a local filesystem and on NFS) and rewritten every LOCK_REFRESH_S: a filesystem shared
@@ -312,13 +354,7 @@ class FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._refresh, args=(refresh_s,), daemon=True)
-        self._thread.start()
-
-    def _record(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                           "time": time.time()}).encode()
+        self._start_refreshing(refresh_s)
 
     def _holder(self, path: Path | None = None) -> dict | None:
         """The record at path (the holder's by default); None: no record; {} one being written (or cut short)."""
@@ -346,14 +382,12 @@ class FileLock:
         holder = self._holder()
         if holder is not None:
             if not self._stale(holder):
-                raise UserError(f"{self.what} is in use by another run ({_describe(holder)}); wait for it to finish "
-                                "or choose another directory")
+                raise self._in_use(holder)
             self._set_aside(holder)
         try:
             fd = os.open(self.holder_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:  # another run created it between our check and ours
-            raise UserError(f"{self.what} is in use by another run (it took the lock just now); choose another "
-                            "directory") from None
+            raise self._taken_just_now() from None
         with os.fdopen(fd, "wb") as f:
             f.write(self._record())
 
@@ -372,30 +406,22 @@ class FileLock:
             except FileExistsError:
                 pass
             os.unlink(aside)
-            raise UserError(f"{self.what} is in use by another run (it took the lock just now); choose another "
-                            "directory")
+            raise self._taken_just_now()
         os.unlink(aside)
 
-    def _refresh(self, every: float) -> None:
-        while not self._stop.wait(every):
-            try:
-                if (self._holder() or {}).get("token") == self.token:
-                    write_bytes(self.holder_path, self._record())
-            except Exception:  # a refresh that fails is retried at the next one
-                pass
+    def _write(self, record: bytes) -> None:
+        write_bytes(self.holder_path, record)
+
+    def _remove(self) -> None:
+        self.holder_path.unlink()
 
     def release(self) -> None:
-        self._stop.set()
-        try:
-            if (self._holder() or {}).get("token") == self.token:
-                self.holder_path.unlink()
-        except FileNotFoundError:
-            pass
+        self._release_record()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 
-class ObjectLock:
+class ObjectLock(_HeldRecord):
     """The lock on GCS: an object created only if none exists (ifGenerationMatch=0, so of two runs
     starting together exactly one gets it), holding {host, pid, token, time}. A thread rewrites it
     every LOCK_REFRESH_S; release deletes it. An existing lock is taken over only when it is stale:
@@ -410,21 +436,13 @@ class ObjectLock:
         if fs.exists(self.key):
             holder = self._holder()
             if not self._stale(holder):
-                raise UserError(f"{what} is in use by another run ({_describe(holder)}); wait for it to finish or "
-                                "choose another directory")
+                raise self._in_use(holder)
             fs.rm(self.key)
         try:
             fs.pipe_file(self.key, self._record(), mode="create")
         except FileExistsError:  # another run created it between our check and our write (HTTP 412)
-            raise UserError(f"{what} is in use by another run (it took the lock just now); choose another "
-                            "directory") from None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._refresh, args=(refresh_s,), daemon=True)
-        self._thread.start()
-
-    def _record(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                           "time": time.time()}).encode()
+            raise self._taken_just_now() from None
+        self._start_refreshing(refresh_s)
 
     def _holder(self) -> dict:
         try:
@@ -444,21 +462,14 @@ class ObjectLock:
                 return False
         return False
 
-    def _refresh(self, every: float) -> None:
-        while not self._stop.wait(every):
-            try:
-                if self._holder().get("token") == self.token:
-                    filesystem().pipe_file(self.key, self._record())
-            except Exception:  # a refresh that fails is retried at the next one
-                pass
+    def _write(self, record: bytes) -> None:
+        filesystem().pipe_file(self.key, record)
+
+    def _remove(self) -> None:
+        filesystem().rm(self.key)
 
     def release(self) -> None:
-        self._stop.set()
-        try:
-            if self._holder().get("token") == self.token:
-                filesystem().rm(self.key)
-        except FileNotFoundError:
-            pass
+        self._release_record()
 
 
 def _describe(holder: dict) -> str:
