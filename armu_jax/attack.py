@@ -8,9 +8,9 @@ unlearned export). Each attack is followed by the native evaluator on --eval_tas
   every later layer (h <- h - Q Q^T h), no weights changed;
 - ablate_pca: the same with the top --ablate_k principal directions of (unlearned - original)
   layer-l activations on forget texts that the run did not train on;
-- relearn_forget / relearn_retain: AdamW fine-tuning of the unlearned model for --relearn_steps
-  steps on --relearn_texts texts (one batch) of the forget topics (texts the run did not use)
-  or of the retain corpus (unrelated), then evaluation.
+- relearn_forget / relearn_retain: AdamW fine-tuning of the unlearned model (by default every parameter
+  of the run's updated layers) for --relearn_steps steps on --relearn_texts texts (one batch) of the
+  forget topics (texts the run did not use) or of the retain corpus (unrelated), then evaluation.
 - relearn_rtt: the same fine-tuning on facts of the forget tasks' *validation* items (a question with its
   right answer: "<title> is <description>", "question ... Answer: B"; at most RTT_TEXTS), scored on the
   test items, which share no fact with them (Deeb & Roger's RTT: recovery, not re-teaching).
@@ -26,7 +26,7 @@ original / unlearned / attacked accuracy and NLL and the recovered fraction of t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -43,9 +43,10 @@ from armu_jax.data import read_corpus, shuffled, tokenize
 from armu_jax.errors import UserError
 from armu_jax.evaluate import EvalSpec, evaluate_tasks, write_samples
 from armu_jax.families import read_model_config
-from armu_jax.model import CausalLM, abstract_params, parse_dtype
+from armu_jax.model import CausalLM, abstract_params, parse_dtype, target_logprobs
 from armu_jax.optimizer import torch_adamw
 from armu_jax.params import merge, trainable_names
+from armu_jax.runtime import trim_heap
 from armu_jax.shipped import resolve_model
 from armu_jax.step import compile_trainer, init_trainer_state, trainer_step
 from armu_jax.tasks import load_tasks
@@ -154,19 +155,40 @@ def principal_directions(unlearned: np.ndarray, original: np.ndarray, k: int) ->
 
 # ----------------------------------------------------------------------------- relearning
 
-def lm_loss(model: CausalLM, params: dict, batch: dict):
+# Rows (texts) per pass of relearning's loss. Each pass's forward is recomputed in the backward pass
+# (jax.checkpoint), so only one pass's activations are ever held: the loss backpropagates through every layer
+# above the relearned ones, and at 10 texts of 128 tokens in one pass XLA's buffers for that were 1.9 GB on
+# SmolLM2, beside 0.54 GB of weights.
+RELEARN_ROWS = 2
+# Positions per run of the LM head there: its backward pass holds about five [positions, vocabulary] float32
+# buffers at once (the logits, their exponentials, the softmax gradient, the target's scatter), 64 MB each at
+# this many elements: 341 positions on SmolLM2's 49k vocabulary, 64 on Gemma's 262k.
+RELEARN_HEAD_ELEMENTS = 1 << 24
+
+
+def lm_loss(model: CausalLM, params: dict, batch: dict, rows: int = RELEARN_ROWS):
     """Mean next-token cross-entropy over real (input, target) pairs: transformers' loss with labels =
-    ids and pads set to -100."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model.apply(params, ids, mask, batch["positions"])
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    ids and pads set to -100; summed `rows` texts at a time (the largest divisor of the batch's rows up to it),
+    the head in chunks (model.target_logprobs)."""
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
+    rows = max(r for r in range(1, min(rows, ids.shape[0]) + 1) if ids.shape[0] % r == 0)
     weight = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(nll * weight) / jnp.sum(weight)
+    passes = lambda a: a.reshape(ids.shape[0] // rows, rows, *a.shape[1:])
+
+    @jax.checkpoint
+    def summed(part):
+        i, m, p, w = part
+        h = model.apply(params, i, m, p, method=CausalLM.hidden)
+        chunk = max(1, RELEARN_HEAD_ELEMENTS // model.cfg.vocab_size)
+        return -jnp.sum(target_logprobs(model, params, h[:, :-1], i[:, 1:], chunk) * w)
+
+    total = jax.lax.map(summed, tuple(passes(a) for a in (ids, mask, positions, weight)))
+    return jnp.sum(total) / jnp.sum(weight)
 
 
 def relearn_names(params: dict, which: tuple[str, ...], layers: tuple[int, ...]) -> list[str]:
-    """The fine-tuned leaves (--relearn_params in --relearn_layers; `all`: every parameter)."""
+    """The fine-tuned leaves (--relearn_params in --relearn_layers; `layers`: every parameter of those layers;
+    `all`: every parameter of the model)."""
     return trainable_names(params, layers, which, flag="--relearn_params", allow_all=True)
 
 
@@ -253,17 +275,15 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
                 known: dict | None = None, cache: ProcessCache | None = None,
                 records: dict | None = None) -> tuple[dict, dict, dict]:
     """Evaluate the original and unlearned models (unless `known` has them), then each attack and
-    control, with one scorer (the cache's, for the original's shapes). Returns (results, relearning
-    losses, arrays); `records`, when given, gets {model: its per-question records} of every model it
-    evaluates (the known models' records may be in it already)."""
+    control, with one scorer (the cache's, for the original's shapes). One model is resident at a time: the
+    original first (its evaluation, the controls, its side of ablate_pca), then the unlearned model (its
+    evaluation, the attacks); a model the cache did not hold before is let go after its part. Returns (results,
+    relearning losses, arrays), attacks in --attacks' order, each followed by its control; `records`, when
+    given, gets {model: its per-question records} of every model it evaluates (the known models' records may be
+    in it already)."""
     cache = cache or ProcessCache()
-    model_cfg = target.model_cfg
-    dtype = parse_dtype(cfg.dtype)
     mesh = sharding.make_mesh(cfg.mesh)
-    model = CausalLM(model_cfg, dtype=dtype, param_dtype=dtype)
-    tokenizer = cache.tokenizer(target.original)
-    original = cache.params(target.original, cfg.dtype, mesh)
-    unlearned = cache.params(target.unlearned, cfg.dtype, mesh)
+    model = CausalLM(target.model_cfg, dtype=parse_dtype(cfg.dtype), param_dtype=parse_dtype(cfg.dtype))
     scorer = cache.scorer(EvalSpec(str(target.original), cfg.dtype, cfg.eval_batch_size, mesh))
 
     def evaluate(name: str, variables: dict, asked: list | None = None) -> dict:
@@ -274,81 +294,101 @@ def run_attacks(cfg: RunConfig, target: AttackedRun, tasks: list, texts: dict, n
             records[name] = samples
         return flat
 
-    results = dict(known or {})
-    for name, variables in (("original", original), ("unlearned", unlearned)):
-        if name not in results:
-            results[name] = evaluate(name, variables)
-    ctx = _Attacking(cfg, target, tasks, texts, model, tokenizer, original, unlearned, mesh, cache, evaluate,
-                     results, {}, {})
-    for attack in cfg.attacks:
-        ATTACKS.get(attack, _relearn_attack)(ctx, attack)
-    return results, ctx.losses, ctx.arrays
+    ctx = _Attacking(cfg, target, tasks, texts, model, cache.tokenizer(target.original), mesh, cache, evaluate,
+                     dict(known or {}), {}, {})
+    for side, model_dir in (("original", target.original), ("unlearned", target.unlearned)):
+        with cache.whole_model(model_dir, cfg.dtype, mesh) as params:
+            ctx.side, ctx.params = side, params
+            if side not in ctx.results:
+                ctx.results[side] = evaluate(side, params)
+            for attack in cfg.attacks:
+                trim_heap()  # what the last evaluation or relearning freed, before the next one allocates
+                ATTACKS.get(attack, _relearn_attack)(ctx, attack)
+            ctx.params = params = None  # gone before the next model loads
+    order = ["original", "unlearned"] + [k for a in cfg.attacks for k in (a, control_name(a))]
+    ordered = lambda found: {k: found[k] for k in order if k in found}
+    return ordered(ctx.results), ordered(ctx.losses), ctx.arrays
+
+
+def control_name(attack: str) -> str:
+    return f"control: {attack} on original"
 
 
 @dataclass
 class _Attacking:
-    """What run_attacks' attacks share: the settings, both models, one scorer (evaluate) and what they find."""
+    """What run_attacks' attacks share: the settings, the model resident now (side, params), one scorer
+    (evaluate) and what they find. Each attack runs once per side: on "original" its control (or its part of the
+    original's), on "unlearned" the attack."""
     cfg: RunConfig
     target: AttackedRun
     tasks: list
     texts: dict
     model: CausalLM
     tokenizer: object
-    original: dict
-    unlearned: dict
     mesh: object
     cache: ProcessCache
     evaluate: object  # (name, variables, tasks=None) -> flat results, records kept
     results: dict
     losses: dict
     arrays: dict
+    side: str = "original"
+    params: dict | None = None
+    kept: dict = field(default_factory=dict)  # what an attack carries from the original's side to the unlearned's
 
     @property
     def layer(self) -> int:
         return self.target.cfg.layer_id
 
+    @property
+    def controls(self) -> bool:
+        return self.side == "original" and self.cfg.attack_controls
+
     def ablated(self, directions) -> dict:
-        return ablation_variables(self.unlearned, directions, self.layer, self.target.model_cfg.num_hidden_layers)
+        return ablation_variables(self.params, directions, self.layer, self.target.model_cfg.num_hidden_layers)
 
 
 def _ablate_u(ctx: _Attacking, attack: str) -> None:
-    ctx.results[attack] = ctx.evaluate(attack, ctx.ablated(ctx.target.vectors))
+    if ctx.side == "unlearned":
+        ctx.results[attack] = ctx.evaluate(attack, ctx.ablated(ctx.target.vectors))
 
 
 def _ablate_pca(ctx: _Attacking, attack: str) -> None:
-    acts = [layer_activations(ctx.model, p, ctx.tokenizer, ctx.texts["forget"], ctx.layer, ctx.cfg.relearn_max_len)
-            for p in (ctx.unlearned, ctx.original)]
-    directions = ctx.arrays["pca_directions"] = principal_directions(*acts, ctx.cfg.ablate_k)
+    acts = layer_activations(ctx.model, ctx.params, ctx.tokenizer, ctx.texts["forget"], ctx.layer,
+                             ctx.cfg.relearn_max_len)
+    if ctx.side == "original":
+        ctx.kept[attack] = acts
+        return
+    directions = ctx.arrays["pca_directions"] = principal_directions(acts, ctx.kept.pop(attack), ctx.cfg.ablate_k)
     ctx.results[attack] = ctx.evaluate(attack, ctx.ablated(directions))
 
 
 def _kshot(ctx: _Attacking, attack: str) -> None:
     cfg = ctx.cfg
+    if not (ctx.side == "unlearned" or ctx.controls):
+        return
     examples = {t.name: t.docs for t in validation_items(cfg)}
-    rng = np.random.default_rng(cfg.attack_seed)
+    rng = np.random.default_rng(cfg.attack_seed)  # the same examples on both sides
     shot = lambda t: t.with_shots([examples[t.name][i] for i in sorted(
         rng.choice(len(examples[t.name]), min(cfg.kshot, len(examples[t.name])), replace=False))])
     asked = [shot(t) if t.name in examples else t for t in ctx.tasks]
-    ctx.results[attack] = ctx.evaluate(attack, ctx.unlearned, asked)
-    if cfg.attack_controls:
-        ctx.results[f"control: {attack} on original"] = ctx.evaluate(f"control: {attack} on original", ctx.original,
-                                                                     asked)
+    name = attack if ctx.side == "unlearned" else control_name(attack)
+    ctx.results[name] = ctx.evaluate(name, ctx.params, asked)
 
 
 def _relearn_attack(ctx: _Attacking, attack: str) -> None:
     """relearn_forget, relearn_retain, relearn_rtt: AdamW steps on their texts, of the unlearned model (and of the
     original, the control)."""
     cfg = ctx.cfg
+    if not (ctx.side == "unlearned" or ctx.controls):
+        return
     batch = text_batch(ctx.tokenizer, ctx.texts[RELEARN[attack]], cfg.relearn_max_len)
-    names = relearn_names(ctx.unlearned, cfg.relearn_params, cfg.relearn_layers or ctx.target.cfg.update_layer_ids)
-    bases = [(attack, ctx.unlearned)] + ([(f"control: {attack} on original", ctx.original)] if cfg.attack_controls
-                                         else [])
-    for key, base in bases:
-        tuned, curve = relearn(ctx.model, base, names, batch, cfg.relearn_steps, cfg.relearn_lr,
-                               cfg.relearn_weight_decay, ctx.mesh, ctx.cache)
-        ctx.losses[key] = curve
-        ctx.results[key] = ctx.evaluate(key, tuned)
-        del tuned
+    names = relearn_names(ctx.params, cfg.relearn_params, cfg.relearn_layers or ctx.target.cfg.update_layer_ids)
+    name = attack if ctx.side == "unlearned" else control_name(attack)
+    jax.clear_caches()  # the evaluator's compiled programs, 0.4 GB on SmolLM2, make room for relearning's buffers
+    trim_heap()
+    tuned, ctx.losses[name] = relearn(ctx.model, ctx.params, names, batch, cfg.relearn_steps, cfg.relearn_lr,
+                                      cfg.relearn_weight_decay, ctx.mesh, ctx.cache)
+    ctx.results[name] = ctx.evaluate(name, tuned)
 
 
 ATTACKS = {"ablate_u": _ablate_u, "ablate_pca": _ablate_pca, "kshot": _kshot}  # any other: a relearning attack

@@ -10,6 +10,7 @@ cached at module level.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from armu_jax import storage
@@ -44,6 +45,18 @@ class ProcessCache:
             return self.get("params", (str(model_dir), dtype, mesh),
                             lambda: load_hf(model_dir, parse_dtype(dtype), mesh=mesh)[1])
         return load_hf(model_dir, parse_dtype(dtype), upto_layer=upto_layer, mesh=mesh)[1]
+
+    @contextmanager
+    def whole_model(self, model_dir: Path, dtype: str, mesh):
+        """params(model_dir) for a block: kept after it only if the cache held them before (the attack mode holds
+        one model at a time unless its caller keeps both)."""
+        key = ("params", (str(model_dir), dtype, mesh))
+        held = key in self._entries
+        try:
+            yield self.params(model_dir, dtype, mesh)
+        finally:
+            if not held:
+                self._entries.pop(key, None)
 
     def tokenizer(self, model_dir: Path):
         return self.get("tokenizer", str(model_dir), lambda: load_tokenizer(model_dir))

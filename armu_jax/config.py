@@ -220,8 +220,9 @@ class RunConfig:
     relearn_steps: int = setting("attack", "int", 5, "Relearning: AdamW steps (S), each over all K texts.", bound=">=0")
     relearn_lr: float = setting("attack", "float", 1e-5, "Relearning: learning rate.", bound=">=0")
     relearn_weight_decay: float = setting("attack", "float", 0.01, "Relearning: AdamW's decoupled weight decay.", bound=">=0")
-    relearn_params: tuple = setting("attack", "list", ["all"], "Relearning: all (every parameter), or names such as "
-                                    "mlp.down_proj in --relearn_layers.")
+    relearn_params: tuple = setting("attack", "list", ["layers"], "Relearning: layers (every parameter of "
+                                    "--relearn_layers), all (every parameter of the model; AdamW then holds 4 more "
+                                    "copies of it), or names such as mlp.down_proj in --relearn_layers.")
     relearn_layers: tuple = setting("attack", "ints", None, "Relearning: layers of --relearn_params (default: the run's "
                                     "updated layers).", bound=">=0")
     relearn_max_len: int = setting("attack", "int", 128, "Relearning and PCA: tokens per text.", bound=">=2")

@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -33,7 +32,7 @@ from armu_jax.errors import UserError
 from armu_jax.families import read_model_config
 from armu_jax.fluency import format_generation, generate_report
 from armu_jax.hf_io import load_hf
-from armu_jax.model import CausalLM, parse_dtype
+from armu_jax.model import CausalLM, parse_dtype, target_logprobs
 from armu_jax.params import merge
 from armu_jax.shipped import resolve_model
 from armu_jax.tasks import Task, load_tasks
@@ -49,33 +48,12 @@ def _bucket(length: int, least: int) -> int:
     return size * 3 // 4 if size >= 4 and size * 3 // 4 >= length else size
 
 
-# Scored positions per run of the LM head. The head's logits are [positions, vocabulary] in float32: all of
-# a batch's at once are 4 GB for Gemma's 262k vocabulary at 4096 positions, allocated and written twice
-# (logits, then log-softmax), and the page faults alone cost a quarter of a CPU evaluation's time. In
-# chunks of 1024 they are 1 GB, and a matmul of 1024 rows still runs at the speed of a whole batch's
-# (bench: 102 GFLOP/s at 1024 rows, 126 at 2048, 73 at 256 on 2 CPU cores); demo_bio on Gemma: 19.0 s
-# -> 17.2 s, system time 7.3 s -> 3.7 s.
-HEAD_CHUNK = 1024
-
-
 @partial(jax.jit, static_argnums=0)
 def _scored_logprobs(model, params, ids, positions, segment, branch, at, targets):
-    """log p(targets[b, c] | what position at[b, c] sees) of packed rows: [B, C] in float32; the head's
-    log-softmax at each position as logit[target] - logsumexp(logits), HEAD_CHUNK positions at a time."""
+    """log p(targets[b, c] | what position at[b, c] sees) of packed rows: [B, C] in float32 (model.target_logprobs:
+    the head in chunks)."""
     h = model.apply(params, ids, positions, segment, branch, at, method=CausalLM.hidden_packed)
-    rows, cols, width = h.shape
-    n = rows * cols
-    chunk = min(HEAD_CHUNK, n)
-    k = -(-n // chunk)
-    h = jnp.pad(h.reshape(n, width), ((0, k * chunk - n), (0, 0))).reshape(k, chunk, width)
-    t = jnp.pad(targets.reshape(n), (0, k * chunk - n)).reshape(k, chunk)
-
-    def one(chunk_of):
-        hidden, target = chunk_of
-        logits = model.apply(params, hidden, method=CausalLM.head)
-        return jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
-
-    return jax.lax.map(one, (h, t)).reshape(k * chunk)[:n].reshape(rows, cols)
+    return target_logprobs(model, params, h, targets)
 
 
 @dataclass

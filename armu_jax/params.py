@@ -84,11 +84,13 @@ def layer_of(path: Path) -> int | None:
 def trainable_names(params: dict, layers, names, flag: str = "--update_params", allow_all: bool = False) -> list[str]:
     """The names of the trainable leaves, e.g. mlp.down_proj of each updated layer: a projection names
     its kernel, a norm (post_feedforward_layernorm, self_attn.q_norm) its weight, and `X.bias` a bias;
-    with allow_all, names ("all",): every leaf of params (relearning everything). flag: the setting,
-    for the error."""
+    with allow_all, names ("all",): every leaf of params (relearning everything), and ("layers",): every leaf
+    of the given layers. flag: the setting, for the error."""
     every = [name_of(p) for p in flatten(params)]
     if tuple(names) == ("all",) and allow_all:
         return every
+    if tuple(names) == ("layers",) and allow_all:
+        return [n for n in every if any(n.startswith(f"model/layers_{layer}/") for layer in layers)]
     present = set(every)
     wanted = []
     for layer in layers:
