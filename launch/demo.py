@@ -140,11 +140,14 @@ def plot(path: Path, results: dict, curves: dict, topic_names=()) -> list[dict]:
 
 
 # The demo's attacks (python -m armu_jax.main --mode=attack has them all, with controls): the
-# control vectors ablated, and 3 AdamW steps (lr 3e-5) on 10 forget-topic texts the run did not
-# train on, evaluated on the biology task (the topic the demo forgets).
+# control vectors ablated, and 3 AdamW steps (lr 3e-5) of every parameter on 10 forget-topic texts the
+# run did not train on, evaluated on the biology task (the topic the demo forgets). Every parameter, as
+# when its published numbers were measured (--mode=attack relearns the run's layers by default); the demo
+# holds both models anyway.
 ATTACK_SETTINGS = dict(mode="attack", attacks=["ablate_u", "relearn_forget"], relearn_texts=10, relearn_steps=3,
-                       relearn_lr=3e-5, relearn_max_len=64, attack_controls=False)
-ATTACK_NOTE = "u ablated after layer l; relearning: 10 unused forget-topic texts, 3 AdamW steps at lr 3e-5"
+                       relearn_lr=3e-5, relearn_max_len=64, attack_controls=False, relearn_params=["all"])
+ATTACK_NOTE = ("u ablated after layer l; relearning: 10 unused forget-topic texts, 3 AdamW steps at lr 3e-5 of "
+               "every parameter")
 
 
 def attack_results(run_dir: Path, cache: ProcessCache, results: dict, name: str, limit: int, records: dict) -> dict:
