@@ -174,12 +174,12 @@ def lm_loss(model: CausalLM, params: dict, batch: dict, rows: int = RELEARN_ROWS
     rows = max(r for r in range(1, min(rows, ids.shape[0]) + 1) if ids.shape[0] % r == 0)
     weight = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
     passes = lambda a: a.reshape(ids.shape[0] // rows, rows, *a.shape[1:])
+    chunk = max(1, RELEARN_HEAD_ELEMENTS // model.cfg.vocab_size)
 
     @jax.checkpoint
     def summed(part):
         i, m, p, w = part
         h = model.apply(params, i, m, p, method=CausalLM.hidden)
-        chunk = max(1, RELEARN_HEAD_ELEMENTS // model.cfg.vocab_size)
         return -jnp.sum(target_logprobs(model, params, h[:, :-1], i[:, 1:], chunk) * w)
 
     total = jax.lax.map(summed, tuple(passes(a) for a in (ids, mask, positions, weight)))
@@ -339,9 +339,12 @@ class _Attacking:
     def layer(self) -> int:
         return self.target.cfg.layer_id
 
-    @property
-    def controls(self) -> bool:
-        return self.side == "original" and self.cfg.attack_controls
+    def named(self, attack: str) -> str | None:
+        """What the attack's run on this side is reported as: the attack on the unlearned model, its control on
+        the original (None: no controls asked)."""
+        if self.side == "unlearned":
+            return attack
+        return control_name(attack) if self.cfg.attack_controls else None
 
     def ablated(self, directions) -> dict:
         return ablation_variables(self.params, directions, self.layer, self.target.model_cfg.num_hidden_layers)
@@ -363,27 +366,25 @@ def _ablate_pca(ctx: _Attacking, attack: str) -> None:
 
 
 def _kshot(ctx: _Attacking, attack: str) -> None:
-    cfg = ctx.cfg
-    if not (ctx.side == "unlearned" or ctx.controls):
+    cfg, name = ctx.cfg, ctx.named(attack)
+    if name is None:
         return
     examples = {t.name: t.docs for t in validation_items(cfg)}
     rng = np.random.default_rng(cfg.attack_seed)  # the same examples on both sides
     shot = lambda t: t.with_shots([examples[t.name][i] for i in sorted(
         rng.choice(len(examples[t.name]), min(cfg.kshot, len(examples[t.name])), replace=False))])
     asked = [shot(t) if t.name in examples else t for t in ctx.tasks]
-    name = attack if ctx.side == "unlearned" else control_name(attack)
     ctx.results[name] = ctx.evaluate(name, ctx.params, asked)
 
 
 def _relearn_attack(ctx: _Attacking, attack: str) -> None:
     """relearn_forget, relearn_retain, relearn_rtt: AdamW steps on their texts, of the unlearned model (and of the
     original, the control)."""
-    cfg = ctx.cfg
-    if not (ctx.side == "unlearned" or ctx.controls):
+    cfg, name = ctx.cfg, ctx.named(attack)
+    if name is None:
         return
     batch = text_batch(ctx.tokenizer, ctx.texts[RELEARN[attack]], cfg.relearn_max_len)
     names = relearn_names(ctx.params, cfg.relearn_params, cfg.relearn_layers or ctx.target.cfg.update_layer_ids)
-    name = attack if ctx.side == "unlearned" else control_name(attack)
     jax.clear_caches()  # the evaluator's compiled programs, 0.4 GB on SmolLM2, make room for relearning's buffers
     trim_heap()
     tuned, ctx.losses[name] = relearn(ctx.model, ctx.params, names, batch, cfg.relearn_steps, cfg.relearn_lr,

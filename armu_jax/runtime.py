@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 
@@ -81,7 +82,9 @@ _TRIMMING = []
 trims = [0]  # compilations seen by the listener, each followed by a trim where glibc has one (tests)
 
 
+@functools.cache
 def _malloc_trim():
+    """glibc's malloc_trim, looked up once (None elsewhere)."""
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -90,17 +93,13 @@ def _malloc_trim():
         return None
 
 
-_TRIM = []
-
-
 def trim_heap() -> None:
     """Hand the C heap's freed pages back to the system (glibc's malloc_trim; nothing elsewhere): after a
     compilation, and after each attack of --mode=attack (a relearning step's XLA buffers, 0.5 GB on SmolLM2,
     stayed resident once freed)."""
-    if not _TRIM:
-        _TRIM.append(_malloc_trim())
-    if _TRIM[0] is not None:
-        _TRIM[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def release_memory_after_compiles() -> None:
